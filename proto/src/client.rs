@@ -19,8 +19,10 @@ use tower::service_fn;
 
 use crate::v1::agent_client::AgentClient;
 
-/// How long [`connect_unix`] and [`connect_hybrid_vsock`] wait for one attempt.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long [`connect_unix`] and [`connect_hybrid_vsock`] wait for one attempt:
+/// a little longer than husk-vmm waits for the guest to take a connection
+/// (2 s), so that the VMM's own verdict, closing the socket, arrives first.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The longest answer to `CONNECT` we read; a real one (`OK 4294967295\n`) is far shorter.
 const MAX_ANSWER_LEN: usize = 64;
