@@ -1,1 +1,122 @@
-fn main() {}
+//! The `husk-vmm` command: `husk-vmm run --kernel K --initrd I ...`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use husk_vmm::config::{
+    DiskConfig, PvmMode, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
+};
+use husk_vmm::{Outcome, Vmm};
+
+#[derive(Parser)]
+#[command(name = "husk-vmm", version, about = "Runs one KVM microVM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and run it until it shuts down.
+    ///
+    /// Exit status: 0 when the guest shut down (or the API asked), 1 when the
+    /// VM could not be built, 2 when the guest died (panic, triple fault, an
+    /// instruction KVM could not run).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest kernel: an uncompressed ELF vmlinux.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk (cpio, optionally compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line; device declarations (and on PVM hosts the PVM
+    /// switches) are appended to it.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+    mem_mib: u64,
+    /// Number of vCPUs (guests are single-vCPU for now).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Host unix socket bridged to the guest's vsock (CONNECT <port> protocol).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context id.
+    #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
+    vsock_cid: u64,
+    /// A virtio-blk disk, PATH or PATH:ro; repeatable, in guest order.
+    #[arg(long = "disk")]
+    disks: Vec<DiskConfig>,
+    /// Empty read-only disk slots after the --disk ones, for attach_disk later.
+    #[arg(long, default_value_t = 0)]
+    spare_disks: usize,
+    /// Write the guest console here instead of stdout.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Serve the control API on this unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Run with the PVM profile: auto-detected, or forced on/off.
+    #[arg(long, value_enum, default_value_t = PvmMode::Auto)]
+    pvm: PvmMode,
+}
+
+impl From<RunArgs> for VmConfig {
+    fn from(a: RunArgs) -> Self {
+        VmConfig {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+            mem_mib: a.mem_mib,
+            vcpus: a.vcpus,
+            vsock: a.vsock_uds.map(|uds_path| VsockConfig {
+                uds_path,
+                guest_cid: a.vsock_cid,
+            }),
+            disks: a.disks,
+            spare_disks: a.spare_disks,
+            console_log: a.console_log,
+            api_sock: a.api_sock,
+            pvm: a.pvm,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| "husk_vmm=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let Command::Run(args) = Cli::parse().command;
+    let config = VmConfig::from(args);
+    let result = Vmm::build(&config, started).and_then(Vmm::run);
+    match result {
+        Ok(Outcome::Shutdown) => {
+            tracing::info!("guest shut down");
+            ExitCode::SUCCESS
+        }
+        Ok(outcome @ Outcome::GuestDied(_)) => {
+            if let Outcome::GuestDied(why) = &outcome {
+                eprintln!("husk-vmm: guest died: {why}");
+            }
+            ExitCode::from(outcome.exit_code())
+        }
+        Err(e) => {
+            eprintln!("husk-vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

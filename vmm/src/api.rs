@@ -1,0 +1,289 @@
+//! The control API on `--api-sock`: newline-delimited JSON, one request per
+//! line, one response line per request, any number per connection.
+//!
+//! Requests (`op` selects):
+//! - `{"op":"status"}` → `{"ok":true,"status":{"state":"running","uptime_ms":..,"vcpus":..,"mem_mib":..,"pvm":..,"disks":[{"index":0,"path":..,"read_only":..,"sectors":..}]}}`
+//! - `{"op":"attach_disk","index":N,"path":"/img"}` fills or replaces disk slot N
+//!   (the guest sees the new capacity through a config-change interrupt)
+//! - `{"op":"detach_disk","index":N}` empties slot N (capacity 0)
+//! - `{"op":"shutdown"}` stops the VM at once (the graceful path is the
+//!   agent's Shutdown, which resets the guest); the VMM exits 0
+//!
+//! Errors answer `{"ok":false,"error":"..."}`; a malformed line is an error,
+//! not a closed connection.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+
+use crate::control::{StopReason, VmmControl};
+use crate::devices::virtio::block::{DiskHandle, DiskInfo};
+use crate::devices::virtio::mmio::MmioTransport;
+
+/// A request longer than this is refused and the connection closed.
+const MAX_REQUEST_LEN: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    AttachDisk { index: usize, path: PathBuf },
+    DetachDisk { index: usize },
+    Shutdown,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub state: &'static str,
+    pub uptime_ms: u64,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub pvm: bool,
+    pub disks: Vec<IndexedDisk>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IndexedDisk {
+    pub index: usize,
+    #[serde(flatten)]
+    pub info: DiskInfo,
+}
+
+/// A disk slot: its backing and the transport that tells the guest of changes.
+pub struct DiskSlot {
+    pub handle: DiskHandle,
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Facts about the VM the status request reports.
+pub struct VmFacts {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub pvm: bool,
+    pub started: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot listen on the API socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+}
+
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    connections: HashMap<i32, Connection>,
+    disks: Vec<DiskSlot>,
+    facts: VmFacts,
+    control: Arc<VmmControl>,
+}
+
+struct Connection {
+    stream: UnixStream,
+    pending: Vec<u8>,
+}
+
+impl ApiServer {
+    pub fn bind(
+        path: &Path,
+        disks: Vec<DiskSlot>,
+        facts: VmFacts,
+        control: Arc<VmmControl>,
+    ) -> Result<Self, ApiError> {
+        let bind_err = |source| ApiError::Bind {
+            path: path.into(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(bind_err(e)),
+            _ => {}
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(Self {
+            listener,
+            path: path.into(),
+            connections: HashMap::new(),
+            disks,
+            facts,
+            control,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn handle(&mut self, request: Request) -> Result<serde_json::Value, String> {
+        match request {
+            Request::Status => Ok(serde_json::json!({ "status": self.status() })),
+            Request::AttachDisk { index, path } => {
+                self.swap_disk(index, Some(&path))?;
+                Ok(serde_json::json!({}))
+            }
+            Request::DetachDisk { index } => {
+                self.swap_disk(index, None)?;
+                Ok(serde_json::json!({}))
+            }
+            Request::Shutdown => {
+                self.control.stop(StopReason::ApiShutdown);
+                Ok(serde_json::json!({}))
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            state: "running",
+            uptime_ms: self.facts.started.elapsed().as_millis() as u64,
+            vcpus: self.facts.vcpus,
+            mem_mib: self.facts.mem_mib,
+            pvm: self.facts.pvm,
+            disks: self
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(index, slot)| IndexedDisk {
+                    index,
+                    info: slot.handle.info(),
+                })
+                .collect(),
+        }
+    }
+
+    fn swap_disk(&self, index: usize, path: Option<&Path>) -> Result<(), String> {
+        let slot = self
+            .disks
+            .get(index)
+            .ok_or_else(|| format!("no disk slot {index} (the VM has {})", self.disks.len()))?;
+        slot.handle.set_backing(path).map_err(|e| e.to_string())?;
+        slot.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notify_config_change();
+        tracing::info!(index, path = ?path, "disk slot changed");
+        Ok(())
+    }
+
+    fn respond(&mut self, line: &[u8]) -> Vec<u8> {
+        let reply = match serde_json::from_slice::<Request>(line) {
+            Ok(request) => match self.handle(request) {
+                Ok(mut body) => {
+                    body["ok"] = true.into();
+                    body
+                }
+                Err(error) => serde_json::json!({ "ok": false, "error": error }),
+            },
+            Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+        };
+        let mut out = reply.to_string().into_bytes();
+        out.push(b'\n');
+        out
+    }
+
+    /// Reads what a connection sent and answers every complete line; false
+    /// when the connection is finished.
+    fn serve(&mut self, conn: &mut Connection) -> bool {
+        let mut buf = [0u8; 4096];
+        let open = loop {
+            match conn.stream.read(&mut buf) {
+                Ok(0) => break false,
+                Ok(n) => conn.pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break false,
+            }
+        };
+        while let Some(end) = conn.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = conn.pending.drain(..=end).collect();
+            let reply = self.respond(&line[..line.len() - 1]);
+            // Replies are small: write them blocking; a peer that does not
+            // read them is dropped.
+            let written = conn.stream.set_nonblocking(false).is_ok()
+                && conn.stream.write_all(&reply).is_ok()
+                && conn.stream.set_nonblocking(true).is_ok();
+            if !written {
+                return false;
+            }
+        }
+        open && conn.pending.len() <= MAX_REQUEST_LEN
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        use std::os::fd::AsRawFd;
+        if events.fd() == self.listener.as_raw_fd() {
+            while let Ok((stream, _)) = self.listener.accept() {
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                if let Err(e) = ops.add(Events::new(&stream, EventSet::IN | EventSet::READ_HANG_UP))
+                {
+                    tracing::warn!("API: cannot watch a connection: {e}");
+                    continue;
+                }
+                let fd = stream.as_raw_fd();
+                self.connections.insert(
+                    fd,
+                    Connection {
+                        stream,
+                        pending: Vec::new(),
+                    },
+                );
+            }
+            return;
+        }
+        let Some(mut conn) = self.connections.remove(&events.fd()) else {
+            return;
+        };
+        if self.serve(&mut conn) {
+            self.connections.insert(events.fd(), conn);
+        } else if let Err(e) = ops.remove(Events::empty(&conn.stream)) {
+            // Unwatch before the fd closes, or a reused fd number would clash.
+            tracing::debug!("API: cannot unwatch a connection: {e}");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!("API: cannot watch the listener: {e}");
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert!(matches!(
+            serde_json::from_str::<Request>(r#"{"op":"status"}"#).unwrap(),
+            Request::Status
+        ));
+        match serde_json::from_str::<Request>(r#"{"op":"attach_disk","index":1,"path":"/x"}"#)
+            .unwrap()
+        {
+            Request::AttachDisk { index, path } => {
+                assert_eq!(index, 1);
+                assert_eq!(path, PathBuf::from("/x"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"detach_disk"}"#).is_err());
+    }
+}

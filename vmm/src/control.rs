@@ -1,0 +1,124 @@
+//! How the VMM is told to stop, from a vCPU thread or the control API, and
+//! what its exit status then is.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vstate::vcpu::VcpuStop;
+
+#[derive(Debug)]
+pub enum StopReason {
+    Vcpu(VcpuStop),
+    ApiShutdown,
+}
+
+/// The outcome of a VM run, as the process reports it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest shut itself down (reset without a panic) or the API asked.
+    Shutdown,
+    /// The guest kernel panicked, triple-faulted, or KVM could not go on.
+    GuestDied(String),
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Shutdown => 0,
+            Outcome::GuestDied(_) => 2,
+        }
+    }
+}
+
+pub struct VmmControl {
+    reason: Mutex<Option<StopReason>>,
+    evt: EventFd,
+    /// Set by the console sink when the guest printed a kernel panic.
+    pub guest_panicked: Arc<AtomicBool>,
+}
+
+impl VmmControl {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Mutex::new(None),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            guest_panicked: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Records the first reason to stop and wakes the event loop.
+    pub fn stop(&self, reason: StopReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("cannot wake the event loop to stop: {e}");
+        }
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// The outcome, once a stop was requested.
+    pub fn outcome(&self) -> Option<Outcome> {
+        let slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let panicked = self.guest_panicked.load(Ordering::SeqCst);
+        slot.as_ref().map(|reason| match reason {
+            StopReason::ApiShutdown => Outcome::Shutdown,
+            StopReason::Vcpu(VcpuStop::Reset) if panicked => {
+                Outcome::GuestDied("the guest kernel panicked".into())
+            }
+            StopReason::Vcpu(VcpuStop::Reset) => Outcome::Shutdown,
+            StopReason::Vcpu(VcpuStop::TripleFault) => {
+                Outcome::GuestDied("the guest triple-faulted".into())
+            }
+            StopReason::Vcpu(VcpuStop::Fatal(why)) => Outcome::GuestDied(why.clone()),
+        })
+    }
+}
+
+/// Keeps the stop eventfd on the event loop so a stop interrupts its wait.
+pub struct StopWatcher(pub Arc<VmmControl>);
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Draining fails only when already drained; the loop checks `stopping`.
+        let _ = self.0.evt.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0.evt, EventSet::IN)) {
+            tracing::error!("cannot watch the stop eventfd: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_after_panic_is_death_and_first_reason_wins() {
+        let c = VmmControl::new().unwrap();
+        c.guest_panicked.store(true, Ordering::SeqCst);
+        c.stop(StopReason::Vcpu(VcpuStop::Reset));
+        c.stop(StopReason::ApiShutdown);
+        assert_eq!(c.outcome().unwrap().exit_code(), 2);
+    }
+
+    #[test]
+    fn plain_reset_is_shutdown() {
+        let c = VmmControl::new().unwrap();
+        assert!(c.outcome().is_none());
+        c.stop(StopReason::Vcpu(VcpuStop::Reset));
+        assert_eq!(c.outcome(), Some(Outcome::Shutdown));
+    }
+}

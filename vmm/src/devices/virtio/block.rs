@@ -1,0 +1,342 @@
+//! virtio-blk backed by a host file, read-only or read-write. The backing file
+//! can be swapped while the guest runs (the control API's attach/replace): the
+//! new capacity reaches the driver through a config-change interrupt, which is
+//! how disks are "attached" to a guest whose devices are fixed at boot.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{check_queues, read_config_bytes, ActivateError, ActiveQueues, VirtioDevice};
+
+const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
+
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_FLUSH: u32 = 4;
+const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+const VIRTIO_BLK_S_OK: u8 = 0;
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// The serial number GET_ID answers with is at most 20 bytes.
+const VIRTIO_BLK_ID_BYTES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot create the queue eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// An open backing file. `None` in the device means an empty slot (capacity 0).
+struct Backing {
+    file: File,
+    path: PathBuf,
+    sectors: u64,
+}
+
+impl Backing {
+    fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let open_err = |source| BlockError::Open {
+            path: path.into(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
+        Ok(Self {
+            file,
+            path: path.into(),
+            sectors: len / SECTOR_SIZE,
+        })
+    }
+}
+
+/// The backing of one disk slot, shared between the device (which serves
+/// requests on the event loop) and the control API (which swaps it).
+#[derive(Clone)]
+pub struct DiskHandle {
+    backing: Arc<Mutex<Option<Backing>>>,
+    read_only: bool,
+}
+
+/// What the control API reports about a disk slot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskInfo {
+    pub path: Option<PathBuf>,
+    pub read_only: bool,
+    pub sectors: u64,
+}
+
+impl DiskHandle {
+    fn lock(&self) -> MutexGuard<'_, Option<Backing>> {
+        self.backing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the backing file (None empties the slot). The caller raises
+    /// the config-change interrupt through the transport.
+    pub fn set_backing(&self, path: Option<&Path>) -> Result<(), BlockError> {
+        let new = path.map(|p| Backing::open(p, self.read_only)).transpose()?;
+        *self.lock() = new;
+        Ok(())
+    }
+
+    pub fn info(&self) -> DiskInfo {
+        let backing = self.lock();
+        DiskInfo {
+            path: backing.as_ref().map(|b| b.path.clone()),
+            read_only: self.read_only,
+            sectors: backing.as_ref().map_or(0, |b| b.sectors),
+        }
+    }
+}
+
+pub struct Block {
+    disk: DiskHandle,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+    queue_evts: [EventFd; 1],
+    acked_features: u64,
+    active: Option<ActiveQueues>,
+}
+
+impl Block {
+    /// A disk backed by `path`, or an empty slot to be filled later.
+    pub fn new(path: Option<&Path>, read_only: bool, id: &str) -> Result<Self, BlockError> {
+        let backing = path.map(|p| Backing::open(p, read_only)).transpose()?;
+        let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES];
+        let n = id.len().min(VIRTIO_BLK_ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Self {
+            disk: DiskHandle {
+                backing: Arc::new(Mutex::new(backing)),
+                read_only,
+            },
+            id: id_bytes,
+            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            acked_features: 0,
+            active: None,
+        })
+    }
+
+    pub fn handle(&self) -> DiskHandle {
+        self.disk.clone()
+    }
+
+    fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let backing = self.disk.lock();
+        let queue = &mut active.queues[0];
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            let written = execute(
+                backing.as_ref(),
+                self.disk.read_only,
+                &self.id,
+                &active.mem,
+                chain,
+            );
+            if let Err(e) = queue.add_used(&active.mem, head, written) {
+                tracing::warn!("virtio-blk: cannot return a used buffer: {e}");
+            }
+            used_any = true;
+        }
+        if used_any && queue.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// Runs one request and writes its status byte; returns the bytes written
+/// into the chain (data + status) for the used ring.
+fn execute(
+    backing: Option<&Backing>,
+    read_only: bool,
+    id: &[u8],
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
+    let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+        (Ok(r), Ok(w)) => (r, w),
+        _ => {
+            tracing::debug!("virtio-blk: malformed descriptor chain");
+            return 0;
+        }
+    };
+    if writer.available_bytes() == 0 {
+        tracing::debug!("virtio-blk: request without room for a status byte");
+        return 0;
+    }
+    let Ok(mut status_writer) = writer.split_at(writer.available_bytes() - 1) else {
+        return 0;
+    };
+    let status = match reader.read_obj::<[u8; 16]>() {
+        Ok(header) => {
+            let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+            run_request(
+                backing,
+                read_only,
+                id,
+                kind,
+                sector,
+                &mut reader,
+                &mut writer,
+            )
+        }
+        Err(_) => VIRTIO_BLK_S_IOERR,
+    };
+    if status_writer.write_all(&[status]).is_err() {
+        return 0;
+    }
+    (writer.bytes_written() + 1) as u32
+}
+
+fn run_request(
+    backing: Option<&Backing>,
+    read_only: bool,
+    id: &[u8],
+    kind: u32,
+    sector: u64,
+    reader: &mut virtio_queue::Reader,
+    writer: &mut virtio_queue::Writer,
+) -> u8 {
+    let result = match (kind, backing) {
+        (VIRTIO_BLK_T_GET_ID, _) => writer.write_all(&id[..id.len().min(writer.available_bytes())]),
+        (VIRTIO_BLK_T_IN, Some(b)) => read_sectors(b, sector, writer),
+        (VIRTIO_BLK_T_OUT, Some(_)) if read_only => return VIRTIO_BLK_S_IOERR,
+        (VIRTIO_BLK_T_OUT, Some(b)) => write_sectors(b, sector, reader),
+        (VIRTIO_BLK_T_FLUSH, Some(b)) => b.file.sync_data(),
+        (VIRTIO_BLK_T_FLUSH, None) => Ok(()),
+        (VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT, None) => return VIRTIO_BLK_S_IOERR,
+        _ => return VIRTIO_BLK_S_UNSUPP,
+    };
+    match result {
+        Ok(()) => VIRTIO_BLK_S_OK,
+        Err(e) => {
+            tracing::debug!(kind, sector, "virtio-blk request failed: {e}");
+            VIRTIO_BLK_S_IOERR
+        }
+    }
+}
+
+/// Byte offset of `sector` for a transfer of `len` bytes, if it lies on the disk.
+fn disk_offset(backing: &Backing, sector: u64, len: usize) -> io::Result<u64> {
+    let start = sector.checked_mul(SECTOR_SIZE);
+    let end = start.and_then(|s| s.checked_add(len as u64));
+    match (start, end) {
+        (Some(start), Some(end)) if end <= backing.sectors * SECTOR_SIZE => Ok(start),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("sector {sector} + {len} bytes is past the end of the disk"),
+        )),
+    }
+}
+
+fn read_sectors(
+    backing: &Backing,
+    sector: u64,
+    writer: &mut virtio_queue::Writer,
+) -> io::Result<()> {
+    let len = writer.available_bytes();
+    let offset = disk_offset(backing, sector, len)?;
+    let mut buf = vec![0u8; len];
+    backing.file.read_exact_at(&mut buf, offset)?;
+    writer.write_all(&buf)
+}
+
+fn write_sectors(
+    backing: &Backing,
+    sector: u64,
+    reader: &mut virtio_queue::Reader,
+) -> io::Result<()> {
+    let len = reader.available_bytes();
+    let offset = disk_offset(backing, sector, len)?;
+    let mut buf = vec![0u8; len];
+    reader.read_exact(&mut buf)?;
+    backing.file.write_all_at(&buf, offset)
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        super::TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.disk.read_only {
+            VIRTIO_BLK_F_RO
+        } else {
+            0
+        };
+        VIRTIO_BLK_F_FLUSH | ro
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.disk.info().sectors.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(offset, "virtio-blk config is read-only");
+    }
+
+    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
+        check_queues(&active, QUEUE_SIZES.len())?;
+        self.active = Some(active);
+        // Requests queued before activation would otherwise wait for a kick.
+        self.process_queue();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            // Draining the counter only fails if it was already empty.
+            let _ = self.queue_evts[0].read();
+            self.process_queue();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
+            tracing::error!("virtio-blk: cannot watch the queue eventfd: {e}");
+        }
+    }
+}
