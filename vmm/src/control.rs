@@ -77,8 +77,8 @@ impl VmmControl {
                 Outcome::GuestDied("the guest kernel panicked".into())
             }
             StopReason::Vcpu(VcpuStop::Reset) => Outcome::Shutdown,
-            StopReason::Vcpu(VcpuStop::TripleFault) => {
-                Outcome::GuestDied("the guest triple-faulted".into())
+            StopReason::Vcpu(VcpuStop::TripleFault(state)) => {
+                Outcome::GuestDied(format!("the guest triple-faulted at {state}"))
             }
             StopReason::Vcpu(VcpuStop::Fatal(why)) => Outcome::GuestDied(why.clone()),
         })

@@ -16,8 +16,10 @@ use crate::arch::cpuid::{FeatureBit, Reg};
 /// Guest command-line switches that keep a stock kernel off what the emulator
 /// refuses: the XSAVE family (FPU init), CMPXCHG16B (SLUB), POPCNT, and the
 /// rest of the list ENVIRONMENT.md measured; no page-table isolation and no
-/// mitigations, which only add emulated work.
-pub const GUEST_CMDLINE: &str = "noxsave nopti mitigations=off \
+/// mitigations, which only add emulated work. `husk.pvm_syscall` turns on the
+/// guest kernel's completion of SYSCALLs this host delivers without switching
+/// to ring 0 (guest-image/patches); other kernels ignore it.
+pub const GUEST_CMDLINE: &str = "noxsave nopti mitigations=off husk.pvm_syscall \
 clearcpuid=cx16,popcnt,umip,bmi1,bmi2,erms,fsrm,avx,avx2,sse4_1,sse4_2,movbe,rdrand,rdseed,adx,smap,smep";
 
 /// The same features masked in CPUID too, for guests that do honour it.

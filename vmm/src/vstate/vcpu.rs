@@ -22,8 +22,9 @@ pub enum VcpuStop {
     /// The guest reset the machine (i8042 reset or KVM system event): this is
     /// how a guest without ACPI shuts down, and also how it reboots on panic.
     Reset,
-    /// Triple fault or an equivalent: the guest is dead.
-    TripleFault,
+    /// Triple fault or an equivalent: the guest is dead. Carries the vCPU's
+    /// state at that moment, for the report.
+    TripleFault(String),
     /// KVM or the VMM could not continue; the message says why.
     Fatal(String),
 }
@@ -100,7 +101,7 @@ impl Vcpu {
                         lock(device).write(offset, data);
                     }
                 }
-                VcpuExit::Shutdown => return VcpuStop::TripleFault,
+                VcpuExit::Shutdown => return VcpuStop::TripleFault(self.describe_state()),
                 VcpuExit::Hlt => return VcpuStop::Reset,
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     KVM_SYSTEM_EVENT_RESET | KVM_SYSTEM_EVENT_SHUTDOWN => return VcpuStop::Reset,
@@ -125,6 +126,18 @@ impl Vcpu {
         }
     }
 
+    /// RIP, RSP, CS (selector and privilege), CR2 and CR3: enough to place a
+    /// guest's death in its System.map.
+    fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rcx={:#x} r11={:#x} cs={:#x} (dpl {}) cr2={:#x} cr3={:#x}",
+                r.rip, r.rsp, r.rcx, r.r11, s.cs.selector, s.cs.dpl, s.cr2, s.cr3
+            ),
+            _ => "vCPU state unavailable".into(),
+        }
+    }
+
     fn handle_internal_error(&mut self) -> Result<(), String> {
         // SAFETY: KVM filled the `internal` member of the union for this exit.
         let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
@@ -136,7 +149,7 @@ impl Vcpu {
         }
         pvm::handle_emulation_failure(&self.fd, &self.mem)
             .map(|fixup| tracing::trace!(?fixup, "emulation failure fixed up"))
-            .map_err(|e| e.to_string())
+            .map_err(|e| format!("{e} ({})", self.describe_state()))
     }
 }
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, builds the guest image (cached
+# under /var/cache/husk), builds every binary, checks format and lints, and
+# runs the whole test suite, the microVM boot test on /dev/kvm included.
+# Run as root (KVM, namespaces): `sudo bash scripts/test.sh`.
+set -euo pipefail
+cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
+
+bash scripts/install-deps.sh
+bash guest-image/build.sh
+cargo fmt --all --check
+cargo build --workspace --bins
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace

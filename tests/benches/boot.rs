@@ -1,0 +1,55 @@
+//! Boot benchmark: boots husk's guest image under husk-vmm N times and reports,
+//! per boot, the time from spawning husk-vmm to
+//!   - the guest's first instruction (the VMM's "guest entered" log line),
+//!   - the kernel reaching init (the agent's first console line),
+//!   - the agent answering a Ping over vsock,
+//!
+//! and the VMM's resident memory excluding guest RAM.
+//!
+//! `cargo bench -p husk-e2e --bench boot` (HUSK_BOOT_BENCH_RUNS=N, default 3).
+//! Needs `guest-image/build.sh` and `cargo build --release --workspace --bins`.
+
+use std::time::Duration;
+
+use husk_e2e::microvm::{MicroVm, MicroVmOptions};
+use husk_proto::v1::ShutdownRequest;
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1000.0))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let runs: usize = std::env::var("HUSK_BOOT_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    println!("run  profile  guest-entered-ms  init-ms  agent-ping-ms  vmm-rss-excl-guest-KiB");
+    for run in 1..=runs {
+        let mut vm = MicroVm::start(MicroVmOptions::default());
+        let (mut agent, t) = match vm.wait_for_agent(Duration::from_secs(900)).await {
+            Ok(ok) => ok,
+            Err(why) => {
+                eprintln!("boot {run} failed: {why}");
+                std::process::exit(1);
+            }
+        };
+        let rss = vm.vmm_overhead_rss_kib();
+        let profile = match vm.pvm_profile() {
+            Some(true) => "pvm",
+            Some(false) => "hw",
+            None => "?",
+        };
+        println!(
+            "{run:<4} {profile:<8} {:<17} {:<8} {:<14} {}",
+            ms(t.guest_entered),
+            ms(t.init_reached),
+            ms(Some(t.agent_answered)),
+            rss.map_or("-".into(), |k| k.to_string())
+        );
+        let _ = agent.shutdown(ShutdownRequest {}).await;
+        if let Err(e) = vm.wait_exit(Duration::from_secs(120)) {
+            eprintln!("{e}");
+        }
+    }
+}
