@@ -18,6 +18,12 @@ pub struct Args {
     /// Most verbose log level written to stderr (error, warn, info, debug, trace).
     #[arg(long, value_name = "LEVEL", default_value_t = tracing::Level::INFO)]
     pub log_level: tracing::Level,
+
+    /// Words the kernel handed on from its command line. As PID 1 the agent
+    /// receives every word the kernel did not recognise (`noxsave` is one),
+    /// and ignores them; anywhere else a stray word is an error.
+    #[arg(hide = true)]
+    pub kernel_words: Vec<String>,
 }
 
 /// An address the agent serves on.

@@ -12,7 +12,7 @@ mod stop;
 use std::io::{self, Write};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing::{error, info};
 
 use crate::cli::{Args, ListenAddr};
@@ -41,6 +41,13 @@ fn main() -> ExitCode {
     }
 
     let args = match Args::try_parse() {
+        Ok(args) if !pid1 && !args.kernel_words.is_empty() => {
+            let err = Args::command().error(
+                clap::error::ErrorKind::UnknownArgument,
+                format!("unexpected argument '{}'", args.kernel_words[0]),
+            );
+            err.exit()
+        }
         Ok(args) => args,
         Err(err) if !pid1 => err.exit(),
         Err(err) => {

@@ -166,6 +166,18 @@ async fn a_bad_listen_value_is_a_clear_error() {
     );
 }
 
+#[tokio::test]
+async fn a_stray_word_is_an_error_on_the_host() {
+    // Only PID 1 receives (and ignores) words from the kernel's command line.
+    let output = run_to_end(&["noxsave"]).await;
+    assert!(!output.status.success());
+    assert!(
+        output.stderr.contains("unexpected argument 'noxsave'"),
+        "{}",
+        output.stderr
+    );
+}
+
 /// The hybrid vsock client against the real agent, with a stand-in for the
 /// VMM's socket that bridges to the agent's unix socket after the handshake.
 #[tokio::test]
