@@ -232,6 +232,36 @@ impl MicroVm {
         Some(total)
     }
 
+    /// One request to the VMM's control API; the parsed reply.
+    pub fn api(&self, request: &str) -> Result<serde_json::Value, String> {
+        use std::io::Write;
+        let stream = std::os::unix::net::UnixStream::connect(&self.api_sock)
+            .map_err(|e| format!("cannot reach the control API: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(stream);
+        writeln!(reader.get_mut(), "{request}").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(|e| e.to_string())?;
+        serde_json::from_str(&line).map_err(|e| format!("bad API reply {line:?}: {e}"))
+    }
+
+    /// Waits until the console shows a line containing `needle`.
+    pub async fn wait_for_console(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.console_text().contains(needle) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!(
+            "the console never showed {needle:?} within {timeout:?}\n{}",
+            self.diagnostics()
+        ))
+    }
+
     pub fn diagnostics(&self) -> String {
         let console = self.console_text();
         let tail: Vec<&str> = console.lines().rev().take(40).collect();
