@@ -12,7 +12,7 @@
 # guest-image/husk.config. It is cached by the hash of its inputs under
 # $HUSK_GUEST_CACHE/guest/kernel-<hash>/ (default /var/cache/husk); the initramfs is
 # cached by the hash of the agent binary. See guest-image/README.md.
-set -euo pipefail
+set -Eeuo pipefail
 
 HERE=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd -- "$HERE/.." && pwd)
@@ -97,10 +97,17 @@ verify_config() {
 
 if [[ -f $KDIR/vmlinux && -x $KDIR/gen_init_cpio ]]; then
 	step "kernel: cache hit $KDIR"
+	touch -- "$KDIR"
 else
 	vtag=${KVERSION//[^A-Za-z0-9.+-]/_}
 	SRC=$CACHE/build/$KPKG-$vtag
 	OBJ=$CACHE/build/obj-$vtag
+	# Trees of other source versions are of no further use (1.7 GiB each).
+	for d in "$CACHE/build/$KPKG-"* "$CACHE/build/obj-"*; do
+		[[ -d $d && $d != "$SRC" && $d != "$OBJ" ]] || continue
+		step "kernel: removing stale build tree $d"
+		rm -rf -- "$d"
+	done
 	LOG=$CACHE/build/kernel-$KHASH.log
 	if [[ ! -f $SRC/.husk-extracted ]]; then
 		step "kernel: extracting $KTARBALL ($KVERSION) into $SRC"
@@ -111,10 +118,12 @@ else
 	fi
 	mkdir -p -- "$OBJ"
 	: >"$LOG"
+	# Reproducible: no user, host or date of this machine in the kernel; the date
+	# is the source package's (dpkg keeps the tarball's mtime from the .deb).
+	build_date=$(LC_ALL=C date -u -d "@$(stat -c %Y "$KTARBALL")")
 	kmake() {
-		# Reproducible: no user/host/date of the machine in the kernel.
 		make -C "$SRC" O="$OBJ" KBUILD_BUILD_USER=husk KBUILD_BUILD_HOST=husk \
-			KBUILD_BUILD_TIMESTAMP="Debian $KVERSION" KBUILD_BUILD_VERSION=1 "$@" >>"$LOG" 2>&1 || {
+			KBUILD_BUILD_TIMESTAMP="$build_date" KBUILD_BUILD_VERSION=1 "$@" >>"$LOG" 2>&1 || {
 			tail -n 40 "$LOG" >&2
 			die "kernel: make $* failed (full log: $LOG)"
 		}
@@ -166,6 +175,7 @@ IHASH=$({
 IBASE=$CACHE/guest/initramfs-$IHASH
 if [[ -f $IBASE.cpio && -f $IBASE.cpio.gz ]]; then
 	step "initramfs: cache hit $IBASE.cpio{,.gz}"
+	touch -- "$IBASE.cpio" "$IBASE.cpio.gz"
 else
 	step "initramfs: packing $AGENT as /init"
 	[[ $AGENT != *[[:space:]]* ]] || die "initramfs: agent path contains whitespace: $AGENT"
@@ -193,6 +203,22 @@ else
 	mv -- "$IBASE.cpio.gz.tmp" "$IBASE.cpio.gz"
 	mv -- "$IBASE.cpio.tmp" "$IBASE.cpio"
 fi
+
+# Keep the cache bounded: the newest few kernels and initramfs (one per agent
+# build, so they pile up during development); kernel build logs go with them.
+prune() {
+	local keep=$1 old
+	shift
+	(($# > keep)) || return 0
+	ls -1dt -- "$@" | tail -n +"$((keep + 1))" | while read -r old; do
+		rm -rf -- "$old" "$CACHE/build/$(basename -- "$old").log"
+	done
+}
+shopt -s nullglob
+prune 4 "$CACHE"/guest/kernel-*[0-9a-f]
+prune 8 "$CACHE"/guest/initramfs-*.cpio
+prune 8 "$CACHE"/guest/initramfs-*.cpio.gz
+shopt -u nullglob
 
 # --- 5. Install into target/guest -----------------------------------------------
 mkdir -p -- "$OUT"
