@@ -2,14 +2,13 @@
 # Builds husk's guest kernel and initramfs:
 #
 #   target/guest/vmlinux             uncompressed ELF, booted at its ELF entry
-#   target/guest/initramfs.cpio.gz   static husk-agent as /init (gzip'd newc cpio)
-#   target/guest/initramfs.cpio      the same archive uncompressed (cheaper to boot
-#                                    where the guest kernel is emulated, see README)
+#   target/guest/initramfs.cpio.gz   static husk-agent as /init (newc cpio, stored gzip)
 #   target/guest/System.map          symbols for decoding addresses (no kallsyms)
 #   target/guest/kernel.config       the resolved kernel .config
 #
 # The kernel is Debian's linux-source-6.12 built from `make tinyconfig` plus
-# guest-image/husk.config. It is cached by the hash of its inputs under
+# guest-image/husk.config, with guest-image/patches/*.patch applied. It is cached
+# by the hash of its inputs under
 # $HUSK_GUEST_CACHE/guest/kernel-<hash>/ (default /var/cache/husk); the initramfs is
 # cached by the hash of the agent binary. See guest-image/README.md.
 set -Eeuo pipefail
@@ -22,7 +21,7 @@ OUT=$TARGET_DIR/guest
 RUST_TARGET=x86_64-unknown-linux-gnu
 KPKG=linux-source-6.12
 KTARBALL=/usr/src/$KPKG.tar.xz
-DEPS=("$KPKG" bc bison flex libelf-dev libssl-dev cpio xz-utils build-essential)
+DEPS=("$KPKG" bc bison flex libelf-dev libssl-dev cpio xz-utils build-essential patch python3)
 
 START_NS=$(date +%s%N)
 elapsed() { local now; now=$(date +%s%N); printf '%d.%01d' $(((now - START_NS) / 1000000000)) $(((now - START_NS) / 100000000 % 10)); }
@@ -68,6 +67,7 @@ fi
 KHASH=$({
 	sha256sum <"$HERE/build.sh"
 	sha256sum <"$HERE/husk.config"
+	cat "$HERE"/patches/*.patch | sha256sum
 	echo "$KPKG $KVERSION"
 	gcc --version | sed -n 1p
 	ld --version | sed -n 1p
@@ -109,12 +109,20 @@ else
 		rm -rf -- "$d"
 	done
 	LOG=$CACHE/build/kernel-$KHASH.log
-	if [[ ! -f $SRC/.husk-extracted ]]; then
+	# The tree is reused while husk's patches are the same; other patches
+	# need a pristine tree, so it is extracted again.
+	PHASH=$(cat "$HERE"/patches/*.patch | sha)
+	if [[ $(cat "$SRC/.husk-extracted" 2>/dev/null) != "$PHASH" ]]; then
 		step "kernel: extracting $KTARBALL ($KVERSION) into $SRC"
 		rm -rf -- "$SRC"
 		mkdir -p -- "$SRC"
 		tar -xJf "$KTARBALL" -C "$SRC" --strip-components=1
-		touch "$SRC/.husk-extracted"
+		for patch in "$HERE"/patches/*.patch; do
+			step "kernel: applying $(basename -- "$patch")"
+			patch -d "$SRC" -p1 --quiet --forward <"$patch" >>"$CACHE/build/patch.log" 2>&1 ||
+				die "kernel: $(basename -- "$patch") does not apply to $KPKG $KVERSION"
+		done
+		echo "$PHASH" >"$SRC/.husk-extracted"
 	fi
 	mkdir -p -- "$OBJ"
 	: >"$LOG"
@@ -165,21 +173,24 @@ if grep -q 'INTERP' <<<"$phdrs"; then
 fi
 
 # --- 4. Initramfs ---------------------------------------------------------------
-# Two encodings of the same archive: the gzip'd one, and a plain one. Unpacking
-# gzip runs inflate in guest kernel mode, which PVM emulates (measured ~17
-# instructions per unpacked byte); the plain cpio is only copied. See README.md.
+# gzip at level 0 (stored blocks): still the .cpio.gz every loader takes, but
+# inflating it is a copy. At -9 inflate runs ~17 instructions per unpacked
+# byte in guest kernel mode, which PVM emulates: ~72 M instructions, most of a
+# PVM boot. Measured against a plain cpio, stored gzip costs ~3 s there. See
+# README.md.
 IHASH=$({
 	sha256sum <"$AGENT"
 	sha256sum <"$HERE/build.sh"
 } | sha)
-IBASE=$CACHE/guest/initramfs-$IHASH
-if [[ -f $IBASE.cpio && -f $IBASE.cpio.gz ]]; then
-	step "initramfs: cache hit $IBASE.cpio{,.gz}"
-	touch -- "$IBASE.cpio" "$IBASE.cpio.gz"
+INITRAMFS=$CACHE/guest/initramfs-$IHASH.cpio.gz
+if [[ -f $INITRAMFS ]]; then
+	step "initramfs: cache hit $INITRAMFS"
+	touch -- "$INITRAMFS"
 else
 	step "initramfs: packing $AGENT as /init"
 	[[ $AGENT != *[[:space:]]* ]] || die "initramfs: agent path contains whitespace: $AGENT"
 	list=$(mktemp)
+	cpio_tmp=$(mktemp)
 	cat >"$list" <<-EOF
 		# The kernel opens /dev/console for init's stdio before anything is mounted.
 		dir /dev 0755 0 0
@@ -192,16 +203,18 @@ else
 		dir /tmp 1777 0 0
 		file /init $AGENT 0755 0 0
 	EOF
-	# mtime 0 everywhere and gzip -n: the archives depend only on the agent binary.
-	"$KDIR/gen_init_cpio" -t 0 "$list" >"$IBASE.cpio.tmp" || die "initramfs: gen_init_cpio failed"
+	# mtime 0 everywhere: the archive depends only on the agent binary.
+	"$KDIR/gen_init_cpio" -t 0 "$list" >"$cpio_tmp" || die "initramfs: gen_init_cpio failed"
 	rm -f -- "$list"
-	listing=$(cpio -it --quiet <"$IBASE.cpio.tmp")
+	listing=$(cpio -it --quiet <"$cpio_tmp")
 	for f in init dev/console dev/null proc sys run tmp; do
 		grep -qx "$f" <<<"$listing" || die "initramfs: $f missing from the archive"
 	done
-	gzip -9 -n <"$IBASE.cpio.tmp" >"$IBASE.cpio.gz.tmp"
-	mv -- "$IBASE.cpio.gz.tmp" "$IBASE.cpio.gz"
-	mv -- "$IBASE.cpio.tmp" "$IBASE.cpio"
+	# gzip(1) stops at level 1; Python's zlib writes stored blocks at level 0.
+	python3 -c 'import gzip, sys; sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read(), compresslevel=0, mtime=0))' \
+		<"$cpio_tmp" >"$INITRAMFS.tmp" || die "initramfs: gzip failed"
+	rm -f -- "$cpio_tmp"
+	mv -- "$INITRAMFS.tmp" "$INITRAMFS"
 fi
 
 # Keep the cache bounded: the newest few kernels and initramfs (one per agent
@@ -216,19 +229,18 @@ prune() {
 }
 shopt -s nullglob
 prune 4 "$CACHE"/guest/kernel-*[0-9a-f]
-prune 8 "$CACHE"/guest/initramfs-*.cpio
 prune 8 "$CACHE"/guest/initramfs-*.cpio.gz
 shopt -u nullglob
 
 # --- 5. Install into target/guest -----------------------------------------------
 mkdir -p -- "$OUT"
+rm -f -- "$OUT/initramfs.cpio" # no longer built; never leave a stale one beside the real one
 install_file() { cp -- "$1" "$OUT/.$2.tmp" && mv -f -- "$OUT/.$2.tmp" "$OUT/$2"; }
 install_file "$KDIR/vmlinux" vmlinux
 install_file "$KDIR/System.map" System.map
 install_file "$KDIR/config" kernel.config
-install_file "$IBASE.cpio.gz" initramfs.cpio.gz
-install_file "$IBASE.cpio" initramfs.cpio
+install_file "$INITRAMFS" initramfs.cpio.gz
 step "done: kernel $(cat "$KDIR/release")"
-for f in vmlinux initramfs.cpio.gz initramfs.cpio System.map kernel.config; do
+for f in vmlinux initramfs.cpio.gz System.map kernel.config; do
 	printf '  %-48s %s\n' "$OUT/$f" "$(size_of "$OUT/$f")"
 done
