@@ -19,6 +19,16 @@ pub const AGENT_READY_MARKER: &str = "husk-agent ready";
 /// What husk-vmm logs just before the first KVM_RUN.
 pub const GUEST_ENTERED_MARKER: &str = "guest entered";
 
+/// How long a test waits for a guest to boot to its agent: HUSK_BOOT_TIMEOUT_SECS,
+/// default 600 s (a PVM boot takes well over half a minute, more on a busy host).
+pub fn boot_timeout() -> Duration {
+    let secs = std::env::var("HUSK_BOOT_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    Duration::from_secs(secs)
+}
+
 pub struct MicroVmOptions {
     pub mem_mib: u64,
     pub extra_args: Vec<String>,

@@ -8,17 +8,11 @@
 
 use std::time::Duration;
 
-use husk_e2e::microvm::{MicroVm, MicroVmOptions, AGENT_INIT_MARKER, AGENT_READY_MARKER};
+use husk_e2e::microvm::{
+    boot_timeout, MicroVm, MicroVmOptions, AGENT_INIT_MARKER, AGENT_READY_MARKER,
+};
 use husk_proto::v1::{ShutdownRequest, VersionRequest};
 use husk_proto::PROTOCOL_VERSION;
-
-fn boot_timeout() -> Duration {
-    let secs = std::env::var("HUSK_BOOT_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    Duration::from_secs(secs)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_boots_and_agent_answers_over_vsock_then_shuts_down() {

@@ -6,15 +6,7 @@
 
 use std::time::Duration;
 
-use husk_e2e::microvm::{MicroVm, MicroVmOptions};
-
-fn boot_timeout() -> Duration {
-    let secs = std::env::var("HUSK_BOOT_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    Duration::from_secs(secs)
-}
+use husk_e2e::microvm::{boot_timeout, MicroVm, MicroVmOptions};
 
 fn sized_file(path: &std::path::Path, bytes: u64) {
     std::fs::File::create(path)

@@ -307,10 +307,6 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.disk.info().sectors.to_le_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!(offset, "virtio-blk config is read-only");
-    }
-
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
         check_queues(&active, QUEUE_SIZES.len())?;
         self.active = Some(active);

@@ -102,7 +102,14 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn ack_features(&mut self, features: u64);
     /// Reads device config space; out-of-range bytes read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Device config writes; the devices here have read-only config.
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(
+            offset,
+            device = self.device_type(),
+            "ignored a write to read-only device config"
+        );
+    }
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError>;
     /// Back to the state before activation (driver reset).
     fn reset(&mut self);

@@ -270,10 +270,6 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!(offset, "virtio-vsock config is read-only");
-    }
-
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
         check_queues(&active, QUEUE_SIZES.len())?;
         self.active = Some(active);
