@@ -37,7 +37,9 @@ pub struct MicroVmOptions {
 impl Default for MicroVmOptions {
     fn default() -> Self {
         Self {
-            mem_mib: 256,
+            // husk-vmm's own default; on PVM every MiB of guest RAM is also
+            // emulated kernel work at boot (initialising its memory map).
+            mem_mib: 128,
             extra_args: Vec::new(),
         }
     }
