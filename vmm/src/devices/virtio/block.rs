@@ -336,3 +336,175 @@ impl MutEventSubscriber for Block {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::devices::irq::IrqLine;
+    use crate::devices::virtio::fake_driver::FakeQueue;
+    use crate::devices::virtio::Interrupt;
+
+    const HEADER: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    struct Driver {
+        mem: GuestMemoryMmap,
+        queue: FakeQueue,
+        block: Block,
+        _image: tempfile::NamedTempFile,
+    }
+
+    /// A block device over a 4-sector image whose sector n is filled with n.
+    fn driver(read_only: bool) -> Driver {
+        let mut image = tempfile::NamedTempFile::new().unwrap();
+        for sector in 0..4u8 {
+            image.write_all(&[sector; 512]).unwrap();
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let queue = FakeQueue::new(0x1000);
+        let mut block = Block::new(Some(image.path()), read_only, "disk-id").unwrap();
+        block
+            .activate(ActiveQueues {
+                mem: mem.clone(),
+                queues: vec![queue.queue()],
+                interrupt: Interrupt::new(IrqLine::new(5).unwrap()),
+            })
+            .unwrap();
+        Driver {
+            mem,
+            queue,
+            block,
+            _image: image,
+        }
+    }
+
+    impl Driver {
+        /// Submits header + data + status; returns (status, used length).
+        fn request(
+            &mut self,
+            kind: u32,
+            sector: u64,
+            data: &[u8],
+            device_writes: bool,
+        ) -> (u8, u32) {
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&kind.to_le_bytes());
+            header[8..].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+            self.mem.write_slice(data, GuestAddress(DATA)).unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let mut chain = vec![(HEADER, 16, false)];
+            if !data.is_empty() {
+                chain.push((DATA, data.len() as u32, device_writes));
+            }
+            chain.push((STATUS, 1, true));
+            self.queue.add_chain(&self.mem, &chain);
+            self.block.process_queue();
+            let used = self.queue.take_used(&self.mem);
+            assert_eq!(used.len(), 1);
+            (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), used[0].1)
+        }
+
+        fn data(&self, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            self.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+            buf
+        }
+
+        fn image(&self) -> Vec<u8> {
+            std::fs::read(self._image.path()).unwrap()
+        }
+    }
+
+    #[test]
+    fn reads_the_requested_sector() {
+        let mut d = driver(true);
+        let (status, used) = d.request(VIRTIO_BLK_T_IN, 2, &[0; 512], true);
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert_eq!(used, 513);
+        assert_eq!(d.data(512), vec![2u8; 512]);
+    }
+
+    #[test]
+    fn writes_reach_the_image_and_flush_succeeds() {
+        let mut d = driver(false);
+        let (status, _) = d.request(VIRTIO_BLK_T_OUT, 1, &[0xab; 512], false);
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert_eq!(d.image()[512..1024], [0xab; 512]);
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_FLUSH, 0, &[], false).0,
+            VIRTIO_BLK_S_OK
+        );
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes_and_keeps_its_data() {
+        let mut d = driver(true);
+        let (status, _) = d.request(VIRTIO_BLK_T_OUT, 1, &[0xab; 512], false);
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        assert_eq!(d.image()[512..1024], [1u8; 512]);
+        assert_ne!(d.block.features() & VIRTIO_BLK_F_RO, 0);
+    }
+
+    #[test]
+    fn requests_past_the_end_fail() {
+        let mut d = driver(false);
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_IN, 3, &[0; 1024], true).0,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_IN, u64::MAX, &[0; 512], true).0,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_OUT, 4, &[0; 512], false).0,
+            VIRTIO_BLK_S_IOERR
+        );
+    }
+
+    #[test]
+    fn get_id_and_unknown_requests() {
+        let mut d = driver(true);
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_GET_ID, 0, &[0; 20], true).0,
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(&d.data(7), b"disk-id");
+        assert_eq!(d.request(99, 0, &[], false).0, VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn an_empty_slot_fails_io_until_a_disk_is_attached() {
+        let mut d = driver(true);
+        let handle = d.block.handle();
+        handle.set_backing(None).unwrap();
+        assert_eq!(handle.info().sectors, 0);
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_IN, 0, &[0; 512], true).0,
+            VIRTIO_BLK_S_IOERR
+        );
+        handle.set_backing(Some(d._image.path())).unwrap();
+        assert_eq!(handle.info().sectors, 4);
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_IN, 3, &[0; 512], true).0,
+            VIRTIO_BLK_S_OK
+        );
+        assert!(handle
+            .set_backing(Some(Path::new("/no/such/image")))
+            .is_err());
+    }
+
+    #[test]
+    fn a_chain_without_room_for_status_is_returned_unused() {
+        let mut d = driver(true);
+        d.queue.add_chain(&d.mem, &[(HEADER, 16, false)]);
+        d.block.process_queue();
+        assert_eq!(d.queue.take_used(&d.mem), vec![(0, 0)]);
+    }
+}

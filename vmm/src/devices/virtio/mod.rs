@@ -5,6 +5,8 @@
 //! owns are served on the VMM's event loop, not on the vCPU thread.
 
 pub mod block;
+#[cfg(test)]
+mod fake_driver;
 pub mod mmio;
 pub mod vsock;
 

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::super::{ActiveQueues, Interrupt, VirtioDevice, INTERRUPT_USED_RING, TYPE_VSOCK};
@@ -21,85 +20,11 @@ use super::packet::{
 };
 use super::{Vsock, VsockError, FIRST_LOCAL_PORT};
 use crate::devices::irq::IrqLine;
+use crate::devices::virtio::fake_driver::FakeQueue;
 
 const GUEST_CID: u64 = 3;
-const QSIZE: u16 = 256;
 const MEM_SIZE: usize = 16 << 20;
 const DATA_START: u64 = 1 << 20;
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-
-/// The driver side of one split virtqueue.
-struct FakeQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl FakeQueue {
-    fn new(base: u64) -> Self {
-        Self {
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
-        q.set_ready(true);
-        q
-    }
-
-    /// Publishes a chain of (addr, len, device-writable) buffers; returns its head.
-    fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-            let idx = self.next_desc;
-            self.next_desc = (self.next_desc + 1) % QSIZE;
-            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            let d = self.desc + 16 * u64::from(idx);
-            mem.write_obj(addr, GuestAddress(d)).unwrap();
-            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-            mem.write_obj(self.next_desc, GuestAddress(d + 14)).unwrap();
-        }
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-        head
-    }
-
-    /// Used-ring entries (head, len) not seen yet.
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = self.used + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
-            out.push((id as u16, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-}
-
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
 struct Harness {
