@@ -60,4 +60,5 @@ async fn guest_boots_and_agent_answers_over_vsock_then_shuts_down() {
         vm.diagnostics()
     );
     assert!(!vm.api_sock.exists(), "husk-vmm removes its API socket");
+    assert!(!vm.vsock_uds.exists(), "husk-vmm removes its vsock socket");
 }

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use linux_loader::loader::Cmdline;
 use crate::api::{ApiServer, DiskSlot, VmFacts};
 use crate::arch::{boot, cpuid, layout, regs};
 use crate::config::{VmConfig, MIN_MEM_MIB};
-use crate::control::{Outcome, StopReason, StopWatcher, VmmControl};
+use crate::control::{Outcome, SignalWatcher, StopReason, StopWatcher, VmmControl};
 use crate::devices::irq::IrqLine;
 use crate::devices::serial::{ConsoleSink, SerialConsole};
 use crate::devices::virtio::block::Block;
@@ -86,6 +87,9 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     subscribers: Vec<Subscriber>,
     api: Option<ApiServer>,
+    /// Removed on exit: the vsock device itself is never dropped while a vCPU
+    /// thread may still hold it.
+    vsock_uds: Option<PathBuf>,
     control: Arc<VmmControl>,
 }
 
@@ -248,6 +252,7 @@ impl Vmm {
             vcpus,
             subscribers,
             api,
+            vsock_uds: config.vsock.as_ref().map(|v| v.uds_path.clone()),
             control,
         })
     }
@@ -260,6 +265,9 @@ impl Vmm {
             events.add_subscriber(subscriber);
         }
         events.add_subscriber(Arc::new(Mutex::new(StopWatcher(self.control.clone()))));
+        let signals = SignalWatcher::new(self.control.clone())
+            .map_err(|e| setup("the stop-signal handler")(e.into()))?;
+        events.add_subscriber(Arc::new(Mutex::new(signals)));
         if let Some(api) = self.api {
             tracing::info!(path = %api.path().display(), "control API listening");
             events.add_subscriber(Arc::new(Mutex::new(api)));
@@ -282,6 +290,11 @@ impl Vmm {
         // The VM fd and memory must outlive the vCPU threads, which are still
         // blocked in KVM_RUN: the process exits right after this returns.
         std::mem::forget(self.vm);
+        if let Some(path) = &self.vsock_uds {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::debug!(path = %path.display(), "vsock socket already gone: {e}");
+            }
+        }
         self.control
             .outcome()
             .ok_or_else(|| BuildError::EventLoop("stopped without a reason".into()))

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vstate::vcpu::VcpuStop;
@@ -13,6 +15,8 @@ use crate::vstate::vcpu::VcpuStop;
 pub enum StopReason {
     Vcpu(VcpuStop),
     ApiShutdown,
+    /// SIGTERM or SIGINT: how a supervisor (huskd) or a person stops a VM.
+    Signal(Signal),
 }
 
 /// The outcome of a VM run, as the process reports it.
@@ -72,7 +76,7 @@ impl VmmControl {
         let slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         let panicked = self.guest_panicked.load(Ordering::SeqCst);
         slot.as_ref().map(|reason| match reason {
-            StopReason::ApiShutdown => Outcome::Shutdown,
+            StopReason::ApiShutdown | StopReason::Signal(_) => Outcome::Shutdown,
             StopReason::Vcpu(VcpuStop::Reset) if panicked => {
                 Outcome::GuestDied("the guest kernel panicked".into())
             }
@@ -97,6 +101,43 @@ impl MutEventSubscriber for StopWatcher {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.0.evt, EventSet::IN)) {
             tracing::error!("cannot watch the stop eventfd: {e}");
+        }
+    }
+}
+
+/// Turns SIGTERM and SIGINT into an orderly stop on the event loop, so the
+/// VMM removes its sockets instead of dying with them in place.
+pub struct SignalWatcher {
+    fd: SignalFd,
+    control: Arc<VmmControl>,
+}
+
+impl SignalWatcher {
+    /// Blocks the stop signals in the calling thread, and so in every thread
+    /// it spawns afterwards: call it before the vCPU threads exist.
+    pub fn new(control: Arc<VmmControl>) -> nix::Result<Self> {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGTERM);
+        mask.add(Signal::SIGINT);
+        mask.thread_block()?;
+        let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        Ok(Self { fd, control })
+    }
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        while let Ok(Some(info)) = self.fd.read_signal() {
+            if let Ok(signal) = Signal::try_from(info.ssi_signo as i32) {
+                tracing::info!(%signal, "stopping the VM");
+                self.control.stop(StopReason::Signal(signal));
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            tracing::error!("cannot watch for stop signals: {e}");
         }
     }
 }

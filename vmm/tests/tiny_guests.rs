@@ -311,9 +311,11 @@ fn control_api_reports_swaps_disks_and_shuts_down() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
+    let vsock = guest.path("vsock.sock");
     let child = guest
         .command()
         .args(["--api-sock", sock.to_str().unwrap(), "--spare-disks", "1"])
+        .args(["--vsock-uds", vsock.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -355,4 +357,35 @@ fn control_api_reports_swaps_disks_and_shuts_down() {
     let out = wait_with_deadline(child, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     assert!(!sock.exists(), "the API socket is removed on exit");
+    assert!(!vsock.exists(), "the vsock socket is removed on exit");
+}
+
+#[test]
+fn sigterm_stops_the_vm_and_removes_its_sockets() {
+    let guest = Guest::new(SPIN);
+    let api = guest.path("api.sock");
+    let vsock = guest.path("vsock.sock");
+    let child = guest
+        .command()
+        .args(["--api-sock", api.to_str().unwrap()])
+        .args(["--vsock-uds", vsock.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the API answers, the VM runs and the signal handler is in place.
+    Api::connect(&api).call(r#"{"op":"status"}"#);
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill(1)");
+    assert!(kill.success());
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("SIGTERM"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!api.exists() && !vsock.exists(), "sockets left behind");
 }
