@@ -12,7 +12,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use linux_loader::loader::Cmdline;
 
 use crate::api::{ApiServer, DiskSlot, VmFacts};
-use crate::arch::{boot, cpuid, layout, regs};
+use crate::arch::{boot, cpuid, layout, mptable, regs};
 use crate::config::{VmConfig, MIN_MEM_MIB};
 use crate::control::{Outcome, SignalWatcher, StopReason, StopWatcher, VmmControl};
 use crate::devices::irq::IrqLine;
@@ -48,6 +48,8 @@ pub enum BuildError {
     Regs(#[from] regs::RegsError),
     #[error(transparent)]
     Cpuid(#[from] cpuid::CpuidError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
@@ -179,6 +181,7 @@ impl Vmm {
             .transpose()?;
         boot::write_boot_params(&vm.mem, &boot::BootImages { cmdline, initrd })?;
         regs::write_boot_tables(&vm.mem)?;
+        mptable::write_mptable(&vm.mem, config.vcpus)?;
 
         // The console.
         let out: Box<dyn Write + Send> = match &config.console_log {
