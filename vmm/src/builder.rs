@@ -34,8 +34,9 @@ pub enum BuildError {
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error(
-        "--vcpus {0}: this VMM boots single-vCPU guests only (secondary vCPUs need an MP \
-         table, and on PVM hosts a 32-bit trampoline the emulator cannot run)"
+        "--vcpus {0}: this VMM boots single-vCPU guests only (on PVM hosts secondary vCPUs \
+         start through a 32-bit trampoline the emulator cannot run, and starting them on \
+         hardware KVM is not tested yet)"
     )]
     TooManyVcpus(u8),
     #[error("too many devices: {0} virtio devices, but only IRQs {first}..={last} are free", first = layout::FIRST_DEVICE_IRQ, last = layout::LAST_DEVICE_IRQ)]
