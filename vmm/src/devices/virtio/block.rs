@@ -113,7 +113,6 @@ pub struct Block {
     disk: DiskHandle,
     id: [u8; VIRTIO_BLK_ID_BYTES],
     queue_evts: [EventFd; 1],
-    acked_features: u64,
     active: Option<ActiveQueues>,
 }
 
@@ -131,7 +130,6 @@ impl Block {
             },
             id: id_bytes,
             queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            acked_features: 0,
             active: None,
         })
     }
@@ -299,10 +297,6 @@ impl VirtioDevice for Block {
         VIRTIO_BLK_F_FLUSH | ro
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.disk.info().sectors.to_le_bytes(), offset, data);
     }
@@ -317,7 +311,6 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
     }
 }
 

@@ -101,7 +101,9 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     /// One eventfd per queue, signalled when the driver notifies that queue.
     fn queue_events(&self) -> &[EventFd];
     fn features(&self) -> u64;
-    fn ack_features(&mut self, features: u64);
+    /// What the driver accepted (the transport has checked it against the
+    /// offer). The devices here behave the same whatever was negotiated.
+    fn ack_features(&mut self, _features: u64) {}
     /// Reads device config space; out-of-range bytes read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Device config writes; the devices here have read-only config.

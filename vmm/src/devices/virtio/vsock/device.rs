@@ -52,7 +52,6 @@ enum TxChainError {
 pub struct Vsock {
     guest_cid: u64,
     queue_evts: [EventFd; 3],
-    acked_features: u64,
     muxer: Muxer,
     active: Option<ActiveQueues>,
     scratch: Vec<u8>,
@@ -69,7 +68,6 @@ impl Vsock {
         Ok(Self {
             guest_cid,
             queue_evts: [evt()?, evt()?, evt()?],
-            acked_features: 0,
             muxer: Muxer::new(guest_cid, uds_path)?,
             active: None,
             scratch: vec![0; MAX_PKT_PAYLOAD],
@@ -262,10 +260,6 @@ impl VirtioDevice for Vsock {
         VIRTIO_F_VERSION_1
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
@@ -280,7 +274,6 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
         self.muxer.reset();
     }
 }
