@@ -121,6 +121,8 @@ impl ApiServer {
     }
 
     fn handle(&mut self, request: Request) -> Result<serde_json::Value, String> {
+        let span = tracing::info_span!("api", request = ?request);
+        let _enter = span.enter();
         match request {
             Request::Status => Ok(serde_json::json!({ "status": self.status() })),
             Request::AttachDisk { index, path } => {
