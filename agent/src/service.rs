@@ -1,5 +1,6 @@
 //! The `Agent` gRPC service.
 
+use husk_proto::v1;
 use husk_proto::v1::agent_server::Agent;
 use husk_proto::v1::{
     PingRequest, PingResponse, ShutdownRequest, ShutdownResponse, VersionRequest, VersionResponse,
@@ -45,5 +46,103 @@ impl Agent for AgentService {
         info!("shutdown requested");
         self.stop.request();
         Ok(Response::new(ShutdownResponse {}))
+    }
+
+    async fn setup_sandbox(
+        &self,
+        _: Request<v1::SetupSandboxRequest>,
+    ) -> Result<Response<v1::SetupSandboxResponse>, Status> {
+        Err(Status::unimplemented("setup_sandbox"))
+    }
+
+    async fn create_container(
+        &self,
+        _: Request<v1::CreateContainerRequest>,
+    ) -> Result<Response<v1::CreateContainerResponse>, Status> {
+        Err(Status::unimplemented("create_container"))
+    }
+
+    async fn start_container(
+        &self,
+        _: Request<v1::StartContainerRequest>,
+    ) -> Result<Response<v1::StartContainerResponse>, Status> {
+        Err(Status::unimplemented("start_container"))
+    }
+
+    async fn exec_process(
+        &self,
+        _: Request<v1::ExecProcessRequest>,
+    ) -> Result<Response<v1::ExecProcessResponse>, Status> {
+        Err(Status::unimplemented("exec_process"))
+    }
+
+    async fn signal_process(
+        &self,
+        _: Request<v1::SignalProcessRequest>,
+    ) -> Result<Response<v1::SignalProcessResponse>, Status> {
+        Err(Status::unimplemented("signal_process"))
+    }
+
+    async fn wait_process(
+        &self,
+        _: Request<v1::WaitProcessRequest>,
+    ) -> Result<Response<v1::WaitProcessResponse>, Status> {
+        Err(Status::unimplemented("wait_process"))
+    }
+
+    async fn container_status(
+        &self,
+        _: Request<v1::ContainerStatusRequest>,
+    ) -> Result<Response<v1::ContainerStatusResponse>, Status> {
+        Err(Status::unimplemented("container_status"))
+    }
+
+    async fn remove_container(
+        &self,
+        _: Request<v1::RemoveContainerRequest>,
+    ) -> Result<Response<v1::RemoveContainerResponse>, Status> {
+        Err(Status::unimplemented("remove_container"))
+    }
+
+    async fn resize_tty(
+        &self,
+        _: Request<v1::ResizeTtyRequest>,
+    ) -> Result<Response<v1::ResizeTtyResponse>, Status> {
+        Err(Status::unimplemented("resize_tty"))
+    }
+
+    async fn copy_file(
+        &self,
+        _: Request<v1::CopyFileRequest>,
+    ) -> Result<Response<v1::CopyFileResponse>, Status> {
+        Err(Status::unimplemented("copy_file"))
+    }
+
+    async fn update_container_resources(
+        &self,
+        _: Request<v1::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<v1::UpdateContainerResourcesResponse>, Status> {
+        Err(Status::unimplemented("update_container_resources"))
+    }
+
+    async fn stats(
+        &self,
+        _: Request<v1::StatsRequest>,
+    ) -> Result<Response<v1::StatsResponse>, Status> {
+        Err(Status::unimplemented("stats"))
+    }
+
+    type ReadOutputStream = tokio_stream::Empty<Result<v1::OutputChunk, Status>>;
+    async fn read_output(
+        &self,
+        _: Request<v1::ReadOutputRequest>,
+    ) -> Result<Response<Self::ReadOutputStream>, Status> {
+        Err(Status::unimplemented("read_output"))
+    }
+    async fn write_stdin(
+        &self,
+        _: Request<tonic::Streaming<v1::StdinChunk>>,
+    ) -> Result<Response<v1::WriteStdinResponse>, Status> {
+        Err(Status::unimplemented("write_stdin"))
     }
 }
