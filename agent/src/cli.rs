@@ -15,6 +15,11 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", default_value_t = ListenAddr::Vsock { port: husk_proto::AGENT_VSOCK_PORT })]
     pub listen: ListenAddr,
 
+    /// Where the agent keeps containers' rootfs mounts and the pod's shared
+    /// files. Each agent on a host needs its own.
+    #[arg(long, value_name = "DIR", default_value = "/run/husk-agent")]
+    pub state_dir: PathBuf,
+
     /// Most verbose log level written to stderr (error, warn, info, debug, trace).
     #[arg(long, value_name = "LEVEL", default_value_t = tracing::Level::INFO)]
     pub log_level: tracing::Level,

@@ -2,9 +2,11 @@
 //! vsock; the same binary serves on a unix socket when run on the host.
 
 mod cli;
+mod container;
 mod guest;
 mod listen;
 mod reaper;
+mod sandbox;
 mod server;
 mod service;
 mod stop;
@@ -15,14 +17,20 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use tracing::{error, info};
 
-use crate::cli::{Args, ListenAddr};
+use std::sync::Arc;
+
+use crate::cli::Args;
+use crate::container::Containers;
 use crate::listen::{ListenError, Listener};
+use crate::reaper::Reaper;
+use crate::sandbox::Sandbox;
+use crate::service::AgentService;
 
 #[derive(Debug, thiserror::Error)]
 enum AgentError {
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] io::Error),
-    #[error("cannot watch for exited children (SIGCHLD): {0}")]
+    #[error("cannot watch for exited children: {0}")]
     Reaper(#[source] io::Error),
     #[error("cannot watch for SIGTERM/SIGINT: {0}")]
     Signals(#[source] io::Error),
@@ -33,6 +41,14 @@ enum AgentError {
 }
 
 fn main() -> ExitCode {
+    // A container's init stage (see container::init): nothing of the
+    // agent's own start-up may run there.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == container::init::INIT_ARG)
+    {
+        container::init::main();
+    }
     let pid1 = std::process::id() == 1;
     if pid1 {
         // Nowhere to report a failure to: that is what this is about.
@@ -62,7 +78,7 @@ fn main() -> ExitCode {
     if pid1 {
         guest::prepare();
     }
-    let result = run(args.listen, pid1);
+    let result = run(&args, pid1);
     if let Err(err) = &result {
         error!("{err}");
     }
@@ -95,29 +111,36 @@ fn init_logging(level: tracing::Level) {
 }
 
 /// One thread: the guest has one vCPU, and start-up work must stay minimal.
-fn run(listen: ListenAddr, pid1: bool) -> Result<(), AgentError> {
+fn run(args: &Args, pid1: bool) -> Result<(), AgentError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?
-        .block_on(serve(listen, pid1))
+        .block_on(serve(args, pid1))
 }
 
-async fn serve(listen: ListenAddr, pid1: bool) -> Result<(), AgentError> {
+async fn serve(args: &Args, pid1: bool) -> Result<(), AgentError> {
     let (stop, stopped) = stop::channel();
-    if pid1 {
-        reaper::spawn().map_err(AgentError::Reaper)?;
-    } else {
+    if !pid1 {
+        reaper::become_subreaper().map_err(AgentError::Reaper)?;
         stop::on_termination_signals(stop.clone()).map_err(AgentError::Signals)?;
     }
+    let reaper = Reaper::spawn().map_err(AgentError::Reaper)?;
+    let containers = Arc::new(Containers::new(&args.state_dir, reaper));
+    let sandbox = Sandbox::new(&args.state_dir, sandbox::owns_namespaces());
+    let listen = &args.listen;
     // Held to the end: dropping it removes the unix socket file.
     let Listener {
         incoming,
         socket_file: _socket_file,
-    } = listen::bind(&listen)?;
+    } = listen::bind(listen)?;
     info!("listening on {listen}");
     marker("husk-agent ready");
-    server::serve(incoming, stop, stopped).await?;
+    let service = AgentService::new(stop, sandbox, containers.clone());
+    let served = server::serve(incoming, service, stopped).await;
+    // Nothing of the pod may outlive its agent: processes, mounts, cgroups.
+    containers.remove_all().await;
+    served?;
     info!("stopped");
     Ok(())
 }

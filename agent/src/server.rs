@@ -8,7 +8,7 @@ use tracing::warn;
 
 use crate::listen::Incoming;
 use crate::service::AgentService;
-use crate::stop::{StopHandle, StopSignal};
+use crate::stop::StopSignal;
 
 /// How long, after a stop request, open connections get to finish their
 /// calls; a client holding a connection open must not keep the agent alive.
@@ -16,11 +16,11 @@ const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 pub async fn serve(
     incoming: Incoming,
-    stop: StopHandle,
+    service: AgentService,
     stopped: StopSignal,
 ) -> Result<(), tonic::transport::Error> {
     let server = Server::builder()
-        .add_service(AgentServer::new(AgentService::new(stop)))
+        .add_service(AgentServer::new(service))
         .serve_with_incoming_shutdown(incoming, stopped.clone().requested());
     tokio::select! {
         result = server => result,

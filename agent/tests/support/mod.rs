@@ -1,0 +1,313 @@
+//! What the container tests share: the real agent on a unix socket, a
+//! busybox rootfs, and an OCI spec like the one huskd (and containerd) write.
+
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use husk_proto::client::connect_unix;
+use husk_proto::v1::agent_client::AgentClient;
+use husk_proto::v1::{self, rootfs_source};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_husk-agent");
+pub const BUSYBOX: &str = "/bin/busybox";
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The agent as the host driver runs it, killed when dropped.
+pub struct Agent {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub client: AgentClient<Channel>,
+}
+
+impl Agent {
+    pub async fn start() -> Agent {
+        require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let mut child = Command::new(AGENT)
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--log-level")
+            .arg("info")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn husk-agent");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.expect("agent stdout") {
+                if line == "husk-agent ready" {
+                    return;
+                }
+            }
+            panic!("husk-agent ended before it was ready");
+        })
+        .await
+        .expect("agent ready in time");
+        let client = connect_unix(&socket).await.expect("connect");
+        Agent { child, dir, client }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Creates a container running `spec` on `rootfs`, with readers of its
+    /// stdout and stderr started (as huskd starts them before Start).
+    pub async fn create(
+        &mut self,
+        id: &str,
+        spec: &Value,
+        rootfs: rootfs_source::Source,
+    ) -> Result<u32, tonic::Status> {
+        self.client
+            .create_container(v1::CreateContainerRequest {
+                container_id: id.into(),
+                oci_spec_json: serde_json::to_vec(spec).expect("spec json"),
+                rootfs: Some(v1::RootfsSource {
+                    source: Some(rootfs),
+                    writable_layer_bytes: 64 << 20,
+                }),
+                stdin: false,
+            })
+            .await
+            .map(|r| r.into_inner().pid)
+    }
+
+    /// Creates, starts and waits for a container; its stdout, stderr and exit.
+    pub async fn run(&mut self, id: &str, spec: &Value) -> (String, String, v1::ExitStatus) {
+        self.create(id, spec, busybox_rootfs_source())
+            .await
+            .expect("create");
+        let stdout = self.collect(id, "", v1::OutputStream::Stdout).await;
+        let stderr = self.collect(id, "", v1::OutputStream::Stderr).await;
+        self.client
+            .start_container(v1::StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .expect("start");
+        let status = self.wait(id, "").await;
+        let out = (
+            stdout.await.expect("stdout"),
+            stderr.await.expect("stderr"),
+            status,
+        );
+        self.remove(id).await;
+        out
+    }
+
+    /// Reads a stream to its end in the background.
+    pub async fn collect(
+        &mut self,
+        container: &str,
+        exec: &str,
+        stream: v1::OutputStream,
+    ) -> tokio::task::JoinHandle<String> {
+        let mut chunks = self
+            .client
+            .read_output(v1::ReadOutputRequest {
+                process: Some(process(container, exec)),
+                stream: stream.into(),
+            })
+            .await
+            .expect("read_output")
+            .into_inner();
+        tokio::spawn(async move {
+            let mut data = Vec::new();
+            while let Some(chunk) = chunks.next().await {
+                data.extend(chunk.expect("chunk").data);
+            }
+            String::from_utf8_lossy(&data).into_owned()
+        })
+    }
+
+    pub async fn wait(&mut self, container: &str, exec: &str) -> v1::ExitStatus {
+        let wait = self.client.wait_process(v1::WaitProcessRequest {
+            process: Some(process(container, exec)),
+        });
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("exit in time")
+            .expect("wait")
+            .into_inner()
+            .status
+            .expect("status")
+    }
+
+    pub async fn remove(&mut self, id: &str) {
+        self.client
+            .remove_container(v1::RemoveContainerRequest {
+                container_id: id.into(),
+                force: true,
+            })
+            .await
+            .expect("remove");
+    }
+
+    /// Runs an exec to its end: stdout, stderr, exit.
+    pub async fn exec(
+        &mut self,
+        container: &str,
+        exec: &str,
+        process_json: Value,
+        timeout_ms: u32,
+    ) -> Result<(String, String, v1::ExitStatus), tonic::Status> {
+        let tty = process_json["terminal"].as_bool() == Some(true);
+        self.client
+            .exec_process(v1::ExecProcessRequest {
+                container_id: container.into(),
+                exec_id: exec.into(),
+                oci_process_json: serde_json::to_vec(&process_json).expect("json"),
+                stdin: false,
+                timeout_ms,
+            })
+            .await?;
+        let stdout = self
+            .collect(container, exec, v1::OutputStream::Stdout)
+            .await;
+        let stderr = if tty {
+            None
+        } else {
+            Some(
+                self.collect(container, exec, v1::OutputStream::Stderr)
+                    .await,
+            )
+        };
+        let status = self.wait(container, exec).await;
+        let stderr = match stderr {
+            Some(task) => task.await.expect("stderr"),
+            None => String::new(),
+        };
+        Ok((stdout.await.expect("stdout"), stderr, status))
+    }
+}
+
+pub fn process(container: &str, exec: &str) -> v1::ProcessRef {
+    v1::ProcessRef {
+        container_id: container.into(),
+        exec_id: exec.into(),
+    }
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests create namespaces, mounts and cgroups: run them as root"
+    );
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing: run scripts/install-deps.sh (Debian's busybox-static)"
+    );
+}
+
+/// A rootfs of Debian's static busybox with a link per applet, made once per test binary.
+pub fn busybox_rootfs() -> &'static Path {
+    static ROOTFS: OnceLock<tempfile::TempDir> = OnceLock::new();
+    ROOTFS
+        .get_or_init(|| {
+            require_root();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let bin = dir.path().join("bin");
+            std::fs::create_dir_all(&bin).expect("mkdir bin");
+            std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
+            let list = std::process::Command::new(BUSYBOX)
+                .arg("--list")
+                .output()
+                .expect("busybox --list");
+            for applet in String::from_utf8_lossy(&list.stdout).lines() {
+                if applet != "busybox" {
+                    std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
+                }
+            }
+            for d in ["etc", "tmp", "proc", "sys", "dev", "root"] {
+                std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
+            }
+            std::fs::write(
+                dir.path().join("etc/passwd"),
+                "root:x:0:0:root:/root:/bin/sh\n",
+            )
+            .expect("passwd");
+            dir
+        })
+        .path()
+}
+
+pub fn busybox_rootfs_source() -> rootfs_source::Source {
+    rootfs_source::Source::Directory(busybox_rootfs().display().to_string())
+}
+
+/// A spec as containerd's CRI plugin writes one, running `args`.
+pub fn spec(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS, "permitted": DEFAULT_CAPS
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "husk-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+/// containerd's default capability set.
+pub const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Whether anything is still mounted below `dir`.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
+        .filter(|mount_point| mount_point.starts_with(&dir))
+        .collect()
+}
