@@ -591,10 +591,21 @@ impl Meta {
             u32::try_from(v)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "id out of range"))
         };
-        let mtime = i64::try_from(header.mtime()?).unwrap_or(i64::MAX);
+        // An all-blank numeric field means 0, as Go's archive/tar (which
+        // builds most layers) reads it; tar-rs calls it an error.
+        let blank = |field: &[u8]| field.iter().all(|b| matches!(b, 0 | b' '));
+        let old = header.as_old();
+        let uid = if blank(&old.uid) { 0 } else { header.uid()? };
+        let gid = if blank(&old.gid) { 0 } else { header.gid()? };
+        let mtime = if blank(&old.mtime) {
+            0
+        } else {
+            header.mtime()?
+        };
+        let mtime = i64::try_from(mtime).unwrap_or(i64::MAX);
         Ok(Self {
-            uid: Uid::from_raw(id(header.uid()?)?),
-            gid: Gid::from_raw(id(header.gid()?)?),
+            uid: Uid::from_raw(id(uid)?),
+            gid: Gid::from_raw(id(gid)?),
             mode: Mode::from_bits_truncate(header.mode()? & 0o7777),
             mtime: TimeSpec::new(mtime, 0),
         })

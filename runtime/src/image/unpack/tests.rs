@@ -362,6 +362,22 @@ fn gzip_and_zstd_layers_are_detected_by_magic() {
 }
 
 #[test]
+fn blank_numeric_fields_mean_zero() {
+    let s = scratch();
+    let mut header = Header::new_gnu();
+    header.set_entry_type(EntryType::Regular);
+    header.set_path("f").unwrap();
+    header.set_mode(0o640);
+    header.set_size(1);
+    header.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&header, &b"x"[..]).unwrap();
+    apply(&s.rootfs, &[b.into_inner().unwrap()]).unwrap();
+    let meta = fs::metadata(s.rootfs.join("f")).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, 0, 0o640));
+}
+
+#[test]
 fn a_corrupt_layer_is_an_archive_error() {
     let s = scratch();
     let mut tar = Layer::new().file("f", "x").tar();
