@@ -74,6 +74,11 @@ impl ImageReference {
     pub fn repo_digest(&self, manifest_digest: &str) -> String {
         format!("{}@{manifest_digest}", self.name())
     }
+
+    /// oci-client's form, for talking to registries.
+    pub(crate) fn oci(&self) -> &oci_client::Reference {
+        &self.inner
+    }
 }
 
 impl fmt::Display for ImageReference {
