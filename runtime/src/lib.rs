@@ -1,0 +1,3 @@
+//! huskd's library: the parts of the CRI server that are worth testing on their own.
+
+pub mod image;
