@@ -76,6 +76,12 @@ async fn answers_ping_and_version() {
         .into_inner();
     assert_eq!(version.protocol_version, PROTOCOL_VERSION);
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        husk_proto::client::check_version(&mut client)
+            .await
+            .expect("compatible"),
+        PROTOCOL_VERSION
+    );
 }
 
 #[tokio::test]

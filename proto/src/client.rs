@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
 use crate::v1::agent_client::AgentClient;
+use crate::v1::{VersionRequest, VersionResponse};
 
 /// How long [`connect_unix`] and [`connect_hybrid_vsock`] wait for one attempt:
 /// a little longer than husk-vmm waits for the guest to take a connection
@@ -136,6 +137,42 @@ pub async fn connect(
         })?
 }
 
+/// Why an agent cannot serve this host.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    #[error("the agent did not say its version: {0}")]
+    Call(#[from] tonic::Status),
+    #[error(
+        "the agent (husk-agent {agent_version}) speaks agent protocol {agent}, older than \
+         the {required} this host needs: update the guest image or the agent binary"
+    )]
+    TooOld {
+        agent_version: String,
+        agent: u32,
+        required: u32,
+    },
+}
+
+/// Asks the agent its protocol version and refuses one older than this
+/// crate's [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION): growth is additive,
+/// so a newer agent serves an older host, but an older agent lacks RPCs or
+/// fields this host relies on. Returns the agent's protocol version.
+pub async fn check_version(client: &mut AgentClient<Channel>) -> Result<u32, VersionError> {
+    let version = client.version(VersionRequest {}).await?.into_inner();
+    compatible(&version, crate::PROTOCOL_VERSION)
+}
+
+fn compatible(version: &VersionResponse, required: u32) -> Result<u32, VersionError> {
+    if version.protocol_version < required {
+        return Err(VersionError::TooOld {
+            agent_version: version.agent_version.clone(),
+            agent: version.protocol_version,
+            required,
+        });
+    }
+    Ok(version.protocol_version)
+}
+
 /// Opens a byte stream to the agent at `addr`.
 async fn dial(addr: &AgentAddr) -> Result<UnixStream, ConnectError> {
     let path = match addr {
@@ -205,6 +242,21 @@ async fn read_answer_line(stream: &mut UnixStream) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_agent_is_refused_saying_what_to_do() {
+        let version = |protocol_version| VersionResponse {
+            agent_version: "0.1.0".into(),
+            protocol_version,
+        };
+        assert_eq!(compatible(&version(2), 2).expect("same"), 2);
+        assert_eq!(compatible(&version(3), 2).expect("newer agent"), 3);
+        let err = compatible(&version(1), 2).unwrap_err().to_string();
+        assert!(
+            err.contains("agent protocol 1, older than the 2 this host needs"),
+            "{err}"
+        );
+    }
     use tokio::net::UnixListener;
 
     /// A fake VMM socket that reads one CONNECT line, checks it, then answers `reply`
