@@ -1,0 +1,70 @@
+//! Container images for end-to-end tests: a busybox rootfs directory (as the
+//! agent's host-side container tests build it) and that directory packed into
+//! an EROFS image, the form huskd hands a pod's guest as a read-only disk.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Debian's static busybox (package busybox-static).
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Fills `dir` (existing, empty) with a rootfs of Debian's static busybox: the
+/// binary, a link per applet in /bin, the usual top-level directories and an
+/// /etc/passwd with root.
+pub fn busybox_rootfs(dir: &Path) -> Result<(), String> {
+    if !Path::new(BUSYBOX).exists() {
+        return Err(format!(
+            "{BUSYBOX} is missing: run scripts/install-deps.sh (Debian's busybox-static)"
+        ));
+    }
+    let io = |what: String| move |e: std::io::Error| format!("{what}: {e}");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).map_err(io(format!("creating {}", bin.display())))?;
+    std::fs::copy(BUSYBOX, bin.join("busybox")).map_err(io(format!("copying {BUSYBOX}")))?;
+    let list = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .map_err(io(format!("running {BUSYBOX} --list")))?;
+    if !list.status.success() {
+        return Err(format!("{BUSYBOX} --list failed: {}", list.status));
+    }
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet))
+                .map_err(io(format!("linking applet {applet}")))?;
+        }
+    }
+    for d in ["etc", "tmp", "proc", "sys", "dev", "root"] {
+        std::fs::create_dir_all(dir.join(d)).map_err(io(format!("creating /{d}")))?;
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")
+        .map_err(io("writing /etc/passwd".into()))?;
+    Ok(())
+}
+
+/// Packs `dir` into an uncompressed EROFS image at `image` with mkfs.erofs
+/// (the guest kernel has no EROFS decompression: it would run emulated on PVM).
+pub fn erofs_image(dir: &Path, image: &Path) -> Result<(), String> {
+    let output = Command::new("mkfs.erofs")
+        .arg("-T0") // fixed timestamps: the image depends only on the tree
+        .arg(image)
+        .arg(dir)
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "mkfs.erofs is missing: run scripts/install-deps.sh \
+                 (Debian's erofs-utils)"
+                .to_string(),
+            _ => format!("cannot run mkfs.erofs: {e}"),
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "mkfs.erofs {} {} failed ({}): {}{}",
+            image.display(),
+            dir.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
+}
