@@ -523,13 +523,19 @@ impl Containers {
         Ok(stats)
     }
 
-    /// Kills and removes every container: the agent is shutting down.
+    /// Kills and removes every container, then the pod's cgroup: the agent
+    /// is shutting down.
     pub async fn remove_all(&self) {
         let ids: Vec<String> = lock(&self.table).keys().cloned().collect();
         for id in ids {
             if let Err(err) = self.remove(&id, true).await {
                 warn!("removing container {id} at shutdown: {err}");
             }
+        }
+        let pod = lock(&self.pod_cgroup).clone();
+        // Opening is creating (idempotent): the pod cgroup may not exist yet.
+        if let Err(err) = Cgroup::create(&pod).and_then(|cgroup| cgroup.remove()) {
+            warn!("removing the pod cgroup {}: {err}", pod.display());
         }
     }
 }

@@ -194,6 +194,35 @@ impl Agent {
     }
 }
 
+/// A test that fails part way must not leave containers, mounts or cgroups
+/// behind: SIGTERM makes the agent remove them all before it exits (a
+/// SIGKILLed agent would leave its containers running).
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let Some(pid) = self.child.id() else { return };
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::time::Instant::now() < deadline {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // Gone, or a zombie: its clean-up is done.
+                Err(_) => return,
+                Ok(stat)
+                    if stat
+                        .rsplit(')')
+                        .next()
+                        .is_some_and(|rest| rest.trim_start().starts_with('Z')) =>
+                {
+                    return
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
 pub fn process(container: &str, exec: &str) -> v1::ProcessRef {
     v1::ProcessRef {
         container_id: container.into(),
