@@ -2,4 +2,5 @@
 
 pub mod config;
 pub mod image;
+pub mod sandbox;
 pub mod state;
