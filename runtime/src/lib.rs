@@ -2,5 +2,7 @@
 
 pub mod config;
 pub mod image;
+pub mod manager;
 pub mod sandbox;
+pub mod server;
 pub mod state;
