@@ -49,7 +49,8 @@ fn apply_exit(record: &mut ContainerRecord, exit: &agent::ExitStatus) {
         exit.reason.clone()
     };
     record.message = exit.message.clone();
-    if exit.started_at_ns > 0 && record.started_at == 0 {
+    // The agent saw the process start: its time is the precise one.
+    if exit.started_at_ns > 0 {
         record.started_at = exit.started_at_ns;
     }
     record.finished_at = if exit.finished_at_ns > 0 {
@@ -231,6 +232,7 @@ impl Manager {
                 .into_inner();
             tokio::spawn(copy_stream(chunks, name, log.clone(), id.to_owned()));
         }
+        let starting = now_ns();
         let started = client
             .start_container(agent::StartContainerRequest {
                 container_id: id.to_owned(),
@@ -248,8 +250,11 @@ impl Manager {
             return Err(agent_err(format!("starting container {id}"))(status));
         }
         self.update_container(id, |r| {
-            r.state = ContainerState::Running;
-            r.started_at = now_ns();
+            // A status call may have seen it exit already.
+            if r.state == ContainerState::Created {
+                r.state = ContainerState::Running;
+                r.started_at = starting;
+            }
         })?;
         // Record the exit as soon as it happens.
         let manager = self.clone();
@@ -283,7 +288,7 @@ impl Manager {
         id: &str,
         grace: Duration,
     ) -> Result<()> {
-        let mut client = self.agent(pod).await?;
+        let client = self.agent(pod).await?;
         let wait = |mut client: AgentClient<Channel>| async move {
             client
                 .wait_process(agent::WaitProcessRequest {
@@ -329,7 +334,6 @@ impl Manager {
                 })?
                 .map_err(agent_err(format!("waiting for container {id}")))?;
         }
-        let _ = &mut client;
         if let Some(exit) = exit {
             self.update_container(id, |r| {
                 if r.state != ContainerState::Exited {

@@ -388,6 +388,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         "/".to_owned()
     };
     let caps = capabilities(sc);
+    // No rlimits: the process inherits the agent's, as containerd 2 leaves them.
     let mut process = json!({
         "terminal": config.tty,
         "user": {"uid": uid, "gid": gid},
@@ -395,7 +396,6 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         "env": env,
         "cwd": cwd,
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
         "noNewPrivileges": sc.is_some_and(|s| s.no_new_privs),
     });
     if !groups.is_empty() {
