@@ -51,6 +51,62 @@ impl Drop for Huskd {
     }
 }
 
+struct HuskdArgs {
+    socket: PathBuf,
+    root: PathBuf,
+    state: PathBuf,
+    agent: PathBuf,
+    config: PathBuf,
+}
+
+impl HuskdArgs {
+    /// Starts huskd and waits for its socket.
+    async fn spawn(&self) -> Huskd {
+        let _ = std::fs::remove_file(&self.socket);
+        let child = Command::new(HUSKD)
+            .arg("--listen")
+            .arg(format!("unix://{}", self.socket.display()))
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--state")
+            .arg(&self.state)
+            .arg("--husk-agent")
+            .arg(&self.agent)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn huskd");
+        let mut huskd = Huskd {
+            child,
+            socket: self.socket.clone(),
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while !self.socket.exists() {
+            if let Ok(Some(status)) = huskd.child.try_wait() {
+                panic!("huskd exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "huskd did not create its socket");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        huskd
+    }
+}
+
+impl Huskd {
+    /// SIGTERM, and huskd must end cleanly, taking its socket away.
+    fn terminate(&mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM huskd");
+        let exit = self.child.wait().expect("wait huskd");
+        assert!(exit.success(), "huskd: {exit}");
+        assert!(!self.socket.exists());
+    }
+}
+
 async fn connect(socket: &Path) -> Channel {
     let socket = socket.to_owned();
     Endpoint::try_from("http://[::]:50051")
@@ -167,33 +223,15 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let socket = dir.path().join("husk.sock");
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "log_level = \"info\"\n").expect("config");
-    let started = Instant::now();
-    let child = Command::new(HUSKD)
-        .arg("--listen")
-        .arg(format!("unix://{}", socket.display()))
-        .arg("--root")
-        .arg(&root)
-        .arg("--state")
-        .arg(&state)
-        .arg("--husk-agent")
-        .arg(&agent)
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn huskd");
-    let mut huskd = Huskd {
-        child,
+    let args = HuskdArgs {
         socket: socket.clone(),
+        root: root.clone(),
+        state: state.clone(),
+        agent: agent.clone(),
+        config: config.clone(),
     };
-    let deadline = Instant::now() + PATIENCE;
-    while !socket.exists() {
-        if let Ok(Some(status)) = huskd.child.try_wait() {
-            panic!("huskd exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "huskd did not create its socket");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let started = Instant::now();
+    let mut huskd = args.spawn().await;
     let channel = connect(&socket).await;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut img = ImageServiceClient::new(channel);
@@ -489,6 +527,26 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .and_then(|c| c.usage_core_nano_seconds.as_ref())
         .is_some());
 
+    // A restarted huskd finds the pod and its running container in its
+    // state and reaches the agent again.
+    huskd.terminate();
+    let t = Instant::now();
+    huskd = args.spawn().await;
+    let channel = connect(&socket).await;
+    rt = RuntimeServiceClient::new(channel.clone());
+    img = ImageServiceClient::new(channel);
+    let exec = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: sleeper.clone(),
+            cmd: vec!["echo".into(), "again".into()],
+            timeout: 10,
+        })
+        .await
+        .expect("exec after a restart")
+        .into_inner();
+    eprintln!("huskd restart to ExecSync: {:?}", t.elapsed());
+    assert_eq!(String::from_utf8_lossy(&exec.stdout), "again\n");
+
     let running = rt
         .list_containers(cri::ListContainersRequest {
             filter: Some(cri::ContainerFilter {
@@ -657,12 +715,5 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     .expect("remove image");
 
     // SIGTERM ends huskd cleanly and takes its socket away.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(huskd.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM huskd");
-    let exit = huskd.child.wait().expect("wait huskd");
-    assert!(exit.success(), "huskd: {exit}");
-    assert!(!huskd.socket.exists());
+    huskd.terminate();
 }
