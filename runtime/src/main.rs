@@ -1,10 +1,105 @@
-//! huskd, the CRI server. Its RuntimeService and ImageService land with the CRI
-//! issue; until then the binary only states that, so nobody mistakes it for a server.
+//! huskd, the husk CRI server: RuntimeService and ImageService on a unix
+//! socket (see `husk_runtime::config` for its settings).
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "huskd {}: the CRI server is not implemented yet; use husk-vmm to boot a guest",
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use husk_runtime::config::{Cli, Config};
+use husk_runtime::image::ImageStore;
+use husk_runtime::manager::Manager;
+use husk_runtime::sandbox::HostDriver;
+use husk_runtime::server;
+use husk_runtime::state::State;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+#[derive(Debug, thiserror::Error)]
+enum HuskdError {
+    #[error(transparent)]
+    Config(#[from] husk_runtime::config::ConfigError),
+    #[error("creating {path}: {source}")]
+    Dir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the image store: {0}")]
+    Images(#[from] husk_runtime::image::StoreError),
+    #[error("opening the state database: {0}")]
+    State(#[from] husk_runtime::state::StateError),
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
+    #[error("cannot watch for SIGTERM/SIGINT: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("huskd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log_level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), HuskdError> {
+    for dir in [&config.root, &config.state] {
+        std::fs::create_dir_all(dir).map_err(|source| HuskdError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let images = ImageStore::open(config.root.join("images"))?;
+    let state = State::open(&config.root)?;
+    let host = Arc::new(HostDriver::new(config.husk_agent.clone()));
+    let listener = server::bind(&config.listen)?;
+    info!(
+        listen = %config.listen.display(),
+        root = %config.root.display(),
+        state = %config.state.display(),
+        agent = %config.husk_agent.display(),
+        "huskd {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    std::process::ExitCode::FAILURE
+    let socket = config.listen.clone();
+    let manager = Manager::new(config, images, state, host);
+    let mut term = signal(SignalKind::terminate()).map_err(HuskdError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(HuskdError::Signals)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+    };
+    let result = server::serve(listener, manager, shutdown).await;
+    let _ = std::fs::remove_file(&socket);
+    // Pods keep running: a restarted huskd finds them in its state.
+    result?;
+    info!("stopped");
+    Ok(())
 }

@@ -1,0 +1,243 @@
+//! huskd's configuration: `/etc/husk/config.toml` (every key optional), with
+//! command-line flags overriding it.
+//!
+//! ```toml
+//! listen = "unix:///run/husk/husk.sock"
+//! root = "/var/lib/husk"
+//! state = "/run/husk"
+//! guest_kernel = "/usr/lib/husk/vmlinux"
+//! guest_initrd = "/usr/lib/husk/initrd"
+//! husk_vmm = "/usr/bin/husk-vmm"      # default: next to huskd
+//! husk_agent = "/usr/bin/husk-agent"  # default: next to huskd
+//! log_level = "info"
+//!
+//! [registry.hosts."docker.io"]
+//! mirrors = ["https://mirror.example.com"]
+//! ```
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::image::RegistryConfig;
+
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/husk/config.toml";
+pub const DEFAULT_LISTEN: &str = "unix:///run/husk/husk.sock";
+pub const DEFAULT_ROOT: &str = "/var/lib/husk";
+pub const DEFAULT_STATE: &str = "/run/husk";
+
+/// huskd: the husk CRI server (RuntimeService and ImageService on a unix socket).
+#[derive(Debug, Default, Parser)]
+#[command(name = "huskd", version)]
+pub struct Cli {
+    /// Where to serve CRI: unix://PATH [default: unix:///run/husk/husk.sock].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Persistent data: images, state database [default: /var/lib/husk].
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Runtime state: sandboxes' sockets and directories [default: /run/husk].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// The guest kernel the microvm driver boots.
+    #[arg(long, value_name = "PATH")]
+    pub guest_kernel: Option<PathBuf>,
+    /// The guest initramfs the microvm driver boots.
+    #[arg(long, value_name = "PATH")]
+    pub guest_initrd: Option<PathBuf>,
+    /// husk-vmm [default: next to huskd].
+    #[arg(long, value_name = "PATH")]
+    pub husk_vmm: Option<PathBuf>,
+    /// husk-agent, which the host driver runs [default: next to huskd].
+    #[arg(long, value_name = "PATH")]
+    pub husk_agent: Option<PathBuf>,
+    /// The configuration file; a missing default file is fine, a missing
+    /// named one is an error [default: /etc/husk/config.toml].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log filter (tracing's EnvFilter syntax, e.g. "info" or "husk_runtime=debug").
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// The config file's shape; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub root: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    pub guest_kernel: Option<PathBuf>,
+    pub guest_initrd: Option<PathBuf>,
+    pub husk_vmm: Option<PathBuf>,
+    pub husk_agent: Option<PathBuf>,
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// The settings huskd runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The CRI socket's path.
+    pub listen: PathBuf,
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub guest_kernel: Option<PathBuf>,
+    pub guest_initrd: Option<PathBuf>,
+    pub husk_vmm: PathBuf,
+    pub husk_agent: PathBuf,
+    pub log_level: String,
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("listen address {0:?}: expected unix://PATH with an absolute path")]
+    Listen(String),
+    #[error("cannot find huskd's own executable to look for {what} next to it: {source}")]
+    OwnExe {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Config {
+    /// Reads the config file (the named one, or the default one if it
+    /// exists) and lays the flags over it.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                read_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => FileConfig::default(),
+        };
+        Config::merge(cli, file)
+    }
+
+    /// Flags first, then the file, then the defaults.
+    pub fn merge(cli: &Cli, file: FileConfig) -> Result<Config, ConfigError> {
+        let listen = cli
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = parse_listen(&listen)?;
+        let beside_me = |what: &'static str| -> Result<PathBuf, ConfigError> {
+            let exe =
+                std::env::current_exe().map_err(|source| ConfigError::OwnExe { what, source })?;
+            Ok(exe.with_file_name(what))
+        };
+        let husk_vmm = match cli.husk_vmm.clone().or(file.husk_vmm) {
+            Some(p) => p,
+            None => beside_me("husk-vmm")?,
+        };
+        let husk_agent = match cli.husk_agent.clone().or(file.husk_agent) {
+            Some(p) => p,
+            None => beside_me("husk-agent")?,
+        };
+        Ok(Config {
+            listen,
+            root: cli
+                .root
+                .clone()
+                .or(file.root)
+                .unwrap_or_else(|| DEFAULT_ROOT.into()),
+            state: cli
+                .state
+                .clone()
+                .or(file.state)
+                .unwrap_or_else(|| DEFAULT_STATE.into()),
+            guest_kernel: cli.guest_kernel.clone().or(file.guest_kernel),
+            guest_initrd: cli.guest_initrd.clone().or(file.guest_initrd),
+            husk_vmm,
+            husk_agent,
+            log_level: cli
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+            registry: file.registry,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// `unix:///run/husk/husk.sock` (or a bare absolute path) → the path.
+pub fn parse_listen(addr: &str) -> Result<PathBuf, ConfigError> {
+    let path = addr.strip_prefix("unix://").unwrap_or(addr);
+    if path.starts_with('/') {
+        Ok(PathBuf::from(path))
+    } else {
+        Err(ConfigError::Listen(addr.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "unix:///tmp/file.sock"
+            root = "/file/root"
+            husk_agent = "/file/husk-agent"
+            [registry.hosts."127.0.0.1:5000"]
+            insecure = true
+            "#,
+        )
+        .expect("parse");
+        let cli = Cli {
+            root: Some("/flag/root".into()),
+            ..Cli::default()
+        };
+        let config = Config::merge(&cli, file).expect("merge");
+        assert_eq!(config.listen, PathBuf::from("/tmp/file.sock"));
+        assert_eq!(config.root, PathBuf::from("/flag/root"));
+        assert_eq!(config.state, PathBuf::from(DEFAULT_STATE));
+        assert_eq!(config.husk_agent, PathBuf::from("/file/husk-agent"));
+        assert_eq!(
+            config.husk_vmm.file_name().and_then(|n| n.to_str()),
+            Some("husk-vmm")
+        );
+        assert!(config.registry.hosts["127.0.0.1:5000"].insecure);
+    }
+
+    #[test]
+    fn defaults_and_bad_input() {
+        let config = Config::merge(&Cli::default(), FileConfig::default()).expect("merge");
+        assert_eq!(config.listen, PathBuf::from("/run/husk/husk.sock"));
+        assert_eq!(config.root, PathBuf::from(DEFAULT_ROOT));
+        assert!(parse_listen("tcp://1.2.3.4:5").is_err());
+        assert!(parse_listen("unix://relative.sock").is_err());
+        assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
+    }
+}

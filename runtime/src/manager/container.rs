@@ -1,0 +1,694 @@
+//! Containers: create, start, stop, remove, status, list, exec, stats.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use husk_proto::v1 as agent;
+use husk_proto::v1::agent_client::AgentClient;
+use k8s_cri::v1 as cri;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use super::logs::{copy_stream, LogFile};
+use super::spec::{self, SpecInput};
+use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
+use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState};
+
+/// ExecSync keeps at most this much of each stream, as containerd does.
+const MAX_EXEC_OUTPUT: usize = 16 << 20;
+/// How long a SIGKILLed process has to be reported gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+}
+
+fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
+    Some(agent::ProcessRef {
+        container_id: container.to_owned(),
+        exec_id: exec.to_owned(),
+    })
+}
+
+/// The agent's exit status laid onto a record.
+fn apply_exit(record: &mut ContainerRecord, exit: &agent::ExitStatus) {
+    record.state = ContainerState::Exited;
+    record.exit_code = exit.exit_code;
+    record.reason = if exit.reason.is_empty() {
+        if exit.exit_code == 0 {
+            "Completed"
+        } else {
+            "Error"
+        }
+        .to_owned()
+    } else {
+        exit.reason.clone()
+    };
+    record.message = exit.message.clone();
+    // The agent saw the process start: its time is the precise one.
+    if exit.started_at_ns > 0 {
+        record.started_at = exit.started_at_ns;
+    }
+    record.finished_at = if exit.finished_at_ns > 0 {
+        exit.finished_at_ns
+    } else {
+        now_ns()
+    };
+}
+
+/// Reads a stream to its end, keeping at most `cap` bytes.
+async fn collect(
+    mut client: AgentClient<Channel>,
+    container: String,
+    exec: String,
+    stream: agent::OutputStream,
+    cap: usize,
+) -> Result<Vec<u8>> {
+    let mut chunks = client
+        .read_output(agent::ReadOutputRequest {
+            process: process(&container, &exec),
+            stream: stream.into(),
+        })
+        .await
+        .map_err(agent_err(format!(
+            "reading the output of exec {exec} in {container}"
+        )))?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(agent_err(format!(
+            "reading the output of exec {exec} in {container}"
+        )))?;
+        let room = cap.saturating_sub(out.len());
+        out.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
+    }
+    Ok(out)
+}
+
+impl Manager {
+    /// The running pod's record, for calls that need its agent.
+    fn ready_pod(&self, id: &str) -> Result<PodRecord> {
+        let pod = self.live_pod(id)?;
+        if pod.state != PodState::Ready {
+            return Err(CriError::FailedPrecondition(format!(
+                "pod sandbox {id} is not ready"
+            )));
+        }
+        Ok(pod)
+    }
+
+    pub async fn create_container(
+        self: &Arc<Self>,
+        pod_id: &str,
+        config: cri::ContainerConfig,
+    ) -> Result<String> {
+        let meta = config.metadata.as_ref().ok_or_else(|| {
+            CriError::InvalidArgument("the container config has no metadata".into())
+        })?;
+        if meta.name.is_empty() {
+            return Err(CriError::InvalidArgument(
+                "the container metadata needs a name".into(),
+            ));
+        }
+        let pod = self.ready_pod(pod_id)?;
+        let lock = self.pod_lock(pod_id);
+        let _guard = lock.lock().await;
+        for c in self.state.containers()? {
+            if c.pod_id == pod_id && c.config.metadata.as_ref() == Some(meta) {
+                return Err(CriError::AlreadyExists(format!(
+                    "container {} (attempt {}) already exists in pod {pod_id} as {}",
+                    meta.name, meta.attempt, c.id
+                )));
+            }
+        }
+        let image_name = config
+            .image
+            .as_ref()
+            .map(|i| i.image.as_str())
+            .unwrap_or_default();
+        if image_name.is_empty() {
+            return Err(CriError::InvalidArgument(
+                "the container config names no image".into(),
+            ));
+        }
+        let image = self.images.status(image_name)?.ok_or_else(|| {
+            CriError::NotFound(format!("image {image_name:?} not found: pull it first"))
+        })?;
+        let rootfs = self.images.rootfs_dir(&image.id);
+        let spec = spec::build(&SpecInput {
+            config: &config,
+            pod: &pod.config,
+            image: &image,
+            rootfs: &rootfs,
+            shared_dir: &pod.shared_dir,
+        })?;
+        let spec_json = serde_json::to_vec(&spec).map_err(|e| CriError::Io {
+            what: "encoding the OCI spec".into(),
+            source: e.into(),
+        })?;
+        let id = new_id()?;
+        let mut client = self.agent(&pod).await?;
+        client
+            .create_container(agent::CreateContainerRequest {
+                container_id: id.clone(),
+                oci_spec_json: spec_json,
+                rootfs: Some(agent::RootfsSource {
+                    source: Some(agent::rootfs_source::Source::Directory(
+                        rootfs.display().to_string(),
+                    )),
+                    writable_layer_bytes: 0,
+                }),
+                stdin: config.stdin,
+            })
+            .await
+            .map_err(agent_err(format!(
+                "creating container {} in pod {pod_id}",
+                meta.name
+            )))?;
+        let log_path = (!config.log_path.is_empty() && !pod.config.log_directory.is_empty())
+            .then(|| Path::new(&pod.config.log_directory).join(&config.log_path));
+        let record = ContainerRecord {
+            id: id.clone(),
+            pod_id: pod_id.to_owned(),
+            image_id: image.id.to_string(),
+            image_ref: image
+                .repo_digests
+                .first()
+                .cloned()
+                .unwrap_or_else(|| image.id.to_string()),
+            log_path,
+            state: ContainerState::Created,
+            created_at: now_ns(),
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            config,
+        };
+        self.state.put_container(&record)?;
+        info!(container = %id, sandbox = pod_id, "container created");
+        Ok(id)
+    }
+
+    pub async fn start_container(self: &Arc<Self>, id: &str) -> Result<()> {
+        let record = self.container(id)?;
+        if record.state != ContainerState::Created {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {id} is {:?}, not created",
+                record.state
+            )));
+        }
+        let pod = self.ready_pod(&record.pod_id)?;
+        let mut client = self.agent(&pod).await?;
+        let log = match &record.log_path {
+            Some(path) => Some(LogFile::open(path).map_err(|source| CriError::Io {
+                what: format!("opening the log file {}", path.display()),
+                source,
+            })?),
+            None => None,
+        };
+        // Readers first, so no output is lost and the pipes never fill.
+        let streams: &[(agent::OutputStream, &'static str)] = if record.config.tty {
+            &[(agent::OutputStream::Stdout, "stdout")]
+        } else {
+            &[
+                (agent::OutputStream::Stdout, "stdout"),
+                (agent::OutputStream::Stderr, "stderr"),
+            ]
+        };
+        for &(stream, name) in streams {
+            let chunks = client
+                .read_output(agent::ReadOutputRequest {
+                    process: process(id, ""),
+                    stream: stream.into(),
+                })
+                .await
+                .map_err(agent_err(format!("reading the {name} of container {id}")))?
+                .into_inner();
+            tokio::spawn(copy_stream(chunks, name, log.clone(), id.to_owned()));
+        }
+        let starting = now_ns();
+        let started = client
+            .start_container(agent::StartContainerRequest {
+                container_id: id.to_owned(),
+            })
+            .await;
+        if let Err(status) = started {
+            let message = status.message().to_owned();
+            self.update_container(id, |r| {
+                r.state = ContainerState::Exited;
+                r.exit_code = 128;
+                r.reason = "StartError".into();
+                r.message = message;
+                r.finished_at = now_ns();
+            })?;
+            return Err(agent_err(format!("starting container {id}"))(status));
+        }
+        self.update_container(id, |r| {
+            // A status call may have seen it exit already.
+            if r.state == ContainerState::Created {
+                r.state = ContainerState::Running;
+                r.started_at = starting;
+            }
+        })?;
+        // Record the exit as soon as it happens.
+        let manager = self.clone();
+        let container = id.to_owned();
+        tokio::spawn(async move {
+            let waited = client
+                .wait_process(agent::WaitProcessRequest {
+                    process: process(&container, ""),
+                })
+                .await;
+            if let Ok(response) = waited {
+                if let Some(exit) = response.into_inner().status {
+                    let _ = manager.update_container(&container, |r| {
+                        if r.state != ContainerState::Exited {
+                            apply_exit(r, &exit);
+                        }
+                    });
+                    info!(container, exit_code = exit.exit_code, "container exited");
+                }
+            }
+        });
+        info!(container = %id, "container started");
+        Ok(())
+    }
+
+    /// Sends SIGKILL (after `grace` with SIGTERM first, when not zero) and
+    /// records the exit. The pod lock need not be held.
+    pub(super) async fn kill_and_wait(
+        &self,
+        pod: &PodRecord,
+        id: &str,
+        grace: Duration,
+    ) -> Result<()> {
+        let client = self.agent(pod).await?;
+        let wait = |mut client: AgentClient<Channel>| async move {
+            client
+                .wait_process(agent::WaitProcessRequest {
+                    process: process(id, ""),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+        };
+        let signal = |mut client: AgentClient<Channel>, signal: i32| async move {
+            match client
+                .signal_process(agent::SignalProcessRequest {
+                    process: process(id, ""),
+                    signal: signal as u32,
+                })
+                .await
+            {
+                Ok(_) => Ok(()),
+                // Gone already: the wait below reports how it ended.
+                Err(s)
+                    if s.code() == tonic::Code::NotFound
+                        || s.code() == tonic::Code::FailedPrecondition =>
+                {
+                    Ok(())
+                }
+                Err(s) => Err(agent_err(format!("signalling container {id}"))(s)),
+            }
+        };
+        let mut exit = None;
+        if !grace.is_zero() {
+            signal(client.clone(), libc::SIGTERM).await?;
+            if let Ok(waited) = tokio::time::timeout(grace, wait(client.clone())).await {
+                exit = waited.map_err(agent_err(format!("waiting for container {id}")))?;
+            }
+        }
+        if exit.is_none() {
+            signal(client.clone(), libc::SIGKILL).await?;
+            exit = tokio::time::timeout(KILL_WAIT, wait(client.clone()))
+                .await
+                .map_err(|_| {
+                    CriError::DeadlineExceeded(format!(
+                        "container {id} did not die within {KILL_WAIT:?} of SIGKILL"
+                    ))
+                })?
+                .map_err(agent_err(format!("waiting for container {id}")))?;
+        }
+        if let Some(exit) = exit {
+            self.update_container(id, |r| {
+                if r.state != ContainerState::Exited {
+                    apply_exit(r, &exit);
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    pub async fn stop_container(&self, id: &str, timeout_s: i64) -> Result<()> {
+        let record = self.container(id)?;
+        if record.state == ContainerState::Exited {
+            return Ok(());
+        }
+        let pod = self.live_pod(&record.pod_id)?;
+        if pod.state != PodState::Ready {
+            // Its agent is gone, and the container with it.
+            self.update_container(id, |r| {
+                r.state = ContainerState::Exited;
+                r.exit_code = 137;
+                r.reason = "Error".into();
+                r.message = "the pod sandbox is not running".into();
+                r.finished_at = now_ns();
+            })?;
+            return Ok(());
+        }
+        let grace = Duration::from_secs(timeout_s.max(0) as u64);
+        self.kill_and_wait(&pod, id, grace).await?;
+        info!(container = id, "container stopped");
+        Ok(())
+    }
+
+    /// Forgets a container, killing it first if it runs. Unknown ids succeed.
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        let Some(record) = self.state.container(id)? else {
+            return Ok(());
+        };
+        let pod = self.live_pod(&record.pod_id)?;
+        if pod.state == PodState::Ready {
+            let mut client = self.agent(&pod).await?;
+            match client
+                .remove_container(agent::RemoveContainerRequest {
+                    container_id: id.to_owned(),
+                    force: true,
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(agent_err(format!("removing container {id}"))(s)),
+            }
+        }
+        self.state.delete_container(id)?;
+        info!(container = id, "container removed");
+        Ok(())
+    }
+
+    /// The record, brought up to date from the agent if it may have changed.
+    async fn refreshed(&self, record: ContainerRecord) -> Result<ContainerRecord> {
+        if !matches!(
+            record.state,
+            ContainerState::Created | ContainerState::Running
+        ) {
+            return Ok(record);
+        }
+        let pod = self.live_pod(&record.pod_id)?;
+        if pod.state != PodState::Ready {
+            return Ok(record);
+        }
+        let mut client = match self.agent(&pod).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(container = %record.id, "cannot reach the agent for status: {e}");
+                return Ok(record);
+            }
+        };
+        let status = match client
+            .container_status(agent::ContainerStatusRequest {
+                container_id: record.id.clone(),
+            })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(s) => {
+                warn!(container = %record.id, "agent status: {}", s.message());
+                return Ok(record);
+            }
+        };
+        match (agent::ContainerState::try_from(status.state), status.exit) {
+            (Ok(agent::ContainerState::Exited), Some(exit)) => {
+                self.update_container(&record.id, |r| {
+                    if r.state != ContainerState::Exited {
+                        apply_exit(r, &exit);
+                    }
+                })
+            }
+            _ => Ok(record),
+        }
+    }
+
+    pub async fn container_status(&self, id: &str) -> Result<cri::ContainerStatus> {
+        let record = self.refreshed(self.container(id)?).await?;
+        Ok(container_status(&record))
+    }
+
+    pub async fn list_containers(
+        &self,
+        filter: Option<cri::ContainerFilter>,
+    ) -> Result<Vec<cri::Container>> {
+        let mut out = Vec::new();
+        for record in self.state.containers()? {
+            if let Some(f) = &filter {
+                if !f.id.is_empty() && !record.id.starts_with(&f.id) {
+                    continue;
+                }
+                if !f.pod_sandbox_id.is_empty() && !record.pod_id.starts_with(&f.pod_sandbox_id) {
+                    continue;
+                }
+                if !labels_match(&f.label_selector, &record.config.labels) {
+                    continue;
+                }
+            }
+            let record = self.refreshed(record).await?;
+            if let Some(state) = filter.as_ref().and_then(|f| f.state.as_ref()) {
+                if state.state != cri_state(record.state) as i32 {
+                    continue;
+                }
+            }
+            out.push(cri::Container {
+                id: record.id.clone(),
+                pod_sandbox_id: record.pod_id.clone(),
+                metadata: record.config.metadata.clone(),
+                image: record.config.image.clone(),
+                image_ref: record.image_ref.clone(),
+                state: cri_state(record.state) as i32,
+                created_at: record.created_at,
+                labels: record.config.labels.clone(),
+                annotations: record.config.annotations.clone(),
+                image_id: record.image_id.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout_s: i64,
+    ) -> Result<ExecOutput> {
+        if cmd.is_empty() {
+            return Err(CriError::InvalidArgument("ExecSync needs a command".into()));
+        }
+        let record = self.refreshed(self.container(id)?).await?;
+        if record.state != ContainerState::Running {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        let pod = self.ready_pod(&record.pod_id)?;
+        let mut client = self.agent(&pod).await?;
+        let exec_id = new_id()?[..16].to_owned();
+        let timeout_ms = u32::try_from(timeout_s.max(0).saturating_mul(1000)).unwrap_or(u32::MAX);
+        client
+            .exec_process(agent::ExecProcessRequest {
+                container_id: id.to_owned(),
+                exec_id: exec_id.clone(),
+                oci_process_json: serde_json::to_vec(&serde_json::json!({ "args": cmd })).map_err(
+                    |e| CriError::Io {
+                        what: "encoding the exec process".into(),
+                        source: e.into(),
+                    },
+                )?,
+                stdin: false,
+                timeout_ms,
+            })
+            .await
+            .map_err(agent_err(format!("exec in container {id}")))?;
+        let stdout = tokio::spawn(collect(
+            client.clone(),
+            id.to_owned(),
+            exec_id.clone(),
+            agent::OutputStream::Stdout,
+            MAX_EXEC_OUTPUT,
+        ));
+        let stderr = tokio::spawn(collect(
+            client.clone(),
+            id.to_owned(),
+            exec_id.clone(),
+            agent::OutputStream::Stderr,
+            MAX_EXEC_OUTPUT,
+        ));
+        let exit = client
+            .wait_process(agent::WaitProcessRequest {
+                process: process(id, &exec_id),
+            })
+            .await
+            .map_err(agent_err(format!("waiting for exec in container {id}")))?
+            .into_inner()
+            .status
+            .unwrap_or_default();
+        let join =
+            |r: std::result::Result<Result<Vec<u8>>, tokio::task::JoinError>| -> Result<Vec<u8>> {
+                r.map_err(|e| CriError::Io {
+                    what: "collecting exec output".into(),
+                    source: std::io::Error::other(e),
+                })?
+            };
+        let stdout = join(stdout.await)?;
+        let stderr = join(stderr.await)?;
+        if exit.timed_out {
+            return Err(CriError::DeadlineExceeded(format!(
+                "command {cmd:?} in container {id} timed out after {timeout_s}s"
+            )));
+        }
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            exit_code: exit.exit_code,
+        })
+    }
+
+    /// Stats of running containers matching the filter.
+    pub async fn container_stats(
+        &self,
+        filter: Option<cri::ContainerStatsFilter>,
+    ) -> Result<Vec<cri::ContainerStats>> {
+        let mut by_pod: std::collections::BTreeMap<String, Vec<ContainerRecord>> =
+            Default::default();
+        for record in self.state.containers()? {
+            if record.state != ContainerState::Running {
+                continue;
+            }
+            if let Some(f) = &filter {
+                if (!f.id.is_empty() && !record.id.starts_with(&f.id))
+                    || (!f.pod_sandbox_id.is_empty()
+                        && !record.pod_id.starts_with(&f.pod_sandbox_id))
+                    || !labels_match(&f.label_selector, &record.config.labels)
+                {
+                    continue;
+                }
+            }
+            by_pod
+                .entry(record.pod_id.clone())
+                .or_default()
+                .push(record);
+        }
+        let mut out = Vec::new();
+        for (pod_id, records) in by_pod {
+            let Ok(pod) = self.ready_pod(&pod_id) else {
+                continue;
+            };
+            let mut client = self.agent(&pod).await?;
+            let stats = client
+                .stats(agent::StatsRequest {
+                    container_ids: records.iter().map(|r| r.id.clone()).collect(),
+                })
+                .await
+                .map_err(agent_err(format!("stats of pod {pod_id}")))?
+                .into_inner()
+                .stats;
+            for s in stats {
+                let Some(record) = records.iter().find(|r| r.id == s.container_id) else {
+                    continue;
+                };
+                out.push(cri_stats(record, &s, &pod.dir));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn one_container_stats(&self, id: &str) -> Result<cri::ContainerStats> {
+        self.container(id)?;
+        let stats = self
+            .container_stats(Some(cri::ContainerStatsFilter {
+                id: id.to_owned(),
+                ..Default::default()
+            }))
+            .await?;
+        stats
+            .into_iter()
+            .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == id))
+            .ok_or_else(|| CriError::FailedPrecondition(format!("container {id} is not running")))
+    }
+}
+
+pub fn cri_state(state: ContainerState) -> cri::ContainerState {
+    match state {
+        ContainerState::Created => cri::ContainerState::ContainerCreated,
+        ContainerState::Running => cri::ContainerState::ContainerRunning,
+        ContainerState::Exited => cri::ContainerState::ContainerExited,
+        ContainerState::Unknown => cri::ContainerState::ContainerUnknown,
+    }
+}
+
+fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
+    cri::ContainerStatus {
+        id: r.id.clone(),
+        metadata: r.config.metadata.clone(),
+        state: cri_state(r.state) as i32,
+        created_at: r.created_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        exit_code: r.exit_code,
+        image: r.config.image.clone(),
+        image_ref: r.image_ref.clone(),
+        reason: r.reason.clone(),
+        message: r.message.clone(),
+        labels: r.config.labels.clone(),
+        annotations: r.config.annotations.clone(),
+        mounts: r.config.mounts.clone(),
+        log_path: r
+            .log_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        image_id: r.image_id.clone(),
+        ..Default::default()
+    }
+}
+
+fn cri_stats(
+    r: &ContainerRecord,
+    s: &agent::ContainerStats,
+    sandbox_dir: &Path,
+) -> cri::ContainerStats {
+    let u = |value: u64| Some(cri::UInt64Value { value });
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: r.id.clone(),
+            metadata: r.config.metadata.clone(),
+            labels: r.config.labels.clone(),
+            annotations: r.config.annotations.clone(),
+        }),
+        cpu: Some(cri::CpuUsage {
+            timestamp: s.timestamp_ns,
+            usage_core_nano_seconds: u(s.cpu_usage_ns),
+            usage_nano_cores: None,
+        }),
+        memory: Some(cri::MemoryUsage {
+            timestamp: s.timestamp_ns,
+            working_set_bytes: u(s.memory_working_set_bytes),
+            usage_bytes: u(s.memory_usage_bytes),
+            rss_bytes: u(s.memory_rss_bytes),
+            ..Default::default()
+        }),
+        writable_layer: Some(cri::FilesystemUsage {
+            timestamp: s.timestamp_ns,
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: sandbox_dir.display().to_string(),
+            }),
+            used_bytes: u(s.writable_layer_bytes),
+            inodes_used: None,
+        }),
+        swap: None,
+    }
+}

@@ -1,0 +1,246 @@
+//! The pod and container managers behind the CRI RuntimeService: state in
+//! [`State`], sandboxes through a [`SandboxDriver`], containers through each
+//! pod's agent.
+
+mod container;
+pub mod logs;
+mod pod;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use husk_proto::v1::agent_client::AgentClient;
+use tonic::transport::Channel;
+
+use crate::config::Config;
+use crate::image::{ImageStore, StoreError};
+use crate::sandbox::{SandboxDriver, SandboxError};
+use crate::state::{ContainerRecord, PodRecord, State, StateError};
+
+pub use container::ExecOutput;
+
+/// Why a CRI call failed; each maps to a gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Image(#[from] StoreError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error("{what}: {source}")]
+    Agent {
+        what: String,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<CriError> for tonic::Status {
+    fn from(err: CriError) -> Self {
+        use tonic::Status;
+        let message = err.to_string();
+        match &err {
+            CriError::NotFound(_) => Status::not_found(message),
+            CriError::InvalidArgument(_) | CriError::Spec(_) => Status::invalid_argument(message),
+            CriError::FailedPrecondition(_) => Status::failed_precondition(message),
+            CriError::AlreadyExists(_) => Status::already_exists(message),
+            CriError::Unimplemented(_) => Status::unimplemented(message),
+            CriError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            CriError::Image(StoreError::Reference(_)) => Status::invalid_argument(message),
+            CriError::Image(StoreError::InUse { .. }) => Status::failed_precondition(message),
+            CriError::Image(StoreError::Pull(crate::image::PullError::NotFound { .. })) => {
+                Status::not_found(message)
+            }
+            CriError::Image(StoreError::Pull(crate::image::PullError::Unauthorized { .. })) => {
+                Status::permission_denied(message)
+            }
+            CriError::Image(StoreError::Pull(crate::image::PullError::Unreachable { .. })) => {
+                Status::unavailable(message)
+            }
+            CriError::Agent { source, .. } => Status::new(source.code(), message),
+            _ => Status::internal(message),
+        }
+    }
+}
+
+pub type Result<T, E = CriError> = std::result::Result<T, E>;
+
+pub(crate) fn agent_err(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> CriError {
+    let what = what.into();
+    move |source| CriError::Agent { what, source }
+}
+
+/// Now, in Unix nanoseconds, as CRI's timestamps are.
+pub fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+/// A fresh 64-hex-digit id, as containerd's.
+pub fn new_id() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| CriError::Io {
+            what: "reading /dev/urandom for a new id".into(),
+            source,
+        })?;
+    Ok(hex::encode(bytes))
+}
+
+/// Whether every `selector` label is in `labels`.
+pub fn labels_match(selector: &HashMap<String, String>, labels: &HashMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Everything the RuntimeService needs.
+pub struct Manager {
+    pub config: Config,
+    pub images: ImageStore,
+    pub state: State,
+    host: Arc<dyn SandboxDriver>,
+    agents: Mutex<HashMap<String, AgentClient<Channel>>>,
+    /// Serialises read-modify-write of records.
+    records: Mutex<()>,
+    /// One lock per pod: its lifecycle calls do not overlap.
+    pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Manager {
+    pub fn new(
+        config: Config,
+        images: ImageStore,
+        state: State,
+        host: Arc<dyn SandboxDriver>,
+    ) -> Arc<Manager> {
+        Arc::new(Manager {
+            config,
+            images,
+            state,
+            host,
+            agents: Mutex::new(HashMap::new()),
+            records: Mutex::new(()),
+            pod_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn sandboxes_dir(&self) -> PathBuf {
+        self.config.state.join("sandboxes")
+    }
+
+    fn driver(&self, name: &str) -> Result<Arc<dyn SandboxDriver>> {
+        match name {
+            "host" => Ok(self.host.clone()),
+            "microvm" => Err(CriError::Unimplemented(
+                "the microvm sandbox driver is not implemented yet; use runtime handler \"host\""
+                    .into(),
+            )),
+            other => Err(CriError::InvalidArgument(format!(
+                "unknown runtime handler {other:?} (husk has \"host\")"
+            ))),
+        }
+    }
+
+    fn pod_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.pod_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn forget_pod_lock(&self, id: &str) {
+        let mut locks = self.pod_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.remove(id);
+    }
+
+    pub fn pod(&self, id: &str) -> Result<PodRecord> {
+        self.state
+            .pod(id)?
+            .ok_or_else(|| CriError::NotFound(format!("pod sandbox {id:?} not found")))
+    }
+
+    pub fn container(&self, id: &str) -> Result<ContainerRecord> {
+        self.state
+            .container(id)?
+            .ok_or_else(|| CriError::NotFound(format!("container {id:?} not found")))
+    }
+
+    /// Changes a container's record under the records lock and persists it.
+    fn update_container(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ContainerRecord),
+    ) -> Result<ContainerRecord> {
+        let _guard = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let mut record = self.container(id)?;
+        f(&mut record);
+        self.state.put_container(&record)?;
+        Ok(record)
+    }
+
+    fn update_pod(&self, id: &str, f: impl FnOnce(&mut PodRecord)) -> Result<PodRecord> {
+        let _guard = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let mut record = self.pod(id)?;
+        f(&mut record);
+        self.state.put_pod(&record)?;
+        Ok(record)
+    }
+
+    /// The agent of `pod`, connecting once if huskd has no channel yet
+    /// (after a restart).
+    async fn agent(&self, pod: &PodRecord) -> Result<AgentClient<Channel>> {
+        if let Some(client) = self
+            .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pod.id)
+        {
+            return Ok(client.clone());
+        }
+        let driver = self.driver(&pod.driver)?;
+        let client = driver.connect(&pod.id, &pod.agent_socket).await?;
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod.id.clone(), client.clone());
+        Ok(client)
+    }
+
+    fn forget_agent(&self, pod_id: &str) {
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(pod_id);
+    }
+
+    /// Image ids that containers were created from (RemoveImage refuses them).
+    pub fn images_in_use(&self) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .state
+            .containers()?
+            .into_iter()
+            .map(|c| c.image_id)
+            .collect())
+    }
+}

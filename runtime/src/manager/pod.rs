@@ -1,0 +1,315 @@
+//! Pod sandboxes: run, stop, remove, status, list.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use husk_proto::v1 as agent;
+use k8s_cri::v1 as cri;
+use tracing::{info, warn};
+
+use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
+use crate::sandbox::SandboxSpec;
+use crate::state::{ContainerState, PodRecord, PodState};
+
+/// How long a stopping agent has to exit after Shutdown.
+const AGENT_EXIT_GRACE: Duration = Duration::from_secs(10);
+
+/// resolv.conf for the pod: its DNS config, or the host's for a pod without one.
+fn resolv_conf(dns: Option<&cri::DnsConfig>) -> String {
+    match dns {
+        Some(d) if !(d.servers.is_empty() && d.searches.is_empty() && d.options.is_empty()) => {
+            let mut out = String::new();
+            if !d.searches.is_empty() {
+                out.push_str(&format!("search {}\n", d.searches.join(" ")));
+            }
+            for server in &d.servers {
+                out.push_str(&format!("nameserver {server}\n"));
+            }
+            if !d.options.is_empty() {
+                out.push_str(&format!("options {}\n", d.options.join(" ")));
+            }
+            out
+        }
+        _ => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    }
+}
+
+impl Manager {
+    pub async fn run_pod_sandbox(
+        self: &Arc<Self>,
+        config: cri::PodSandboxConfig,
+        runtime_handler: &str,
+    ) -> Result<String> {
+        let meta = config
+            .metadata
+            .as_ref()
+            .ok_or_else(|| CriError::InvalidArgument("the pod config has no metadata".into()))?;
+        if meta.name.is_empty() || meta.namespace.is_empty() {
+            return Err(CriError::InvalidArgument(
+                "the pod metadata needs a name and a namespace".into(),
+            ));
+        }
+        let handler = match runtime_handler {
+            "" => "host",
+            other => other,
+        };
+        let driver = self.driver(handler)?;
+        for pod in self.state.pods()? {
+            if pod.config.metadata.as_ref() == Some(meta) {
+                return Err(CriError::AlreadyExists(format!(
+                    "pod {}/{} (uid {}, attempt {}) already exists as sandbox {}",
+                    meta.namespace, meta.name, meta.uid, meta.attempt, pod.id
+                )));
+            }
+        }
+        let host_network = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .is_some_and(|n| n.network() == cri::NamespaceMode::Node);
+        if !host_network {
+            warn!(
+                pod = %meta.name,
+                "pod networking is not implemented yet: the pod shares the host's network"
+            );
+        }
+        let id = new_id()?;
+        let lock = self.pod_lock(&id);
+        let _guard = lock.lock().await;
+        let dir = self.sandboxes_dir().join(&id);
+        let mut record = PodRecord {
+            id: id.clone(),
+            config: config.clone(),
+            runtime_handler: runtime_handler.to_owned(),
+            state: PodState::NotReady,
+            created_at: now_ns(),
+            driver: driver.name().to_owned(),
+            dir: dir.clone(),
+            agent_socket: dir.join("agent.sock"),
+            pid: 0,
+            shared_dir: String::new(),
+        };
+        // Recorded before anything starts, so a crash leaves something to clean up.
+        self.state.put_pod(&record)?;
+        let spec = SandboxSpec {
+            id: id.clone(),
+            dir: dir.clone(),
+        };
+        let result = async {
+            let mut started = driver.start(&spec).await?;
+            record.pid = started.pid;
+            record.agent_socket = started.agent_socket.clone();
+            self.state.put_pod(&record)?;
+            let setup = started
+                .client
+                .setup_sandbox(agent::SetupSandboxRequest {
+                    sandbox_id: id.clone(),
+                    // The host's UTS name stays while the pod shares the host's network.
+                    hostname: String::new(),
+                    resolv_conf: resolv_conf(config.dns_config.as_ref()),
+                    hosts: String::new(),
+                    sysctls: config
+                        .linux
+                        .as_ref()
+                        .map(|l| l.sysctls.clone())
+                        .unwrap_or_default(),
+                    interfaces: vec![],
+                    routes: vec![],
+                })
+                .await
+                .map_err(agent_err(format!("setting up sandbox {id}")))?;
+            record.shared_dir = setup.into_inner().shared_dir;
+            Ok::<_, CriError>(started.client)
+        }
+        .await;
+        match result {
+            Ok(client) => {
+                record.state = PodState::Ready;
+                self.state.put_pod(&record)?;
+                self.agents
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), client);
+                info!(sandbox = %id, pod = %meta.name, namespace = %meta.namespace, "pod ready");
+                Ok(id)
+            }
+            Err(err) => {
+                warn!(sandbox = %id, "pod failed to start: {err}");
+                if record.pid != 0 {
+                    let _ = driver.stop(&id, record.pid, &dir, Duration::ZERO).await;
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = self.state.delete_pod(&id);
+                self.forget_pod_lock(&id);
+                Err(err)
+            }
+        }
+    }
+
+    /// Stops every container, shuts the agent down and ends its process. Idempotent.
+    pub async fn stop_pod_sandbox(self: &Arc<Self>, id: &str) -> Result<()> {
+        let pod = self.pod(id)?;
+        let lock = self.pod_lock(id);
+        let _guard = lock.lock().await;
+        let driver = self.driver(&pod.driver)?;
+        let alive = driver.alive(pod.pid, &pod.dir);
+        let containers: Vec<_> = self
+            .state
+            .containers()?
+            .into_iter()
+            .filter(|c| c.pod_id == id)
+            .collect();
+        if alive {
+            for c in &containers {
+                if matches!(c.state, ContainerState::Created | ContainerState::Running) {
+                    if let Err(e) = self.kill_and_wait(&pod, &c.id, Duration::ZERO).await {
+                        warn!(container = %c.id, "stopping with its pod: {e}");
+                    }
+                }
+            }
+            match self.agent(&pod).await {
+                Ok(mut client) => {
+                    if let Err(status) = client.shutdown(agent::ShutdownRequest {}).await {
+                        warn!(sandbox = id, "agent shutdown: {}", status.message());
+                    }
+                }
+                Err(e) => warn!(sandbox = id, "agent unreachable while stopping: {e}"),
+            }
+            driver.stop(id, pod.pid, &pod.dir, AGENT_EXIT_GRACE).await?;
+        }
+        self.forget_agent(id);
+        // Whatever did not report an exit is gone with the agent.
+        for c in &containers {
+            if matches!(c.state, ContainerState::Created | ContainerState::Running) {
+                let now = now_ns();
+                self.update_container(&c.id, |r| {
+                    if matches!(r.state, ContainerState::Created | ContainerState::Running) {
+                        r.state = ContainerState::Exited;
+                        r.finished_at = now;
+                        r.exit_code = 137;
+                        r.reason = "Error".into();
+                        r.message = "the pod sandbox was stopped".into();
+                    }
+                })?;
+            }
+        }
+        self.update_pod(id, |p| {
+            p.state = PodState::NotReady;
+            p.pid = 0;
+        })?;
+        info!(sandbox = id, "pod stopped");
+        Ok(())
+    }
+
+    /// Stops the pod if needed and forgets it with its containers and
+    /// directory. Removing an unknown pod succeeds (idempotent).
+    pub async fn remove_pod_sandbox(self: &Arc<Self>, id: &str) -> Result<()> {
+        let pod = match self.state.pod(id)? {
+            Some(p) => p,
+            None => return Ok(()),
+        };
+        self.stop_pod_sandbox(id).await?;
+        let lock = self.pod_lock(id);
+        let _guard = lock.lock().await;
+        for c in self.state.containers()? {
+            if c.pod_id == id {
+                self.state.delete_container(&c.id)?;
+            }
+        }
+        match std::fs::remove_dir_all(&pod.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CriError::Io {
+                    what: format!("removing {}", pod.dir.display()),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        self.state.delete_pod(id)?;
+        self.forget_pod_lock(id);
+        info!(sandbox = id, "pod removed");
+        Ok(())
+    }
+
+    /// The pod's record with its state checked against its process.
+    pub fn live_pod(&self, id: &str) -> Result<PodRecord> {
+        let pod = self.pod(id)?;
+        if pod.state == PodState::Ready {
+            let driver = self.driver(&pod.driver)?;
+            if !driver.alive(pod.pid, &pod.dir) {
+                warn!(sandbox = id, pid = pod.pid, "the sandbox's process is gone");
+                self.forget_agent(id);
+                return self.update_pod(id, |p| p.state = PodState::NotReady);
+            }
+        }
+        Ok(pod)
+    }
+
+    pub fn pod_sandbox_status(&self, id: &str) -> Result<cri::PodSandboxStatus> {
+        let pod = self.live_pod(id)?;
+        Ok(pod_status(&pod))
+    }
+
+    pub fn list_pod_sandbox(
+        &self,
+        filter: Option<cri::PodSandboxFilter>,
+    ) -> Result<Vec<cri::PodSandbox>> {
+        let mut out = Vec::new();
+        for pod in self.state.pods()? {
+            let pod = self.live_pod(&pod.id)?;
+            if let Some(f) = &filter {
+                if !f.id.is_empty() && !pod.id.starts_with(&f.id) {
+                    continue;
+                }
+                if let Some(state) = &f.state {
+                    if state.state != cri_pod_state(pod.state) as i32 {
+                        continue;
+                    }
+                }
+                if !labels_match(&f.label_selector, &pod.config.labels) {
+                    continue;
+                }
+            }
+            out.push(cri::PodSandbox {
+                id: pod.id.clone(),
+                metadata: pod.config.metadata.clone(),
+                state: cri_pod_state(pod.state) as i32,
+                created_at: pod.created_at,
+                labels: pod.config.labels.clone(),
+                annotations: pod.config.annotations.clone(),
+                runtime_handler: pod.runtime_handler.clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+pub fn cri_pod_state(state: PodState) -> cri::PodSandboxState {
+    match state {
+        PodState::Ready => cri::PodSandboxState::SandboxReady,
+        PodState::NotReady => cri::PodSandboxState::SandboxNotready,
+    }
+}
+
+fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
+    let options = pod
+        .config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone());
+    cri::PodSandboxStatus {
+        id: pod.id.clone(),
+        metadata: pod.config.metadata.clone(),
+        state: cri_pod_state(pod.state) as i32,
+        created_at: pod.created_at,
+        network: Some(cri::PodSandboxNetworkStatus::default()),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace { options }),
+        }),
+        labels: pod.config.labels.clone(),
+        annotations: pod.config.annotations.clone(),
+        runtime_handler: pod.runtime_handler.clone(),
+    }
+}

@@ -1,0 +1,237 @@
+//! The `host` driver: husk-agent as a plain process on the host, in fresh
+//! mount, UTS and IPC namespaces (the network stays the host's for now),
+//! serving on `<dir>/agent.sock` with its state in `<dir>/agent`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use husk_proto::client::connect_unix;
+use husk_proto::v1::agent_client::AgentClient;
+use husk_proto::v1::PingRequest;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use super::{BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started, AGENT_READY_TIMEOUT};
+
+pub struct HostDriver {
+    agent: PathBuf,
+}
+
+impl HostDriver {
+    pub fn new(agent: PathBuf) -> HostDriver {
+        HostDriver { agent }
+    }
+}
+
+fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let id = id.to_owned();
+    let what = what.into();
+    move |source| SandboxError::Io { id, what, source }
+}
+
+/// The last lines of the agent's log, for error messages.
+fn log_tail(dir: &Path) -> String {
+    let text = fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+/// Whether `pid` is a live (not zombie) process whose command line names `dir`.
+fn is_our_agent(pid: u32, dir: &Path) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state letter follows the parenthesised command name.
+    let zombie = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        .unwrap_or(true);
+    if zombie {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.as_os_str().as_encoded_bytes();
+    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+impl SandboxDriver for HostDriver {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+
+    fn start<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Started, SandboxError>> {
+        Box::pin(async move {
+            let id = spec.id.as_str();
+            if !self.agent.is_file() {
+                return Err(SandboxError::Unavailable {
+                    id: id.to_owned(),
+                    driver: "host".into(),
+                    detail: format!(
+                        "husk-agent not found at {} (set husk_agent in the config or --husk-agent)",
+                        self.agent.display()
+                    ),
+                });
+            }
+            let agent_dir = spec.dir.join("agent");
+            fs::create_dir_all(&agent_dir)
+                .map_err(io_err(id, format!("creating {}", agent_dir.display())))?;
+            let socket = spec.dir.join("agent.sock");
+            let _ = fs::remove_file(&socket);
+            let log_path = spec.dir.join("agent.log");
+            let log = fs::File::create(&log_path)
+                .map_err(io_err(id, format!("creating {}", log_path.display())))?;
+            let log2 = log
+                .try_clone()
+                .map_err(io_err(id, "duplicating the log file"))?;
+            let mut command = tokio::process::Command::new(&self.agent);
+            command
+                .arg("--listen")
+                .arg(format!("unix://{}", socket.display()))
+                .arg("--state-dir")
+                .arg(&agent_dir)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .process_group(0);
+            // SAFETY: the closure runs in the forked child before exec and only
+            // makes raw syscalls (unshare, mount) with static arguments: no
+            // allocation, no locks.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
+                        != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The host's later mounts (kubelet's volumes) reach the
+                    // agent; the agent's (container rootfs) never reach the host.
+                    if libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_SLAVE,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = command
+                .spawn()
+                .map_err(io_err(id, format!("starting {}", self.agent.display())))?;
+            let pid = child.id().unwrap_or(0);
+            info!(sandbox = id, pid, "husk-agent started");
+            // Reap it whenever it ends; liveness is read from /proc.
+            let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
+            let sandbox = id.to_owned();
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                info!(sandbox, ?status, "husk-agent exited");
+                let _ = exited_tx.send(());
+            });
+
+            let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+            let mut last_error = String::from("no attempt yet");
+            loop {
+                if exited.try_recv().is_ok() {
+                    return Err(SandboxError::NotReady {
+                        id: id.to_owned(),
+                        timeout: AGENT_READY_TIMEOUT,
+                        detail: format!("husk-agent exited early: {}", log_tail(&spec.dir)),
+                    });
+                }
+                if socket.exists() {
+                    match connect_unix(&socket).await {
+                        Ok(mut client) => match client.ping(PingRequest {}).await {
+                            Ok(_) => {
+                                return Ok(Started {
+                                    agent_socket: socket,
+                                    pid,
+                                    client,
+                                })
+                            }
+                            Err(status) => last_error = status.to_string(),
+                        },
+                        Err(e) => last_error = e.to_string(),
+                    }
+                }
+                if Instant::now() >= deadline {
+                    // Leave nothing running behind a failed start.
+                    if pid != 0 {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    }
+                    return Err(SandboxError::NotReady {
+                        id: id.to_owned(),
+                        timeout: AGENT_READY_TIMEOUT,
+                        detail: format!("{last_error}; log: {}", log_tail(&spec.dir)),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    }
+
+    fn connect<'a>(
+        &'a self,
+        id: &'a str,
+        agent_socket: &'a Path,
+    ) -> BoxFuture<'a, Result<AgentClient<Channel>, SandboxError>> {
+        Box::pin(async move {
+            connect_unix(agent_socket)
+                .await
+                .map_err(|source| SandboxError::Connect {
+                    id: id.to_owned(),
+                    source,
+                })
+        })
+    }
+
+    fn stop<'a>(
+        &'a self,
+        id: &'a str,
+        pid: u32,
+        dir: &'a Path,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(async move {
+            for (signal, wait) in [
+                (None, grace),
+                (Some(Signal::SIGTERM), Duration::from_secs(10)),
+                (Some(Signal::SIGKILL), Duration::from_secs(5)),
+            ] {
+                if !is_our_agent(pid, dir) {
+                    return Ok(());
+                }
+                if let Some(signal) = signal {
+                    warn!(sandbox = id, pid, %signal, "husk-agent still runs; signalling it");
+                    let _ = kill(Pid::from_raw(pid as i32), signal);
+                }
+                let deadline = Instant::now() + wait;
+                while is_our_agent(pid, dir) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            if is_our_agent(pid, dir) {
+                return Err(SandboxError::Io {
+                    id: id.to_owned(),
+                    what: format!("husk-agent (pid {pid}) survived SIGKILL"),
+                    source: std::io::Error::other("process still running"),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn alive(&self, pid: u32, dir: &Path) -> bool {
+        is_our_agent(pid, dir)
+    }
+}

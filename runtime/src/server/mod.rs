@@ -1,0 +1,66 @@
+//! huskd's gRPC server: CRI RuntimeService and ImageService on a unix socket.
+
+mod image;
+mod runtime;
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::info;
+
+pub use image::Images;
+pub use runtime::{Runtime, CRI_API_VERSION, RUNTIME_NAME};
+
+use crate::manager::Manager;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("CRI socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving CRI failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Binds the CRI socket (mode 0660), replacing a stale one.
+pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves both CRI services on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    manager: Arc<Manager>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    info!("serving CRI");
+    tonic::transport::Server::builder()
+        .trace_fn(|request| tracing::info_span!("cri", rpc = %request.uri().path()))
+        .add_service(RuntimeServiceServer::new(Runtime::new(manager.clone())))
+        .add_service(ImageServiceServer::new(Images::new(manager)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

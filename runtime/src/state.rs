@@ -1,0 +1,255 @@
+//! huskd's persisted state: pods and containers in redb (`<root>/state.redb`),
+//! one JSON record per id. Every CRI call that changes a pod or container
+//! writes it here before it answers, so a restarted huskd knows them all.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_cri::v1 as cri;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+const PODS: TableDefinition<&str, &[u8]> = TableDefinition::new("pods");
+const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("state record {id} is corrupt: {source}")]
+    Record {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PodState {
+    Ready,
+    NotReady,
+}
+
+/// One pod sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub id: String,
+    pub config: cri::PodSandboxConfig,
+    pub runtime_handler: String,
+    pub state: PodState,
+    pub created_at: i64,
+    /// The sandbox driver's name ("host").
+    pub driver: String,
+    /// Where the driver keeps the sandbox: `<state>/sandboxes/<id>`.
+    pub dir: PathBuf,
+    /// The agent's unix socket.
+    pub agent_socket: PathBuf,
+    /// The process the driver started (the agent, or later the VMM); 0 once gone.
+    pub pid: u32,
+    /// The agent's shared directory (SetupSandbox's answer).
+    pub shared_dir: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerState {
+    Created,
+    Running,
+    Exited,
+    Unknown,
+}
+
+/// One container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub pod_id: String,
+    pub config: cri::ContainerConfig,
+    /// The image id (`sha256:...`).
+    pub image_id: String,
+    /// A repo digest of the image, or its id when it has none.
+    pub image_ref: String,
+    /// The log file: the pod's log directory joined with the config's log_path.
+    pub log_path: Option<PathBuf>,
+    pub state: ContainerState,
+    pub created_at: i64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The database. Cheap to share behind an Arc; redb serialises writers.
+pub struct State {
+    path: PathBuf,
+    db: redb::Database,
+}
+
+impl State {
+    pub fn open(root: &Path) -> Result<State, StateError> {
+        let path = root.join("state.redb");
+        let db = redb::Database::create(&path).map_err(|e| StateError::Db {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let state = State { path, db };
+        // Create both tables, so readers never meet a missing one.
+        state.write(|tx| {
+            tx.open_table(PODS)?;
+            tx.open_table(CONTAINERS)?;
+            Ok(())
+        })?;
+        Ok(state)
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> StateError {
+        StateError::Db {
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        f(&tx).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        id: &str,
+        record: &T,
+    ) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(record).map_err(|source| StateError::Record {
+            id: id.to_owned(),
+            source,
+        })?;
+        self.write(|tx| {
+            tx.open_table(table)?.insert(id, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    fn delete(&self, table: TableDefinition<&str, &[u8]>, id: &str) -> Result<(), StateError> {
+        self.write(|tx| {
+            tx.open_table(table)?.remove(id)?;
+            Ok(())
+        })
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        id: &str,
+    ) -> Result<Option<T>, StateError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(table).map_err(|e| self.err(e))?;
+        let Some(value) = t.get(id).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(value.value())
+            .map(Some)
+            .map_err(|source| StateError::Record {
+                id: id.to_owned(),
+                source,
+            })
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<BTreeMap<String, T>, StateError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(table).map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for entry in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let id = k.value().to_owned();
+            let record =
+                serde_json::from_slice(v.value()).map_err(|source| StateError::Record {
+                    id: id.clone(),
+                    source,
+                })?;
+            out.insert(id, record);
+        }
+        Ok(out)
+    }
+
+    pub fn put_pod(&self, pod: &PodRecord) -> Result<(), StateError> {
+        self.put(PODS, &pod.id, pod)
+    }
+
+    pub fn pod(&self, id: &str) -> Result<Option<PodRecord>, StateError> {
+        self.get(PODS, id)
+    }
+
+    pub fn pods(&self) -> Result<Vec<PodRecord>, StateError> {
+        Ok(self.all(PODS)?.into_values().collect())
+    }
+
+    pub fn delete_pod(&self, id: &str) -> Result<(), StateError> {
+        self.delete(PODS, id)
+    }
+
+    pub fn put_container(&self, c: &ContainerRecord) -> Result<(), StateError> {
+        self.put(CONTAINERS, &c.id, c)
+    }
+
+    pub fn container(&self, id: &str) -> Result<Option<ContainerRecord>, StateError> {
+        self.get(CONTAINERS, id)
+    }
+
+    pub fn containers(&self) -> Result<Vec<ContainerRecord>, StateError> {
+        Ok(self.all(CONTAINERS)?.into_values().collect())
+    }
+
+    pub fn delete_container(&self, id: &str) -> Result<(), StateError> {
+        self.delete(CONTAINERS, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let state = State::open(dir.path()).expect("open");
+            state
+                .put_pod(&PodRecord {
+                    id: "p1".into(),
+                    config: cri::PodSandboxConfig {
+                        hostname: "h".into(),
+                        ..Default::default()
+                    },
+                    runtime_handler: "host".into(),
+                    state: PodState::Ready,
+                    created_at: 5,
+                    driver: "host".into(),
+                    dir: "/run/husk/sandboxes/p1".into(),
+                    agent_socket: "/run/husk/sandboxes/p1/agent.sock".into(),
+                    pid: 42,
+                    shared_dir: String::new(),
+                })
+                .expect("put");
+        }
+        let state = State::open(dir.path()).expect("reopen");
+        let pod = state.pod("p1").expect("get").expect("present");
+        assert_eq!(pod.config.hostname, "h");
+        assert_eq!(pod.pid, 42);
+        assert_eq!(state.pods().expect("all").len(), 1);
+        state.delete_pod("p1").expect("delete");
+        assert!(state.pod("p1").expect("get").is_none());
+        assert!(state.containers().expect("all").is_empty());
+    }
+}
