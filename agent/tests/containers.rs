@@ -200,6 +200,36 @@ async fn execs_with_and_without_a_tty_and_with_stdin() {
     assert!(out.starts_with("/dev/pts/"), "{out:?}");
     assert_eq!(exit.exit_code, 0);
 
+    // A resize reaches the exec's terminal.
+    agent
+        .client
+        .exec_process(v1::ExecProcessRequest {
+            container_id: "execs".into(),
+            exec_id: "resize".into(),
+            oci_process_json: serde_json::to_vec(
+                &json!({"args": ["sh", "-c", "sleep 1; stty size"], "terminal": true}),
+            )
+            .expect("json"),
+            stdin: false,
+            timeout_ms: 0,
+        })
+        .await
+        .expect("exec");
+    let stdout = agent
+        .collect("execs", "resize", v1::OutputStream::Stdout)
+        .await;
+    agent
+        .client
+        .resize_tty(v1::ResizeTtyRequest {
+            process: Some(process("execs", "resize")),
+            rows: 33,
+            cols: 101,
+        })
+        .await
+        .expect("resize");
+    assert_eq!(agent.wait("execs", "resize").await.exit_code, 0);
+    assert_eq!(stdout.await.expect("stdout").trim(), "33 101");
+
     // An exec sees the container's namespaces: its PID 1 is the container's sleep.
     let (out, _, _) = agent
         .exec(
