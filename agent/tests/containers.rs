@@ -162,17 +162,7 @@ async fn signals_reach_the_containers_process() {
 #[tokio::test]
 async fn execs_with_and_without_a_tty_and_with_stdin() {
     let mut agent = Agent::start().await;
-    agent
-        .create("execs", &spec(&["sleep", "60"]), busybox_rootfs_source())
-        .await
-        .expect("create");
-    agent
-        .client
-        .start_container(v1::StartContainerRequest {
-            container_id: "execs".into(),
-        })
-        .await
-        .expect("start");
+    agent.create_running("execs", &spec(&["sleep", "60"])).await;
 
     let (out, err, exit) = agent
         .exec(
@@ -244,14 +234,7 @@ async fn execs_with_and_without_a_tty_and_with_stdin() {
 
     // stdin, through WriteStdin.
     agent
-        .client
-        .exec_process(v1::ExecProcessRequest {
-            container_id: "execs".into(),
-            exec_id: "stdin".into(),
-            oci_process_json: serde_json::to_vec(&json!({"args": ["cat"]})).expect("json"),
-            stdin: true,
-            timeout_ms: 0,
-        })
+        .start_exec("execs", "stdin", &json!({"args": ["cat"]}), true)
         .await
         .expect("exec cat");
     let stdout = agent
@@ -281,14 +264,7 @@ async fn execs_with_and_without_a_tty_and_with_stdin() {
 
     // A running exec's id is taken; an exited one's may be reused.
     agent
-        .client
-        .exec_process(v1::ExecProcessRequest {
-            container_id: "execs".into(),
-            exec_id: "long".into(),
-            oci_process_json: serde_json::to_vec(&json!({"args": ["sleep", "30"]})).expect("json"),
-            stdin: false,
-            timeout_ms: 0,
-        })
+        .start_exec("execs", "long", &json!({"args": ["sleep", "30"]}), false)
         .await
         .expect("exec sleep");
     let err = agent
@@ -308,16 +284,8 @@ async fn execs_with_and_without_a_tty_and_with_stdin() {
 async fn an_exec_past_its_timeout_is_killed() {
     let mut agent = Agent::start().await;
     agent
-        .create("timeout", &spec(&["sleep", "60"]), busybox_rootfs_source())
-        .await
-        .expect("create");
-    agent
-        .client
-        .start_container(v1::StartContainerRequest {
-            container_id: "timeout".into(),
-        })
-        .await
-        .expect("start");
+        .create_running("timeout", &spec(&["sleep", "60"]))
+        .await;
     let (_, _, exit) = agent
         .exec("timeout", "slow", json!({"args": ["sleep", "30"]}), 300)
         .await

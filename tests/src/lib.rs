@@ -3,6 +3,7 @@
 //! agent is reached over vsock exactly as huskd reaches it.
 
 pub mod microvm;
+pub mod oci;
 pub mod rootfs;
 
 use std::path::PathBuf;

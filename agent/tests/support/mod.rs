@@ -11,14 +11,13 @@ use std::time::Duration;
 use husk_proto::client::connect_unix;
 use husk_proto::v1::agent_client::AgentClient;
 use husk_proto::v1::{self, rootfs_source};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_husk-agent");
-pub const BUSYBOX: &str = "/bin/busybox";
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The agent as the host driver runs it, killed when dropped.
@@ -80,6 +79,39 @@ impl Agent {
                     writable_layer_bytes: 64 << 20,
                 }),
                 stdin: false,
+            })
+            .await
+            .map(|r| r.into_inner().pid)
+    }
+
+    /// Creates a container on the busybox rootfs and starts it.
+    pub async fn create_running(&mut self, id: &str, spec: &Value) {
+        self.create(id, spec, busybox_rootfs_source())
+            .await
+            .expect("create");
+        self.client
+            .start_container(v1::StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .expect("start");
+    }
+
+    /// Starts an exec without waiting for it.
+    pub async fn start_exec(
+        &mut self,
+        container: &str,
+        exec: &str,
+        process_json: &Value,
+        stdin: bool,
+    ) -> Result<u32, tonic::Status> {
+        self.client
+            .exec_process(v1::ExecProcessRequest {
+                container_id: container.into(),
+                exec_id: exec.into(),
+                oci_process_json: serde_json::to_vec(process_json).expect("json"),
+                stdin,
+                timeout_ms: 0,
             })
             .await
             .map(|r| r.into_inner().pid)
@@ -235,39 +267,15 @@ pub fn require_root() {
         nix::unistd::geteuid().is_root(),
         "these tests create namespaces, mounts and cgroups: run them as root"
     );
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: run scripts/install-deps.sh (Debian's busybox-static)"
-    );
 }
 
-/// A rootfs of Debian's static busybox with a link per applet, made once per test binary.
+/// A rootfs of Debian's static busybox, made once per test binary.
 pub fn busybox_rootfs() -> &'static Path {
     static ROOTFS: OnceLock<tempfile::TempDir> = OnceLock::new();
     ROOTFS
         .get_or_init(|| {
-            require_root();
             let dir = tempfile::tempdir().expect("tempdir");
-            let bin = dir.path().join("bin");
-            std::fs::create_dir_all(&bin).expect("mkdir bin");
-            std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
-            let list = std::process::Command::new(BUSYBOX)
-                .arg("--list")
-                .output()
-                .expect("busybox --list");
-            for applet in String::from_utf8_lossy(&list.stdout).lines() {
-                if applet != "busybox" {
-                    std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
-                }
-            }
-            for d in ["etc", "tmp", "proc", "sys", "dev", "root"] {
-                std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
-            }
-            std::fs::write(
-                dir.path().join("etc/passwd"),
-                "root:x:0:0:root:/root:/bin/sh\n",
-            )
-            .expect("passwd");
+            husk_e2e::rootfs::busybox_rootfs(dir.path()).unwrap_or_else(|e| panic!("{e}"));
             dir
         })
         .path()
@@ -277,58 +285,10 @@ pub fn busybox_rootfs_source() -> rootfs_source::Source {
     rootfs_source::Source::Directory(busybox_rootfs().display().to_string())
 }
 
-/// A spec as containerd's CRI plugin writes one, running `args`.
+/// A containerd-like spec running `args`, in a UTS namespace named husk-test.
 pub fn spec(args: &[&str]) -> Value {
-    json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"],
-            "cwd": "/",
-            "capabilities": {
-                "bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS, "permitted": DEFAULT_CAPS
-            },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
-        },
-        "root": {"path": "rootfs", "readonly": false},
-        "hostname": "husk-test",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
-        ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-        }
-    })
+    husk_e2e::oci::spec(args, Some("husk-test"))
 }
-
-/// containerd's default capability set.
-pub const DEFAULT_CAPS: [&str; 14] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
 
 /// Whether anything is still mounted below `dir`.
 pub fn mounts_below(dir: &Path) -> Vec<String> {
