@@ -14,11 +14,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Mutex;
 
-/// The ends the launched process gets as fds 0, 1 and 2.
+/// The ends the launched process gets as fds 0, 1 and 2; `None` is /dev/null.
 pub struct ChildStdio {
-    pub stdin: Stdio,
-    pub stdout: Stdio,
-    pub stderr: Stdio,
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+impl ChildStdio {
+    pub fn into_stdio(self) -> [Stdio; 3] {
+        [self.stdin, self.stdout, self.stderr].map(|fd| fd.map_or_else(Stdio::null, Stdio::from))
+    }
 }
 
 /// The agent's ends. Each stream is taken by one reader (or writer) at a time.
@@ -126,9 +132,9 @@ impl PtyMaster {
 /// sends the master back (see `init::open_terminal`).
 pub fn detached() -> ChildStdio {
     ChildStdio {
-        stdin: Stdio::null(),
-        stdout: Stdio::null(),
-        stderr: Stdio::null(),
+        stdin: None,
+        stdout: None,
+        stderr: None,
     }
 }
 
@@ -155,10 +161,10 @@ pub fn pipes(stdin: bool) -> io::Result<(ProcessIo, ChildStdio)> {
         let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         (
             Some(Input::Pipe(pipe::Sender::from_owned_fd(write)?)),
-            Stdio::from(read),
+            Some(read),
         )
     } else {
-        (None, Stdio::null())
+        (None, None)
     };
     let io = ProcessIo {
         stdin: Mutex::new(input),
@@ -172,8 +178,8 @@ pub fn pipes(stdin: bool) -> io::Result<(ProcessIo, ChildStdio)> {
     };
     let child = ChildStdio {
         stdin: child_stdin,
-        stdout: Stdio::from(stdout_write),
-        stderr: Stdio::from(stderr_write),
+        stdout: Some(stdout_write),
+        stderr: Some(stderr_write),
     };
     Ok((io, child))
 }
