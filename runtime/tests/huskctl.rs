@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -147,6 +148,11 @@ async fn huskctl_drives_huskd() {
         socket: format!("unix://{}", socket.display()),
     };
 
+    let version = ctl.ok(&["version"]);
+    assert!(version.contains("RuntimeName:  husk\n"), "{version}");
+    let info = ctl.json(&["info"]);
+    assert!(info["status"]["conditions"].is_array(), "{info}");
+
     // Images.
     let pulled = ctl.ok(&["pull", &image]);
     assert!(
@@ -188,6 +194,28 @@ async fn huskctl_drives_huskd() {
     assert_eq!(text(&run.stderr), "oops\n");
     assert_eq!(ctl.ok(&["pods", "-q"]), "");
     assert_eq!(ctl.ok(&["ps", "-a", "-q"]), "");
+
+    // Ctrl-C during run: exit 130, and the pod goes all the same.
+    let mut child = Command::new(HUSKCTL)
+        .env("HUSK_SOCKET", &ctl.socket)
+        .args(["run", &image, "--runtime", "host", "--"])
+        .args(["sh", "-c", "echo ready; sleep 1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run huskctl");
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut ready)
+        .expect("read");
+    assert_eq!(ready, "ready\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT huskctl");
+    assert_eq!(child.wait().expect("wait").code(), Some(130));
+    assert_eq!(ctl.ok(&["pods", "-q"]), "");
 
     // A pod from a JSON file in crictl's shape.
     let logs = dir.path().join("logs");

@@ -44,6 +44,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// huskd's name and version, and the CRI version it speaks.
+    Version {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// huskd's status: runtime and network conditions, runtime handlers (JSON).
+    Info,
     /// Pull an image.
     Pull { image: String },
     /// List images.
@@ -255,6 +262,39 @@ pub async fn run(cli: Cli) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     let stdout = |e| CliError::io("writing to stdout")(e);
     match cli.command {
+        Command::Version { output } => {
+            let response =
+                h.rt.version(h.request(
+                    cri::VersionRequest {
+                        version: "v1".into(),
+                    },
+                    Duration::ZERO,
+                ))
+                .await
+                .map_err(h.failed("Version"))?
+                .into_inner();
+            let text = if output == Format::Json {
+                output::json(&response)?
+            } else {
+                format!(
+                    "Version:  {}\nRuntimeName:  {}\nRuntimeVersion:  {}\nRuntimeApiVersion:  {}\n",
+                    response.version,
+                    response.runtime_name,
+                    response.runtime_version,
+                    response.runtime_api_version
+                )
+            };
+            out.write_all(text.as_bytes()).map_err(stdout)?;
+        }
+        Command::Info => {
+            let response =
+                h.rt.status(h.request(cri::StatusRequest { verbose: true }, Duration::ZERO))
+                    .await
+                    .map_err(h.failed("Status"))?
+                    .into_inner();
+            out.write_all(output::json(&response)?.as_bytes())
+                .map_err(stdout)?;
+        }
         Command::Pull { image } => {
             let image_ref = pull(&mut h, &image).await?;
             writeln!(out, "Image is up to date for {image_ref}").map_err(stdout)?;
