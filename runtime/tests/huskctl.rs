@@ -363,6 +363,24 @@ async fn huskctl_drives_huskd() {
     // Following an exited container ends by itself.
     assert_eq!(ctl.ok(&["logs", "-f", &echo]), "hello\n");
 
+    // Following a running container: lines as they come, until it exits.
+    let ticker = ctl.ok(&[
+        "create",
+        &pod,
+        "--image",
+        &image,
+        "--name",
+        "ticker",
+        "--",
+        "sh",
+        "-c",
+        "echo one; sleep 1; echo two",
+    ]);
+    let ticker = ticker.trim().to_owned();
+    ctl.ok(&["start", &ticker]);
+    assert_eq!(ctl.ok(&["logs", "-f", &ticker]), "one\ntwo\n");
+    assert_eq!(ctl.ok(&["rm", &ticker]), format!("{ticker}\n"));
+
     // Stop and remove.
     let refused = ctl.output(&["rm", &sleeper]);
     assert_eq!(refused.status.code(), Some(1));

@@ -125,12 +125,16 @@ impl Huskd {
         let call = call.into();
         let socket = self.socket.clone();
         move |status| {
+            // The connection failing, as opposed to huskd answering
+            // Unavailable (an unreachable registry, say): only then has the
+            // status a source error.
             if status.code() == tonic::Code::Unavailable {
-                let mut reason = status.message().to_owned();
                 if let Some(source) = std::error::Error::source(&status) {
-                    reason = error_chain(source);
+                    return CliError::Unreachable {
+                        socket,
+                        reason: error_chain(source),
+                    };
                 }
-                return CliError::Unreachable { socket, reason };
             }
             CliError::Rpc {
                 call,
@@ -173,5 +177,23 @@ mod tests {
         );
         assert!(socket_path("tcp://1.2.3.4:5").is_err());
         assert!(socket_path("unix://").is_err());
+    }
+
+    #[tokio::test]
+    async fn huskds_own_unavailable_is_not_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s.sock");
+        let _listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let h = Huskd::connect(&socket, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let err = h.failed("PullImage x")(tonic::Status::unavailable("registry down"));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "PullImage x: Unavailable: registry down (huskd at {})",
+                socket.display()
+            )
+        );
     }
 }
