@@ -1,5 +1,6 @@
 //! huskd's library: the parts of the CRI server that are worth testing on their own.
 
+pub mod cli;
 pub mod config;
 pub mod image;
 pub mod manager;
