@@ -8,28 +8,14 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{busybox_layer, image_config, push_image, Registry};
+use support::{busybox_layer, husk_agent, image_config, push_image, Registry, HUSKD};
 
-const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
 const HUSKCTL: &str = env!("CARGO_BIN_EXE_huskctl");
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// husk-agent from HUSK_AGENT, or next to huskd in the target directory.
-fn husk_agent() -> PathBuf {
-    let path = std::env::var_os("HUSK_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(HUSKD).with_file_name("husk-agent"));
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first with `cargo build -p husk-agent` (or set HUSK_AGENT)",
-        path.display()
-    );
-    path
-}
 
 struct Huskd {
     child: Child,

@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+pub const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
 pub const BUSYBOX_BIN: &str = "/bin/busybox";
 
 /// A `docker-registry serve` on 127.0.0.1, killed when dropped.
@@ -254,4 +255,17 @@ pub fn run(program: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// husk-agent from HUSK_AGENT, or next to huskd in the target directory.
+pub fn husk_agent() -> PathBuf {
+    let path = std::env::var_os("HUSK_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(HUSKD).with_file_name("husk-agent"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first with `cargo build -p husk-agent` (or set HUSK_AGENT)",
+        path.display()
+    );
+    path
 }
