@@ -165,7 +165,15 @@ async fn signals_reach_the_containers_process() {
         )
         .await
         .expect("create");
-    let stdout = agent.collect("signals", "", v1::OutputStream::Stdout).await;
+    let mut stdout = agent
+        .client
+        .read_output(v1::ReadOutputRequest {
+            process: Some(process("signals", "")),
+            stream: v1::OutputStream::Stdout.into(),
+        })
+        .await
+        .expect("read_output")
+        .into_inner();
     agent
         .client
         .start_container(v1::StartContainerRequest {
@@ -173,7 +181,14 @@ async fn signals_reach_the_containers_process() {
         })
         .await
         .expect("start");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The trap is set once the script says ready: only then may TERM come
+    // (PID 1 of a namespace ignores a signal it has no handler for).
+    let first = tokio::time::timeout(support::PATIENCE, stdout.message())
+        .await
+        .expect("ready in time")
+        .expect("stdout")
+        .expect("a chunk");
+    assert_eq!(first.data, b"ready\n");
     agent
         .client
         .signal_process(v1::SignalProcessRequest {
@@ -184,7 +199,11 @@ async fn signals_reach_the_containers_process() {
         .expect("TERM");
     let exit = agent.wait("signals", "").await;
     assert_eq!(exit.exit_code, 7);
-    assert_eq!(stdout.await.expect("stdout"), "ready\ngot TERM\n");
+    let mut rest = Vec::new();
+    while let Some(chunk) = stdout.message().await.expect("stdout") {
+        rest.extend(chunk.data);
+    }
+    assert_eq!(String::from_utf8_lossy(&rest), "got TERM\n");
     agent.remove("signals").await;
 }
 

@@ -1022,6 +1022,11 @@ async fn run_once(h: &mut Huskd, args: RunArgs) -> Result<i32> {
     let mut pod_config = cri::PodSandboxConfig::default();
     apply_pod_flags(&mut pod_config, Some(name.clone()), None, &args.pod)?;
     let pod_config = pod_config;
+    // Listening from before the pod exists: a Ctrl-C that comes at any point
+    // from here on is seen below (and cleaned up after), never the default
+    // action that would leave the pod behind.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(CliError::io("listening for Ctrl-C"))?;
     let pod = run_pod(h, pod_config.clone(), &args.pod.runtime).await?;
     let mut container = None;
     let result = async {
@@ -1062,7 +1067,7 @@ async fn run_once(h: &mut Huskd, args: RunArgs) -> Result<i32> {
                 followed?;
                 false
             }
-            _ = tokio::signal::ctrl_c() => true,
+            _ = interrupt.recv() => true,
         };
         if let Some(rest) = tail.take_rest() {
             printer
