@@ -203,6 +203,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     .await;
 
     let dir = tempfile::tempdir().expect("tempdir");
+    let _agents = support::AgentSweeper::new(dir.path());
     let root = dir.path().join("root");
     let state = dir.path().join("state");
     let logs = dir.path().join("logs");

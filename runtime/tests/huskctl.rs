@@ -128,6 +128,7 @@ async fn huskctl_drives_huskd() {
     .await;
 
     let dir = tempfile::tempdir().expect("tempdir");
+    let _agents = support::AgentSweeper::new(dir.path());
     let socket = dir.path().join("husk.sock");
     let _huskd = start_huskd(dir.path(), &socket);
     let ctl = Ctl {

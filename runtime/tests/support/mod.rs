@@ -269,3 +269,51 @@ pub fn husk_agent() -> PathBuf {
     );
     path
 }
+
+/// Stops, when dropped, every husk-agent whose command line names `dir`:
+/// huskd's host-driver agents outlive a killed huskd on purpose (a new huskd
+/// reconnects), so a test that fails part way would leave them, and their
+/// containers, running. SIGTERM lets each agent remove its containers first.
+/// Declare it before the huskd it covers, so that it drops after it.
+pub struct AgentSweeper {
+    dir: String,
+}
+
+impl AgentSweeper {
+    pub fn new(dir: &Path) -> AgentSweeper {
+        AgentSweeper {
+            dir: dir.display().to_string(),
+        }
+    }
+
+    fn agents(&self) -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                cmdline.contains("husk-agent") && cmdline.contains(&self.dir)
+            })
+            .collect()
+    }
+}
+
+impl Drop for AgentSweeper {
+    fn drop(&mut self) {
+        let agents = self.agents();
+        for pid in &agents {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.agents().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
