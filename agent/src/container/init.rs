@@ -1,7 +1,7 @@
-//! The container side: the stage the agent launches (see `launch`) — a
-//! fork of the single-threaded agent, or else a fresh `husk-agent
-//! __husk_init` — so that the namespace, mount and credential work never
-//! happens in the agent's own process.
+//! The container side: what runs as `husk-agent __husk_init`, a fresh,
+//! single-threaded process the agent launches (see `launch`) so that the
+//! namespace, mount and credential work never happens in the agent's own,
+//! multi-threaded process.
 //!
 //! The launched stage joins the cgroup and namespaces, forks (a new PID
 //! namespace takes effect for children only), reports the child's pid and
