@@ -36,35 +36,6 @@ async fn runs_a_container_to_its_exit_with_both_streams() {
     );
 }
 
-/// The fallback launch (an execve of the agent as `__husk_init`, for when
-/// the agent is not single-threaded and must not fork) runs containers and
-/// execs, ttys included, as the fork does.
-#[tokio::test]
-async fn the_exec_launch_path_runs_containers_and_execs_too() {
-    let mut agent = Agent::start_with_env(&[("HUSK_AGENT_LAUNCH", "exec")]).await;
-    let (stdout, _, status) = agent
-        .run("exec-path", &spec(&["sh", "-c", "echo pid=$$"]))
-        .await;
-    assert_eq!((stdout.as_str(), status.exit_code), ("pid=1\n", 0));
-    agent
-        .create_running("exec-path", &spec(&["sleep", "60"]))
-        .await;
-    let (out, _, exit) = agent
-        .exec(
-            "exec-path",
-            "tty",
-            json!({"args": ["tty"], "terminal": true}),
-            0,
-        )
-        .await
-        .expect("tty exec");
-    assert!(
-        out.starts_with("/dev/pts/") && exit.exit_code == 0,
-        "{out:?}"
-    );
-    agent.remove("exec-path").await;
-}
-
 #[tokio::test]
 async fn reports_states_and_refuses_what_does_not_fit_them() {
     let mut agent = Agent::start().await;

@@ -55,7 +55,7 @@ pub const START_WORD: &str = "start";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What the agent sends the stage, as one JSON line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct InitConfig {
     /// `cgroup.procs` files to join before anything else.
     pub cgroup_procs: Vec<PathBuf>,
@@ -65,7 +65,7 @@ pub struct InitConfig {
     pub target: Target,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub enum Target {
     /// A new container from `spec`, on the rootfs mounted at `rootfs`.
     Container { spec: Box<Spec>, rootfs: PathBuf },
@@ -124,20 +124,6 @@ struct Channel {
 }
 
 impl Channel {
-    /// The container's process must inherit neither the channel nor the
-    /// console socket: both close at its execve.
-    fn new(stream: UnixStream, console: &UnixStream) -> Channel {
-        let _ = fcntl(&stream, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-        let _ = fcntl(console, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-        match stream.try_clone() {
-            Ok(reader) => Channel {
-                reader: BufReader::new(reader),
-                writer: stream,
-            },
-            Err(_) => std::process::exit(1),
-        }
-    }
-
     fn report(&mut self, report: &Report) {
         // If the agent is gone there is no one to tell; the exit says enough.
         if let Ok(mut line) = serde_json::to_vec(report) {
@@ -155,52 +141,31 @@ impl Channel {
     }
 }
 
-/// The stage's entry point when launched as `husk-agent __husk_init`,
-/// called from `main` before anything else runs: the config comes first on
-/// the channel.
+/// The stage's entry point, called from `main` before anything else runs.
 pub fn main() -> ! {
     // SAFETY: the agent passes the channel as fd 3 (see launch.rs); nothing
     // else in this fresh process has touched or owns that descriptor.
     let stream = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
     // SAFETY: as for the channel, fd 4 is the console socket from launch.rs.
     let console = unsafe { UnixStream::from_raw_fd(CONSOLE_FD) };
-    let mut channel = Channel::new(stream, &console);
-    let config = channel.read_line().and_then(|line| {
-        serde_json::from_str::<InitConfig>(&line)
-            .map_err(|err| InitError::Invalid(format!("bad init config: {err}")))
-    });
-    match config {
-        Ok(config) => run(config, channel, console),
-        Err(err) => fail(&mut channel, err),
-    }
-}
-
-/// The stage's entry point in a child forked from the agent (see
-/// `launch`), which has the config already.
-pub fn run_forked(config: InitConfig, stream: UnixStream, console: UnixStream) -> ! {
-    // The agent's handlers (tokio's, for SIGCHLD and SIGTERM) would write to
-    // the agent's own signal pipe from here: back to the defaults.
-    for signal in nix::sys::signal::Signal::iterator() {
-        if !matches!(
-            signal,
-            nix::sys::signal::SIGKILL | nix::sys::signal::SIGSTOP
-        ) {
-            // SAFETY: SIG_DFL installs no handler; nothing runs in this process
-            // but this thread.
-            let _ =
-                unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) };
-        }
-    }
-    let channel = Channel::new(stream, &console);
-    run(config, channel, console)
-}
-
-fn run(config: InitConfig, mut channel: Channel, console: UnixStream) -> ! {
-    let Err(err) = stage(config, &mut channel, &console);
-    fail(&mut channel, err)
-}
-
-fn fail(channel: &mut Channel, err: InitError) -> ! {
+    // The container's process must inherit neither.
+    let _ = fcntl(&stream, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    let _ = fcntl(&console, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    let mut channel = match stream.try_clone() {
+        Ok(reader) => Channel {
+            reader: BufReader::new(reader),
+            writer: stream,
+        },
+        Err(_) => std::process::exit(1),
+    };
+    let result = channel
+        .read_line()
+        .and_then(|line| {
+            serde_json::from_str::<InitConfig>(&line)
+                .map_err(|err| InitError::Invalid(format!("bad init config: {err}")))
+        })
+        .and_then(|config| stage(config, &mut channel, &console));
+    let Err(err) = result;
     channel.report(&Report::Failed(err.to_string()));
     std::process::exit(1)
 }
@@ -220,8 +185,8 @@ fn stage(
         }
         Target::Exec { pid } => Some(join_namespaces_of(*pid)?),
     };
-    // SAFETY: this process is single-threaded (freshly exec'd, or forked
-    // from a single-threaded agent), so the child may do anything.
+    // SAFETY: this process is single-threaded (freshly exec'd, no threads
+    // started), so the child may do anything.
     match unsafe { fork() }.context(|| "fork".into())? {
         ForkResult::Parent { child } => {
             channel.report(&Report::Pid(child.as_raw()));

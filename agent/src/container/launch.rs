@@ -42,22 +42,33 @@ pub struct InitChannel {
     console: std::os::unix::net::UnixStream,
 }
 
-/// Starts the stage for `config` with `stdio` and returns once it reported
-/// the process's pid. While the agent is single-threaded (it is, on its
-/// current-thread runtime) the stage is a plain fork of it; otherwise
-/// `husk-agent __husk_init`, which costs an execve of the agent — seconds
-/// of emulated kernel work in a PVM guest.
+/// Starts `husk-agent __husk_init` with `stdio`, sends it `config`, and
+/// returns once it reported the process's pid.
 pub async fn launch(config: &InitConfig, stdio: ChildStdio) -> Result<Launched, LaunchError> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(LaunchError::Spawn)?;
     let (console, console_theirs) =
         std::os::unix::net::UnixStream::pair().map_err(LaunchError::Spawn)?;
-    let forked = if single_threaded() {
-        fork_stage(config, stdio, theirs, console_theirs, [&ours, &console])?;
-        true
-    } else {
-        exec_stage(stdio, theirs, console_theirs)?;
-        false
-    };
+    let fds = [
+        (theirs.as_raw_fd(), CHANNEL_FD),
+        (console_theirs.as_raw_fd(), CONSOLE_FD),
+    ];
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .arg(INIT_ARG)
+        .stdin(stdio.stdin)
+        .stdout(stdio.stdout)
+        .stderr(stdio.stderr)
+        .env_clear();
+    // SAFETY: runs between fork and exec; it only calls dup/dup2/fcntl,
+    // which are async-signal-safe, on descriptors that stay open meanwhile.
+    unsafe {
+        command.pre_exec(move || place_fds(&fds));
+    }
+    // The reaper collects the stage's exit: dropping the Child never waits.
+    let spawned = command.spawn().map_err(LaunchError::Spawn);
+    drop((theirs, console_theirs));
+    drop(spawned?);
+
     ours.set_nonblocking(true).map_err(LaunchError::Channel)?;
     let (reader, writer) = UnixStream::from_std(ours)
         .map_err(LaunchError::Channel)?
@@ -68,13 +79,10 @@ pub async fn launch(config: &InitConfig, stdio: ChildStdio) -> Result<Launched, 
         early: VecDeque::new(),
         console,
     };
-    if !forked {
-        // The exec'd stage reads its config first.
-        let mut line = serde_json::to_vec(config)
-            .map_err(|err| LaunchError::Channel(io::Error::other(err)))?;
-        line.push(b'\n');
-        channel.send(&line).await?;
-    }
+    let mut line =
+        serde_json::to_vec(config).map_err(|err| LaunchError::Channel(io::Error::other(err)))?;
+    line.push(b'\n');
+    channel.send(&line).await?;
     loop {
         match channel.read().await? {
             Some(Report::Pid(pid)) => return Ok(Launched { pid, channel }),
@@ -83,82 +91,6 @@ pub async fn launch(config: &InitConfig, stdio: ChildStdio) -> Result<Launched, 
             None => return Err(LaunchError::Silent),
         }
     }
-}
-
-/// Set to `exec` to always launch the stage by execve (for comparing the
-/// two paths, and for testing the fallback).
-const LAUNCH_ENV: &str = "HUSK_AGENT_LAUNCH";
-
-fn single_threaded() -> bool {
-    if std::env::var_os(LAUNCH_ENV).is_some_and(|v| v == "exec") {
-        return false;
-    }
-    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
-}
-
-/// Forks the agent; the child runs the stage with `config` as it is.
-fn fork_stage(
-    config: &InitConfig,
-    stdio: ChildStdio,
-    theirs: std::os::unix::net::UnixStream,
-    console_theirs: std::os::unix::net::UnixStream,
-    ours: [&std::os::unix::net::UnixStream; 2],
-) -> Result<(), LaunchError> {
-    let config = config.clone();
-    let null = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .map_err(LaunchError::Spawn)?;
-    let fds = [stdio.stdin, stdio.stdout, stdio.stderr];
-    // SAFETY: the agent is single-threaded (checked just before), so the
-    // child can run ordinary code; it never returns into the agent's
-    // runtime: run_forked ends in execve or exit.
-    match unsafe { nix::unistd::fork() }.map_err(|e| LaunchError::Spawn(e.into()))? {
-        nix::unistd::ForkResult::Parent { .. } => Ok(()),
-        nix::unistd::ForkResult::Child => {
-            for (target, fd) in fds.iter().enumerate() {
-                let source = fd.as_ref().map_or(null.as_raw_fd(), |fd| fd.as_raw_fd());
-                // SAFETY: dup2 between descriptors this process has open.
-                if unsafe { libc::dup2(source, target as i32) } < 0 {
-                    std::process::exit(1);
-                }
-            }
-            for fd in ours {
-                // SAFETY: closes this child's copies of the agent's ends,
-                // which nothing in the child uses.
-                unsafe { libc::close(fd.as_raw_fd()) };
-            }
-            super::init::run_forked(config, theirs, console_theirs)
-        }
-    }
-}
-
-/// Runs `husk-agent __husk_init` with the stage's ends as fds 3 and 4.
-fn exec_stage(
-    stdio: ChildStdio,
-    theirs: std::os::unix::net::UnixStream,
-    console_theirs: std::os::unix::net::UnixStream,
-) -> Result<(), LaunchError> {
-    let fds = [
-        (theirs.as_raw_fd(), CHANNEL_FD),
-        (console_theirs.as_raw_fd(), CONSOLE_FD),
-    ];
-    let [stdin, stdout, stderr] = stdio.into_stdio();
-    let mut command = Command::new("/proc/self/exe");
-    command
-        .arg(INIT_ARG)
-        .stdin(stdin)
-        .stdout(stdout)
-        .stderr(stderr)
-        .env_clear();
-    // SAFETY: runs between fork and exec; it only calls dup/dup2/fcntl,
-    // which are async-signal-safe, on descriptors that stay open meanwhile.
-    unsafe {
-        command.pre_exec(move || place_fds(&fds));
-    }
-    // The reaper collects the stage's exit: dropping the Child never waits.
-    command.spawn().map(drop).map_err(LaunchError::Spawn)
 }
 
 /// Moves the stage's ends to fds 3 and 4, where it looks for them. Each is

@@ -14,17 +14,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Mutex;
 
-/// The ends the launched process gets as fds 0, 1 and 2; `None` is /dev/null.
+/// The ends the launched process gets as fds 0, 1 and 2.
 pub struct ChildStdio {
-    pub stdin: Option<OwnedFd>,
-    pub stdout: Option<OwnedFd>,
-    pub stderr: Option<OwnedFd>,
-}
-
-impl ChildStdio {
-    pub fn into_stdio(self) -> [Stdio; 3] {
-        [self.stdin, self.stdout, self.stderr].map(|fd| fd.map_or_else(Stdio::null, Stdio::from))
-    }
+    pub stdin: Stdio,
+    pub stdout: Stdio,
+    pub stderr: Stdio,
 }
 
 /// The agent's ends. Each stream is taken by one reader (or writer) at a time.
@@ -132,9 +126,9 @@ impl PtyMaster {
 /// sends the master back (see `init::open_terminal`).
 pub fn detached() -> ChildStdio {
     ChildStdio {
-        stdin: None,
-        stdout: None,
-        stderr: None,
+        stdin: Stdio::null(),
+        stdout: Stdio::null(),
+        stderr: Stdio::null(),
     }
 }
 
@@ -161,10 +155,10 @@ pub fn pipes(stdin: bool) -> io::Result<(ProcessIo, ChildStdio)> {
         let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         (
             Some(Input::Pipe(pipe::Sender::from_owned_fd(write)?)),
-            Some(read),
+            Stdio::from(read),
         )
     } else {
-        (None, None)
+        (None, Stdio::null())
     };
     let io = ProcessIo {
         stdin: Mutex::new(input),
@@ -178,8 +172,8 @@ pub fn pipes(stdin: bool) -> io::Result<(ProcessIo, ChildStdio)> {
     };
     let child = ChildStdio {
         stdin: child_stdin,
-        stdout: Some(stdout_write),
-        stderr: Some(stderr_write),
+        stdout: Stdio::from(stdout_write),
+        stderr: Stdio::from(stderr_write),
     };
     Ok((io, child))
 }

@@ -29,11 +29,6 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start() -> Agent {
-        Agent::start_with_env(&[]).await
-    }
-
-    /// The agent with extra environment variables.
-    pub async fn start_with_env(env: &[(&str, &str)]) -> Agent {
         require_root();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
@@ -44,7 +39,6 @@ impl Agent {
             .arg(dir.path().join("state"))
             .arg("--log-level")
             .arg("info")
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
