@@ -32,15 +32,7 @@ async fn main() {
         .await
         .expect("create");
     let created = begin.elapsed();
-    let mut stdout = agent
-        .client
-        .read_output(v1::ReadOutputRequest {
-            process: Some(support::process("bench", "")),
-            stream: v1::OutputStream::Stdout.into(),
-        })
-        .await
-        .expect("read_output")
-        .into_inner();
+    let mut stdout = agent.output("bench", "", v1::OutputStream::Stdout).await;
     agent
         .client
         .start_container(v1::StartContainerRequest {

@@ -136,15 +136,7 @@ async fn signals_reach_the_containers_process() {
         )
         .await
         .expect("create");
-    let mut stdout = agent
-        .client
-        .read_output(v1::ReadOutputRequest {
-            process: Some(process("signals", "")),
-            stream: v1::OutputStream::Stdout.into(),
-        })
-        .await
-        .expect("read_output")
-        .into_inner();
+    let mut stdout = agent.output("signals", "", v1::OutputStream::Stdout).await;
     agent
         .client
         .start_container(v1::StartContainerRequest {

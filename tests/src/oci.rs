@@ -1,28 +1,12 @@
 //! OCI runtime specs for tests that drive the agent directly (on the host
 //! or in a guest): what huskd, like containerd's CRI plugin, will write.
 
+use husk_runtime::manager::spec::DEFAULT_CAPS;
 use serde_json::{json, Value};
 
-/// containerd's default capability set.
-pub const DEFAULT_CAPS: [&str; 14] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
-
-/// A spec as containerd's CRI plugin writes one , running `args`. With `hostname` the container gets
-/// a UTS namespace of its own with that name; without, it shares the pod's.
+/// A spec as containerd's CRI plugin writes one, with huskd's default
+/// capabilities, running `args`. With `hostname` the container gets a UTS
+/// namespace of its own with that name; without, it shares the pod's.
 pub fn spec(args: &[&str], hostname: Option<&str>) -> Value {
     let mut namespaces = vec![
         json!({"type": "pid"}),

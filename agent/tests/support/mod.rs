@@ -140,6 +140,23 @@ impl Agent {
         out
     }
 
+    /// The process's `stream`, from the start (ReadOutput).
+    pub async fn output(
+        &mut self,
+        container: &str,
+        exec: &str,
+        stream: v1::OutputStream,
+    ) -> tonic::Streaming<v1::OutputChunk> {
+        self.client
+            .read_output(v1::ReadOutputRequest {
+                process: Some(process(container, exec)),
+                stream: stream.into(),
+            })
+            .await
+            .expect("read_output")
+            .into_inner()
+    }
+
     /// Reads a stream to its end in the background.
     pub async fn collect(
         &mut self,
@@ -147,15 +164,7 @@ impl Agent {
         exec: &str,
         stream: v1::OutputStream,
     ) -> tokio::task::JoinHandle<String> {
-        let mut chunks = self
-            .client
-            .read_output(v1::ReadOutputRequest {
-                process: Some(process(container, exec)),
-                stream: stream.into(),
-            })
-            .await
-            .expect("read_output")
-            .into_inner();
+        let mut chunks = self.output(container, exec, stream).await;
         tokio::spawn(async move {
             let mut data = Vec::new();
             while let Some(chunk) = chunks.next().await {
