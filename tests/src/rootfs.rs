@@ -42,6 +42,29 @@ pub fn busybox_rootfs(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the vector-state probe is put in a rootfs by [`add_xstate_probe`].
+pub const XSTATE_PROBE: &str = "/bin/xstate-probe";
+
+/// Compiles tests/probes/xstate.c (does a guest keep each task's AVX
+/// registers its own?) as a static binary into the rootfs at `dir`.
+pub fn add_xstate_probe(dir: &Path) -> Result<(), String> {
+    let source = crate::workspace_root().join("tests/probes/xstate.c");
+    let output = Command::new("cc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(dir.join(XSTATE_PROBE.trim_start_matches('/')))
+        .arg(&source)
+        .output()
+        .map_err(|e| format!("cannot run cc (scripts/install-deps.sh installs it): {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "cc {} failed: {}",
+            source.display(),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// Packs `dir` into an uncompressed EROFS image at `image` with mkfs.erofs
 /// (the guest kernel has no EROFS decompression: it would run emulated on PVM).
 pub fn erofs_image(dir: &Path, image: &Path) -> Result<(), String> {

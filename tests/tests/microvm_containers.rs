@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use husk_e2e::microvm::{boot_timeout, MicroVm, MicroVmOptions};
 use husk_e2e::oci::spec;
-use husk_e2e::rootfs::{busybox_rootfs, erofs_image};
+use husk_e2e::rootfs::{add_xstate_probe, busybox_rootfs, erofs_image, XSTATE_PROBE};
 use husk_proto::v1::agent_client::AgentClient;
 use husk_proto::v1::{self, rootfs_source};
 use serde_json::{json, Value};
@@ -241,6 +241,7 @@ async fn container_lifecycle_inside_a_microvm() {
     let tree = dir.path().join("rootfs");
     std::fs::create_dir(&tree).expect("mkdir rootfs");
     busybox_rootfs(&tree).unwrap_or_else(|e| panic!("{e}"));
+    add_xstate_probe(&tree).unwrap_or_else(|e| panic!("{e}"));
     let image = dir.path().join("busybox.erofs");
     erofs_image(&tree, &image).unwrap_or_else(|e| panic!("{e}"));
 
@@ -379,6 +380,25 @@ async fn container_lifecycle_inside_a_microvm() {
             "",
             0,
         ),
+    );
+
+    // Two processes keep patterns in their AVX registers across task
+    // switches: on PVM the guest's user mode runs natively with the host's
+    // AVX, and its kernel keeps that state only through husk-vmm.
+    let (out, err, exit) = guest
+        .exec(agent, c2, "xstate", json!({"args": [XSTATE_PROBE, "200"]}))
+        .await;
+    eprintln!("xstate probe: {}", out.trim());
+    guest.check_eq(
+        "exec c2/xstate",
+        "(stderr, exit code)",
+        (err.as_str(), exit.exit_code),
+        ("", 0),
+    );
+    guest.check(
+        "exec c2/xstate",
+        out.contains("torn=0"),
+        format!("task switches changed a task's vector registers: {out:?}"),
     );
 
     let step = "Stats c2";

@@ -3,7 +3,9 @@
 //! instruction emulator, which refuses some instructions. This module keeps the
 //! guest off them (measured in ENVIRONMENT.md: CPUID masks did not reliably
 //! reach the guest, command-line switches did) and handles, in userspace, the
-//! refusals that can be handled: INT3 becomes an injected #BP, FWAIT is stepped.
+//! refusals that can be handled: INT3 becomes an injected #BP, FWAIT is stepped,
+//! and the XSAVE64/XRSTOR64 husk's guest kernel uses to switch tasks' vector
+//! state are done with KVM_GET/SET_XSAVE (docs/pvm.md).
 
 use std::path::Path;
 
@@ -18,8 +20,10 @@ use crate::arch::cpuid::{FeatureBit, Reg};
 /// rest of the list ENVIRONMENT.md measured; no page-table isolation and no
 /// mitigations, which only add emulated work. `husk.pvm_syscall` turns on the
 /// guest kernel's completion of SYSCALLs this host delivers without switching
-/// to ring 0 (guest-image/patches); other kernels ignore it.
-pub const GUEST_CMDLINE: &str = "noxsave nopti mitigations=off husk.pvm_syscall \
+/// to ring 0 (guest-image/patches). `husk.pvm_xstate` has it keep tasks' whole
+/// vector state (AVX included: its user mode runs natively with the host's
+/// XCR0) through the XSAVE64/XRSTOR64 handled here. Other kernels ignore both.
+pub const GUEST_CMDLINE: &str = "noxsave nopti mitigations=off husk.pvm_syscall husk.pvm_xstate \
 clearcpuid=cx16,popcnt,umip,bmi1,bmi2,erms,fsrm,avx,avx2,sse4_1,sse4_2,movbe,rdrand,rdseed,adx,smap,smep";
 
 /// The same features masked in CPUID too, for guests that do honour it.
@@ -64,6 +68,11 @@ const FWAIT: u8 = 0x9b;
 const BP_VECTOR: u8 = 3;
 /// The longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
+/// The two encodings husk's guest kernel uses (guest-image/patches/0002):
+/// `xsave64 (%rdi)` and `xrstor64 (%rdi)`, with the buffer's size in RSI.
+const XSAVE64_RDI: [u8; 4] = [0x48, 0x0f, 0xae, 0x27];
+const XRSTOR64_RDI: [u8; 4] = [0x48, 0x0f, 0xae, 0x2f];
+const PAGE_SIZE: u64 = 0x1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmulationError {
@@ -71,6 +80,12 @@ pub enum EmulationError {
     Kvm(#[from] kvm_ioctls::Error),
     #[error("guest RIP {rip:#x} does not map to guest memory")]
     Unmapped { rip: u64 },
+    #[error(
+        "the guest's vector-state buffer at {gva:#x} ({len} bytes) is not all in guest memory"
+    )]
+    BadXstateBuffer { gva: u64, len: usize },
+    #[error("KVM refused the vector state the guest asked to load from {gva:#x}: {source}")]
+    BadXstate { gva: u64, source: kvm_ioctls::Error },
     #[error(
         "KVM could not emulate the guest instruction at RIP {rip:#x} (bytes {bytes}); \
          the guest kernel uses an instruction this host cannot run in kernel mode"
@@ -83,6 +98,8 @@ pub enum EmulationError {
 pub enum Fixup {
     InjectedBreakpoint,
     SkippedFwait,
+    SavedXstate,
+    RestoredXstate,
 }
 
 /// Handles a KVM emulation failure at the vCPU's current RIP, or explains it.
@@ -111,6 +128,32 @@ pub fn handle_emulation_failure(
             vcpu.set_regs(&regs)?;
             Ok(Fixup::SkippedFwait)
         }
+        Some(fixup @ (Fixup::SavedXstate | Fixup::RestoredXstate)) => {
+            let mut xsave = vcpu.get_xsave()?;
+            // SAFETY: kvm_xsave is plain old data (a u32 array); the slice
+            // covers exactly its bytes and lives no longer than `xsave`.
+            let state = unsafe {
+                std::slice::from_raw_parts_mut(
+                    xsave.region.as_mut_ptr().cast::<u8>(),
+                    std::mem::size_of_val(&xsave.region),
+                )
+            };
+            let len = (regs.rsi as usize).min(state.len());
+            if fixup == Fixup::SavedXstate {
+                write_virt(vcpu, mem, regs.rdi, &state[..len])?;
+            } else {
+                read_virt(vcpu, mem, regs.rdi, &mut state[..len])?;
+                // SAFETY: husk-vmm never enables dynamic XSTATE features
+                // (AMX), so KVM reads no more than the 4 KiB of kvm_xsave.
+                unsafe { vcpu.set_xsave(&xsave) }.map_err(|source| EmulationError::BadXstate {
+                    gva: regs.rdi,
+                    source,
+                })?;
+            }
+            regs.rip += XSAVE64_RDI.len() as u64;
+            vcpu.set_regs(&regs)?;
+            Ok(fixup)
+        }
         None => Err(EmulationError::Unhandled {
             rip: regs.rip,
             bytes: insn
@@ -127,34 +170,95 @@ fn classify(insn: &[u8]) -> Option<Fixup> {
     match insn.first() {
         Some(&INT3) => Some(Fixup::InjectedBreakpoint),
         Some(&FWAIT) => Some(Fixup::SkippedFwait),
+        _ if insn.starts_with(&XSAVE64_RDI) => Some(Fixup::SavedXstate),
+        _ if insn.starts_with(&XRSTOR64_RDI) => Some(Fixup::RestoredXstate),
         _ => None,
     }
 }
 
-/// Reads the bytes at a guest virtual RIP, page by page through the guest's
-/// page tables (an instruction can straddle a page boundary).
+/// The guest-physical pieces of `len` bytes at a guest virtual address, page
+/// by page through the guest's page tables; stops at the first unmapped page.
+fn physical_pieces(
+    vcpu: &VcpuFd,
+    gva: u64,
+    len: usize,
+) -> Result<Vec<(u64, usize)>, EmulationError> {
+    let mut pieces = Vec::new();
+    let (mut at, mut left) = (gva, len);
+    while left > 0 {
+        let translation = vcpu.translate_gva(at)?;
+        if translation.valid == 0 {
+            break;
+        }
+        let chunk = ((PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize).min(left);
+        pieces.push((translation.physical_address, chunk));
+        at += chunk as u64;
+        left -= chunk;
+    }
+    Ok(pieces)
+}
+
+/// Reads `buf.len()` bytes at a guest virtual address; fails unless all map.
+fn read_virt(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    gva: u64,
+    buf: &mut [u8],
+) -> Result<(), EmulationError> {
+    let len = buf.len();
+    let bad = || EmulationError::BadXstateBuffer { gva, len };
+    let pieces = physical_pieces(vcpu, gva, buf.len())?;
+    let mut done = 0;
+    for (gpa, chunk) in pieces {
+        mem.read_slice(&mut buf[done..done + chunk], GuestAddress(gpa))
+            .map_err(|_| bad())?;
+        done += chunk;
+    }
+    if done == len {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// Writes `data` at a guest virtual address; fails unless all of it maps.
+fn write_virt(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    gva: u64,
+    data: &[u8],
+) -> Result<(), EmulationError> {
+    let bad = || EmulationError::BadXstateBuffer {
+        gva,
+        len: data.len(),
+    };
+    let pieces = physical_pieces(vcpu, gva, data.len())?;
+    if pieces.iter().map(|(_, chunk)| chunk).sum::<usize>() != data.len() {
+        return Err(bad());
+    }
+    let mut done = 0;
+    for (gpa, chunk) in pieces {
+        mem.write_slice(&data[done..done + chunk], GuestAddress(gpa))
+            .map_err(|_| bad())?;
+        done += chunk;
+    }
+    Ok(())
+}
+
+/// Reads the bytes at a guest virtual RIP (an instruction can straddle a
+/// page boundary, and the bytes after it may be unmapped).
 fn read_instruction(
     vcpu: &VcpuFd,
     mem: &GuestMemoryMmap,
     rip: u64,
 ) -> Result<Vec<u8>, EmulationError> {
     let mut bytes = Vec::with_capacity(MAX_INSN_LEN);
-    let mut gva = rip;
-    while bytes.len() < MAX_INSN_LEN {
-        let translation = vcpu.translate_gva(gva)?;
-        if translation.valid == 0 {
+    for (gpa, chunk) in physical_pieces(vcpu, rip, MAX_INSN_LEN)? {
+        let mut piece = vec![0u8; chunk];
+        if mem.read_slice(&mut piece, GuestAddress(gpa)).is_err() {
             break;
         }
-        let in_page = (0x1000 - (gva & 0xfff)) as usize;
-        let mut chunk = vec![0u8; in_page.min(MAX_INSN_LEN - bytes.len())];
-        if mem
-            .read_slice(&mut chunk, GuestAddress(translation.physical_address))
-            .is_err()
-        {
-            break;
-        }
-        gva += chunk.len() as u64;
-        bytes.extend_from_slice(&chunk);
+        bytes.extend_from_slice(&piece);
     }
     if bytes.is_empty() {
         return Err(EmulationError::Unmapped { rip });
@@ -170,6 +274,15 @@ mod tests {
     fn int3_and_fwait_are_handled_others_are_not() {
         assert_eq!(classify(&[0xcc, 0x90]), Some(Fixup::InjectedBreakpoint));
         assert_eq!(classify(&[0x9b]), Some(Fixup::SkippedFwait));
+        assert_eq!(
+            classify(&[0x48, 0x0f, 0xae, 0x27, 0x90]),
+            Some(Fixup::SavedXstate)
+        );
+        assert_eq!(
+            classify(&[0x48, 0x0f, 0xae, 0x2f]),
+            Some(Fixup::RestoredXstate)
+        );
+        assert_eq!(classify(&[0x48, 0x0f, 0xae, 0x2e]), None); // xrstor64 (%rsi)
         assert_eq!(classify(&[0x48, 0x0f, 0xc7, 0x0e]), None); // cmpxchg16b
         assert_eq!(classify(&[]), None);
     }
