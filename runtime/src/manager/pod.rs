@@ -15,7 +15,7 @@ use crate::state::{ContainerState, PodRecord, PodState};
 const AGENT_EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// resolv.conf for the pod: its DNS config, or the host's for a pod without one.
-fn resolv_conf(dns: Option<&cri::DnsConfig>) -> String {
+pub(super) fn resolv_conf(dns: Option<&cri::DnsConfig>) -> String {
     match dns {
         Some(d) if !(d.servers.is_empty() && d.searches.is_empty() && d.options.is_empty()) => {
             let mut out = String::new();
@@ -49,11 +49,23 @@ impl Manager {
                 "the pod metadata needs a name and a namespace".into(),
             ));
         }
-        let handler = match runtime_handler {
-            "" => "host",
+        let host_network = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .is_some_and(|n| n.network() == cri::NamespaceMode::Node);
+        let requested = match runtime_handler {
+            "" => self.config.default_runtime.as_str(),
             other => other,
         };
-        let driver = self.driver(handler)?;
+        // Checked even when overridden below: an unknown handler is an error.
+        let mut driver = self.driver(requested)?;
+        if host_network && driver.name() != "host" {
+            // The node's network cannot be handed into a VM.
+            info!(pod = %meta.name, requested, "a hostNetwork pod runs on the host driver");
+            driver = self.driver("host")?;
+        }
         for pod in self.state.pods()? {
             if pod.config.metadata.as_ref() == Some(meta) {
                 return Err(CriError::AlreadyExists(format!(
@@ -62,12 +74,6 @@ impl Manager {
                 )));
             }
         }
-        let host_network = config
-            .linux
-            .as_ref()
-            .and_then(|l| l.security_context.as_ref())
-            .and_then(|s| s.namespace_options.as_ref())
-            .is_some_and(|n| n.network() == cri::NamespaceMode::Node);
         if !host_network {
             warn!(
                 pod = %meta.name,
@@ -240,6 +246,27 @@ impl Manager {
             if !driver.alive(pod.pid, &pod.dir) {
                 warn!(sandbox = id, pid = pod.pid, "the sandbox's process is gone");
                 self.forget_agent(id);
+                // Its containers died with it.
+                for c in self.state.containers()? {
+                    if c.pod_id == id
+                        && matches!(c.state, ContainerState::Created | ContainerState::Running)
+                    {
+                        let now = now_ns();
+                        self.update_container(&c.id, |r| {
+                            if matches!(r.state, ContainerState::Created | ContainerState::Running)
+                            {
+                                r.state = ContainerState::Exited;
+                                r.finished_at = now;
+                                r.exit_code = 137;
+                                r.reason = "Error".into();
+                                r.message = format!(
+                                    "the pod sandbox's {} process ended unexpectedly",
+                                    pod.driver
+                                );
+                            }
+                        })?;
+                    }
+                }
                 return self.update_pod(id, |p| p.state = PodState::NotReady);
             }
         }
