@@ -501,12 +501,18 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let out = exec_sync(
         &mut rt,
         &sleeper,
-        &["cat", "/etc/hosts", "/config/sub/key", "/config/link"],
+        &[
+            "cat",
+            "/etc/hosts",
+            "/config/sub/key",
+            "/config/link",
+            "/proc/sys/kernel/hostname",
+        ],
     )
     .await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "10.0.0.1 husk-test\nvalue\nvalue\n",
+        "10.0.0.1 husk-test\nvalue\nvalue\nvm1\n",
         "{out:?}"
     );
 

@@ -449,6 +449,10 @@ impl SandboxDriver for MicroVmDriver {
         is_our_process(pid, dir)
     }
 
+    fn runs_in_vm(&self) -> bool {
+        true
+    }
+
     fn shares_host_fs(&self) -> bool {
         false
     }

@@ -137,6 +137,12 @@ pub trait SandboxDriver: Send + Sync {
     /// Whether the sandbox's process still runs.
     fn alive(&self, pid: u32, dir: &Path) -> bool;
 
+    /// Whether the pod is its own machine (its own kernel, hostname and,
+    /// later, network), rather than a group of host processes.
+    fn runs_in_vm(&self) -> bool {
+        false
+    }
+
     /// Whether the agent sees the host's filesystem, so that kubelet's
     /// host paths can be bind-mounted as they are. When not, huskd copies
     /// them into the agent's shared directory.
