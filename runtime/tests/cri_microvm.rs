@@ -170,6 +170,21 @@ fn vmms_under(dir: &Path) -> Vec<u32> {
     out
 }
 
+/// Kills every husk-vmm below a state directory when dropped: a failing
+/// test (a panic) must not leave VMs behind, which outlive huskd by design.
+struct VmReaper(PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        for pid in vmms_under(&self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// The VMM log and guest console of every sandbox below `state`.
 fn guest_diagnostics(state: &Path) -> String {
     let mut out = String::new();
@@ -260,6 +275,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let root = dir.path().join("root");
     let state = dir.path().join("state");
     let logs = dir.path().join("logs");
+    let _reaper = VmReaper(state.clone());
     let socket = dir.path().join("husk.sock");
     let config = dir.path().join("config.toml");
     std::fs::write(
