@@ -5,8 +5,12 @@
 //! listen = "unix:///run/husk/husk.sock"
 //! root = "/var/lib/husk"
 //! state = "/run/husk"
+//! default_runtime = "microvm"         # the handler for runtime_handler ""
 //! guest_kernel = "/usr/lib/husk/vmlinux"
-//! guest_initrd = "/usr/lib/husk/initrd"
+//! guest_initrd = "/usr/lib/husk/initramfs.cpio.gz"
+//! guest_mem_mib = 128
+//! guest_cmdline = "console=ttyS0 reboot=k panic=-1 loglevel=7"  # default: husk-vmm's
+//! guest_boot_timeout_secs = 120
 //! husk_vmm = "/usr/bin/husk-vmm"      # default: next to huskd
 //! husk_agent = "/usr/bin/husk-agent"  # default: next to huskd
 //! log_level = "info"
@@ -17,11 +21,15 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
 
 use crate::image::RegistryConfig;
+use crate::sandbox::microvm::{
+    DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL, DEFAULT_GUEST_MEM_MIB,
+};
 
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/husk/config.toml";
 pub const DEFAULT_LISTEN: &str = "unix:///run/husk/husk.sock";
@@ -41,12 +49,26 @@ pub struct Cli {
     /// Runtime state: sandboxes' sockets and directories [default: /run/husk].
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
-    /// The guest kernel the microvm driver boots.
+    /// The sandbox driver for pods whose runtime handler is "" (hostNetwork
+    /// pods always get "host") [default: microvm].
+    #[arg(long, value_name = "HANDLER")]
+    pub default_runtime: Option<String>,
+    /// The guest kernel the microvm driver boots [default: /usr/lib/husk/vmlinux].
     #[arg(long, value_name = "PATH")]
     pub guest_kernel: Option<PathBuf>,
-    /// The guest initramfs the microvm driver boots.
+    /// The guest initramfs the microvm driver boots
+    /// [default: /usr/lib/husk/initramfs.cpio.gz].
     #[arg(long, value_name = "PATH")]
     pub guest_initrd: Option<PathBuf>,
+    /// Guest RAM per microvm pod, in MiB [default: 128].
+    #[arg(long, value_name = "MIB")]
+    pub guest_mem_mib: Option<u64>,
+    /// The guest kernel's command line [default: husk-vmm's, which is quiet].
+    #[arg(long, value_name = "CMDLINE")]
+    pub guest_cmdline: Option<String>,
+    /// How long a microvm pod's guest has to boot to its agent [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub guest_boot_timeout_secs: Option<u64>,
     /// husk-vmm [default: next to huskd].
     #[arg(long, value_name = "PATH")]
     pub husk_vmm: Option<PathBuf>,
@@ -69,8 +91,12 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub root: Option<PathBuf>,
     pub state: Option<PathBuf>,
+    pub default_runtime: Option<String>,
     pub guest_kernel: Option<PathBuf>,
     pub guest_initrd: Option<PathBuf>,
+    pub guest_mem_mib: Option<u64>,
+    pub guest_cmdline: Option<String>,
+    pub guest_boot_timeout_secs: Option<u64>,
     pub husk_vmm: Option<PathBuf>,
     pub husk_agent: Option<PathBuf>,
     pub log_level: Option<String>,
@@ -85,8 +111,14 @@ pub struct Config {
     pub listen: PathBuf,
     pub root: PathBuf,
     pub state: PathBuf,
-    pub guest_kernel: Option<PathBuf>,
-    pub guest_initrd: Option<PathBuf>,
+    /// The handler ("microvm" or "host") for runtime handler "".
+    pub default_runtime: String,
+    pub guest_kernel: PathBuf,
+    pub guest_initrd: PathBuf,
+    pub guest_mem_mib: u64,
+    /// None: husk-vmm's default command line.
+    pub guest_cmdline: Option<String>,
+    pub guest_boot_timeout: Duration,
     pub husk_vmm: PathBuf,
     pub husk_agent: PathBuf,
     pub log_level: String,
@@ -109,6 +141,8 @@ pub enum ConfigError {
     },
     #[error("listen address {0:?}: expected unix://PATH with an absolute path")]
     Listen(String),
+    #[error("default_runtime {0:?}: expected \"microvm\" or \"host\"")]
+    DefaultRuntime(String),
     #[error("cannot find huskd's own executable to look for {what} next to it: {source}")]
     OwnExe {
         what: &'static str,
@@ -152,8 +186,17 @@ impl Config {
             Some(p) => p,
             None => beside_me("husk-agent")?,
         };
+        let default_runtime = cli
+            .default_runtime
+            .clone()
+            .or(file.default_runtime)
+            .unwrap_or_else(|| "microvm".into());
+        if !matches!(default_runtime.as_str(), "microvm" | "host") {
+            return Err(ConfigError::DefaultRuntime(default_runtime));
+        }
         Ok(Config {
             listen,
+            default_runtime,
             root: cli
                 .root
                 .clone()
@@ -164,8 +207,26 @@ impl Config {
                 .clone()
                 .or(file.state)
                 .unwrap_or_else(|| DEFAULT_STATE.into()),
-            guest_kernel: cli.guest_kernel.clone().or(file.guest_kernel),
-            guest_initrd: cli.guest_initrd.clone().or(file.guest_initrd),
+            guest_kernel: cli
+                .guest_kernel
+                .clone()
+                .or(file.guest_kernel)
+                .unwrap_or_else(|| DEFAULT_GUEST_KERNEL.into()),
+            guest_initrd: cli
+                .guest_initrd
+                .clone()
+                .or(file.guest_initrd)
+                .unwrap_or_else(|| DEFAULT_GUEST_INITRD.into()),
+            guest_mem_mib: cli
+                .guest_mem_mib
+                .or(file.guest_mem_mib)
+                .unwrap_or(DEFAULT_GUEST_MEM_MIB),
+            guest_cmdline: cli.guest_cmdline.clone().or(file.guest_cmdline),
+            guest_boot_timeout: cli
+                .guest_boot_timeout_secs
+                .or(file.guest_boot_timeout_secs)
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_BOOT_TIMEOUT),
             husk_vmm,
             husk_agent,
             log_level: cli
@@ -236,6 +297,24 @@ mod tests {
         let config = Config::merge(&Cli::default(), FileConfig::default()).expect("merge");
         assert_eq!(config.listen, PathBuf::from("/run/husk/husk.sock"));
         assert_eq!(config.root, PathBuf::from(DEFAULT_ROOT));
+        assert_eq!(config.default_runtime, "microvm");
+        assert_eq!(config.guest_kernel, PathBuf::from(DEFAULT_GUEST_KERNEL));
+        assert_eq!(config.guest_mem_mib, DEFAULT_GUEST_MEM_MIB);
+        let host_default = Cli {
+            default_runtime: Some("host".into()),
+            ..Cli::default()
+        };
+        assert_eq!(
+            Config::merge(&host_default, FileConfig::default())
+                .expect("merge")
+                .default_runtime,
+            "host"
+        );
+        let bad = Cli {
+            default_runtime: Some("kata".into()),
+            ..Cli::default()
+        };
+        assert!(Config::merge(&bad, FileConfig::default()).is_err());
         assert!(parse_listen("tcp://1.2.3.4:5").is_err());
         assert!(parse_listen("unix://relative.sock").is_err());
         assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());

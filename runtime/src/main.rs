@@ -8,11 +8,12 @@ use clap::Parser;
 use husk_runtime::config::{Cli, Config};
 use husk_runtime::image::ImageStore;
 use husk_runtime::manager::Manager;
-use husk_runtime::sandbox::HostDriver;
+use husk_runtime::sandbox::microvm::DEFAULT_SPARE_DISKS;
+use husk_runtime::sandbox::{HostDriver, MicroVmConfig, MicroVmDriver};
 use husk_runtime::server;
 use husk_runtime::state::State;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 enum HuskdError {
@@ -77,17 +78,31 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     let images = ImageStore::open(config.root.join("images"))?;
     let state = State::open(&config.root)?;
     let host = Arc::new(HostDriver::new(config.husk_agent.clone()));
+    let microvm = Arc::new(MicroVmDriver::new(MicroVmConfig {
+        vmm: config.husk_vmm.clone(),
+        kernel: config.guest_kernel.clone(),
+        initrd: config.guest_initrd.clone(),
+        mem_mib: config.guest_mem_mib,
+        cmdline: config.guest_cmdline.clone(),
+        spare_disks: DEFAULT_SPARE_DISKS,
+        boot_timeout: config.guest_boot_timeout,
+    }));
+    if let Err(why) = microvm.check() {
+        warn!("the microvm sandbox driver cannot start pods: {why}");
+    }
     let listener = server::bind(&config.listen)?;
     info!(
         listen = %config.listen.display(),
         root = %config.root.display(),
         state = %config.state.display(),
         agent = %config.husk_agent.display(),
+        vmm = %config.husk_vmm.display(),
+        default_runtime = %config.default_runtime,
         "huskd {} starting",
         env!("CARGO_PKG_VERSION")
     );
     let socket = config.listen.clone();
-    let manager = Manager::new(config, images, state, host);
+    let manager = Manager::new(config, images, state, host, microvm);
     let mut term = signal(SignalKind::terminate()).map_err(HuskdError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(HuskdError::Signals)?;
     let shutdown = async move {

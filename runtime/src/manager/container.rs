@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use super::logs::{copy_stream, LogFile};
 use super::spec::{self, SpecInput};
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
+use crate::sandbox::{ImageFiles, RootfsPlan};
 use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState};
 
 /// ExecSync keeps at most this much of each stream, as containerd does.
@@ -49,15 +50,22 @@ fn apply_exit(record: &mut ContainerRecord, exit: &agent::ExitStatus) {
         exit.reason.clone()
     };
     record.message = exit.message.clone();
-    // The agent saw the process start: its time is the precise one.
-    if exit.started_at_ns > 0 {
+    // The agent saw the process start and end: its times are the precise
+    // ones, when its clock agrees with ours. A guest's clock may lag the
+    // host's by seconds; then huskd's own observations stand.
+    let now = now_ns();
+    let agent_clock_agrees = exit.started_at_ns >= record.created_at
+        && exit.finished_at_ns >= exit.started_at_ns
+        && exit.finished_at_ns <= now;
+    if agent_clock_agrees {
         record.started_at = exit.started_at_ns;
-    }
-    record.finished_at = if exit.finished_at_ns > 0 {
-        exit.finished_at_ns
+        record.finished_at = exit.finished_at_ns;
     } else {
-        now_ns()
-    };
+        if record.started_at == 0 {
+            record.started_at = record.created_at;
+        }
+        record.finished_at = now.max(record.started_at);
+    }
 }
 
 /// Reads a stream to its end, keeping at most `cap` bytes.
@@ -85,6 +93,264 @@ async fn collect(
         )))?;
         let room = cap.saturating_sub(out.len());
         out.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
+    }
+    Ok(out)
+}
+
+/// How long CreateContainer is retried while the guest has not yet seen a
+/// freshly attached image disk (its config-change interrupt is handled
+/// asynchronously; on PVM hosts that takes a while).
+const DEVICE_WAIT: Duration = Duration::from_secs(60);
+/// Host-path mounts a VM pod gets as copies: at most this many bytes and
+/// entries per mount. Larger volumes need virtio-fs, which husk lacks yet.
+const MAX_COPY_BYTES: u64 = 16 << 20;
+const MAX_COPY_ENTRIES: usize = 1024;
+/// CopyFile chunk size (well under gRPC's 4 MiB message limit).
+const COPY_CHUNK: usize = 1 << 20;
+
+/// CreateContainer, retried while the agent cannot mount a block device
+/// that the guest has not seen arrive yet.
+async fn create_in_agent(
+    client: &mut AgentClient<Channel>,
+    request: agent::CreateContainerRequest,
+    plan: &RootfsPlan,
+) -> std::result::Result<(), tonic::Status> {
+    let RootfsPlan::BlockDevice(device) = plan else {
+        return client.create_container(request).await.map(|_| ());
+    };
+    let started = std::time::Instant::now();
+    let not_there_yet = format!("cannot mount {device} ");
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match client.create_container(request.clone()).await {
+            Ok(_) => {
+                if attempts > 1 {
+                    info!(
+                        %device,
+                        attempts,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "the guest saw the image disk"
+                    );
+                }
+                return Ok(());
+            }
+            Err(status)
+                if status.code() == tonic::Code::Internal
+                    && status.message().contains(&not_there_yet)
+                    && started.elapsed() < DEVICE_WAIT =>
+            {
+                tracing::debug!(%device, "not mountable yet: {}", status.message());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+/// One entry of a host path to copy into the guest.
+struct CopyEntry {
+    /// Relative to the mount's copy; empty for the top.
+    rel: std::path::PathBuf,
+    kind: agent::FileKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    target: String,
+    source: std::path::PathBuf,
+}
+
+/// Lists `top` (following a symlink at the top only), parents first,
+/// refusing what is too large to copy.
+fn walk_for_copy(top: &Path) -> std::result::Result<Vec<CopyEntry>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    let mut pending = vec![(std::path::PathBuf::new(), top.to_path_buf(), true)];
+    while let Some((rel, path, follow)) = pending.pop() {
+        let meta = if follow {
+            std::fs::metadata(&path)
+        } else {
+            std::fs::symlink_metadata(&path)
+        }
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+        let kind = if meta.is_dir() {
+            agent::FileKind::Directory
+        } else if meta.file_type().is_symlink() {
+            agent::FileKind::Symlink
+        } else if meta.is_file() {
+            agent::FileKind::Regular
+        } else {
+            return Err(format!(
+                "{} is neither a file, a directory nor a symlink",
+                path.display()
+            ));
+        };
+        let target = if kind == agent::FileKind::Symlink {
+            std::fs::read_link(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            String::new()
+        };
+        if kind == agent::FileKind::Regular {
+            total += meta.len();
+        }
+        if total > MAX_COPY_BYTES || out.len() >= MAX_COPY_ENTRIES {
+            return Err(format!(
+                "more than {} MiB or {MAX_COPY_ENTRIES} entries",
+                MAX_COPY_BYTES >> 20
+            ));
+        }
+        if kind == agent::FileKind::Directory {
+            let mut children: Vec<_> = std::fs::read_dir(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect();
+            children.sort();
+            // Popped in reverse: keeps a stable, parents-first order.
+            for name in children.into_iter().rev() {
+                pending.push((rel.join(&name), path.join(&name), false));
+            }
+        }
+        out.push(CopyEntry {
+            rel,
+            kind,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            target,
+            source: path,
+        });
+    }
+    Ok(out)
+}
+
+/// Copies each mount's host path into the agent's shared directory, below
+/// `mounts/<container>/<n>`, and returns the mounts naming the copies.
+async fn copy_mounts(
+    client: &mut AgentClient<Channel>,
+    pod: &PodRecord,
+    container: &str,
+    mounts: &[cri::Mount],
+) -> Result<Vec<cri::Mount>> {
+    if pod.shared_dir.is_empty() {
+        return Err(CriError::FailedPrecondition(format!(
+            "pod {} has no shared directory for its containers' host-path mounts",
+            pod.id
+        )));
+    }
+    let copy = |client: &mut AgentClient<Channel>, request: agent::CopyFileRequest| {
+        let mut client = client.clone();
+        async move {
+            let path = request.path.clone();
+            client
+                .copy_file(request)
+                .await
+                .map_err(agent_err(format!("copying {path} into the pod")))
+        }
+    };
+    let dir = |path: String| agent::CopyFileRequest {
+        path,
+        kind: agent::FileKind::Directory.into(),
+        mode: 0o755,
+        ..Default::default()
+    };
+    copy(client, dir("mounts".into())).await?;
+    let base = format!("mounts/{container}");
+    copy(client, dir(base.clone())).await?;
+    let mut out = Vec::with_capacity(mounts.len());
+    for (n, mount) in mounts.iter().enumerate() {
+        let dest = format!("{base}/{n}");
+        let host = Path::new(&mount.host_path);
+        if !host.is_absolute() {
+            return Err(CriError::InvalidArgument(format!(
+                "mount {:?}: host path {:?} must be absolute",
+                mount.container_path, mount.host_path
+            )));
+        }
+        if !host.exists() {
+            // As containerd does: a missing host path is made a directory.
+            copy(client, dir(dest.clone())).await?;
+        } else {
+            let top = host.to_path_buf();
+            let entries = tokio::task::spawn_blocking(move || walk_for_copy(&top))
+                .await
+                .map_err(|e| CriError::Io {
+                    what: "listing a host-path mount".into(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|why| {
+                    CriError::InvalidArgument(format!(
+                        "host-path mount {} → {} cannot go into a microVM pod: {why}; only small \
+                         files and directories are copied in (larger volumes need virtio-fs, not \
+                         supported yet; use runtime handler \"host\" for such pods)",
+                        mount.host_path, mount.container_path
+                    ))
+                })?;
+            let mut bytes = 0u64;
+            for entry in &entries {
+                let path = if entry.rel.as_os_str().is_empty() {
+                    dest.clone()
+                } else {
+                    format!("{dest}/{}", entry.rel.display())
+                };
+                let request = agent::CopyFileRequest {
+                    path,
+                    kind: entry.kind.into(),
+                    mode: entry.mode,
+                    uid: entry.uid,
+                    gid: entry.gid,
+                    symlink_target: entry.target.clone(),
+                    ..Default::default()
+                };
+                if entry.kind != agent::FileKind::Regular {
+                    copy(client, request).await?;
+                    continue;
+                }
+                let data = tokio::fs::read(&entry.source)
+                    .await
+                    .map_err(|source| CriError::Io {
+                        what: format!("reading {}", entry.source.display()),
+                        source,
+                    })?;
+                bytes += data.len() as u64;
+                let mut offset = 0usize;
+                loop {
+                    let end = (offset + COPY_CHUNK).min(data.len());
+                    copy(
+                        client,
+                        agent::CopyFileRequest {
+                            data: data[offset..end].to_vec(),
+                            offset: offset as u64,
+                            ..request.clone()
+                        },
+                    )
+                    .await?;
+                    offset = end;
+                    if offset >= data.len() {
+                        break;
+                    }
+                }
+            }
+            tracing::debug!(
+                host = %mount.host_path,
+                entries = entries.len(),
+                bytes,
+                "host-path mount copied into the pod"
+            );
+            if mount.container_path == "/dev/termination-log" || !mount.readonly {
+                tracing::debug!(
+                    host = %mount.host_path,
+                    "the container writes a copy: its writes do not reach the host"
+                );
+            }
+        }
+        out.push(cri::Mount {
+            host_path: format!("{}/{dest}", pod.shared_dir.trim_end_matches('/')),
+            ..mount.clone()
+        });
     }
     Ok(out)
 }
@@ -139,36 +405,84 @@ impl Manager {
             CriError::NotFound(format!("image {image_name:?} not found: pull it first"))
         })?;
         let rootfs = self.images.rootfs_dir(&image.id);
+        let driver = self.driver(&pod.driver)?;
+        let id = new_id()?;
+        let mut client = self.agent(&pod).await?;
+        // A VM cannot bind-mount the host's files: they are copied into the
+        // agent's shared directory and the spec names the copies.
+        let mut spec_config = config.clone();
+        if !driver.shares_host_fs() && !config.mounts.is_empty() {
+            spec_config.mounts = copy_mounts(&mut client, &pod, &id, &config.mounts).await?;
+        }
+        let shared_resolv = Path::new(&pod.shared_dir).join("resolv.conf");
+        let resolv_conf = (!pod.shared_dir.is_empty()
+            && if driver.shares_host_fs() {
+                shared_resolv.exists()
+            } else {
+                // SetupSandbox wrote it into the guest whenever it had content.
+                !super::pod::resolv_conf(pod.config.dns_config.as_ref()).is_empty()
+            })
+        .then_some(shared_resolv);
         let spec = spec::build(&SpecInput {
-            config: &config,
+            config: &spec_config,
             pod: &pod.config,
             image: &image,
             rootfs: &rootfs,
-            shared_dir: &pod.shared_dir,
+            resolv_conf: resolv_conf.as_deref(),
         })?;
         let spec_json = serde_json::to_vec(&spec).map_err(|e| CriError::Io {
             what: "encoding the OCI spec".into(),
             source: e.into(),
         })?;
-        let id = new_id()?;
-        let mut client = self.agent(&pod).await?;
-        client
-            .create_container(agent::CreateContainerRequest {
-                container_id: id.clone(),
-                oci_spec_json: spec_json,
-                rootfs: Some(agent::RootfsSource {
-                    source: Some(agent::rootfs_source::Source::Directory(
-                        rootfs.display().to_string(),
-                    )),
-                    writable_layer_bytes: 0,
+        let image_id = image.id.to_string();
+        let erofs = self.images.erofs_path(&image.id);
+        let plan = driver
+            .attach_image(
+                &pod.id,
+                &pod.dir,
+                ImageFiles {
+                    id: &image_id,
+                    rootfs_dir: &rootfs,
+                    erofs: &erofs,
+                },
+            )
+            .await?;
+        let request = agent::CreateContainerRequest {
+            container_id: id.clone(),
+            oci_spec_json: spec_json,
+            rootfs: Some(agent::RootfsSource {
+                source: Some(match &plan {
+                    RootfsPlan::Directory(dir) => {
+                        agent::rootfs_source::Source::Directory(dir.display().to_string())
+                    }
+                    RootfsPlan::BlockDevice(device) => {
+                        agent::rootfs_source::Source::BlockDevice(device.clone())
+                    }
                 }),
-                stdin: config.stdin,
-            })
+                writable_layer_bytes: 0,
+            }),
+            stdin: config.stdin,
+        };
+        let created = create_in_agent(&mut client, request, &plan)
             .await
             .map_err(agent_err(format!(
                 "creating container {} in pod {pod_id}",
                 meta.name
-            )))?;
+            )));
+        if let Err(err) = created {
+            // Keep the disk only if another container of the pod uses it.
+            let in_use = self
+                .state
+                .containers()?
+                .iter()
+                .any(|c| c.pod_id == pod_id && c.image_id == image_id);
+            if !in_use {
+                if let Err(e) = driver.release_image(&pod.id, &pod.dir, &image_id).await {
+                    warn!(sandbox = pod_id, "releasing image {image_id}: {e}");
+                }
+            }
+            return Err(err);
+        }
         let log_path = (!config.log_path.is_empty() && !pod.config.log_directory.is_empty())
             .then(|| Path::new(&pod.config.log_directory).join(&config.log_path));
         let record = ContainerRecord {
@@ -387,7 +701,25 @@ impl Manager {
                 Err(s) => return Err(agent_err(format!("removing container {id}"))(s)),
             }
         }
+        let lock = self.pod_lock(&record.pod_id);
+        let _guard = lock.lock().await;
         self.state.delete_container(id)?;
+        // The image's disk goes once no container of the pod uses it.
+        if pod.state == PodState::Ready
+            && !self
+                .state
+                .containers()?
+                .iter()
+                .any(|c| c.pod_id == pod.id && c.image_id == record.image_id)
+        {
+            let driver = self.driver(&pod.driver)?;
+            if let Err(e) = driver
+                .release_image(&pod.id, &pod.dir, &record.image_id)
+                .await
+            {
+                warn!(container = id, "releasing image {}: {e}", record.image_id);
+            }
+        }
         info!(container = id, "container removed");
         Ok(())
     }

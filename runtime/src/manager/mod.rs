@@ -122,6 +122,7 @@ pub struct Manager {
     pub images: ImageStore,
     pub state: State,
     host: Arc<dyn SandboxDriver>,
+    microvm: Arc<dyn SandboxDriver>,
     agents: Mutex<HashMap<String, AgentClient<Channel>>>,
     /// Serialises read-modify-write of records.
     records: Mutex<()>,
@@ -135,12 +136,14 @@ impl Manager {
         images: ImageStore,
         state: State,
         host: Arc<dyn SandboxDriver>,
+        microvm: Arc<dyn SandboxDriver>,
     ) -> Arc<Manager> {
         Arc::new(Manager {
             config,
             images,
             state,
             host,
+            microvm,
             agents: Mutex::new(HashMap::new()),
             records: Mutex::new(()),
             pod_locks: Mutex::new(HashMap::new()),
@@ -154,12 +157,9 @@ impl Manager {
     fn driver(&self, name: &str) -> Result<Arc<dyn SandboxDriver>> {
         match name {
             "host" => Ok(self.host.clone()),
-            "microvm" => Err(CriError::Unimplemented(
-                "the microvm sandbox driver is not implemented yet; use runtime handler \"host\""
-                    .into(),
-            )),
+            "microvm" => Ok(self.microvm.clone()),
             other => Err(CriError::InvalidArgument(format!(
-                "unknown runtime handler {other:?} (husk has \"host\")"
+                "unknown runtime handler {other:?} (husk has \"microvm\" and \"host\")"
             ))),
         }
     }

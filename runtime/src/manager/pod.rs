@@ -15,7 +15,7 @@ use crate::state::{ContainerState, PodRecord, PodState};
 const AGENT_EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// resolv.conf for the pod: its DNS config, or the host's for a pod without one.
-fn resolv_conf(dns: Option<&cri::DnsConfig>) -> String {
+pub(super) fn resolv_conf(dns: Option<&cri::DnsConfig>) -> String {
     match dns {
         Some(d) if !(d.servers.is_empty() && d.searches.is_empty() && d.options.is_empty()) => {
             let mut out = String::new();
@@ -49,11 +49,23 @@ impl Manager {
                 "the pod metadata needs a name and a namespace".into(),
             ));
         }
-        let handler = match runtime_handler {
-            "" => "host",
+        let host_network = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .is_some_and(|n| n.network() == cri::NamespaceMode::Node);
+        let requested = match runtime_handler {
+            "" => self.config.default_runtime.as_str(),
             other => other,
         };
-        let driver = self.driver(handler)?;
+        // Checked even when overridden below: an unknown handler is an error.
+        let mut driver = self.driver(requested)?;
+        if host_network && driver.name() != "host" {
+            // The node's network cannot be handed into a VM.
+            info!(pod = %meta.name, requested, "a hostNetwork pod runs on the host driver");
+            driver = self.driver("host")?;
+        }
         for pod in self.state.pods()? {
             if pod.config.metadata.as_ref() == Some(meta) {
                 return Err(CriError::AlreadyExists(format!(
@@ -62,17 +74,18 @@ impl Manager {
                 )));
             }
         }
-        let host_network = config
-            .linux
-            .as_ref()
-            .and_then(|l| l.security_context.as_ref())
-            .and_then(|s| s.namespace_options.as_ref())
-            .is_some_and(|n| n.network() == cri::NamespaceMode::Node);
         if !host_network {
-            warn!(
-                pod = %meta.name,
-                "pod networking is not implemented yet: the pod shares the host's network"
-            );
+            if driver.runs_in_vm() {
+                warn!(
+                    pod = %meta.name,
+                    "pod networking is not implemented yet: the pod's VM has no network interface"
+                );
+            } else {
+                warn!(
+                    pod = %meta.name,
+                    "pod networking is not implemented yet: the pod shares the host's network"
+                );
+            }
         }
         let id = new_id()?;
         let lock = self.pod_lock(&id);
@@ -105,8 +118,14 @@ impl Manager {
                 .client
                 .setup_sandbox(agent::SetupSandboxRequest {
                     sandbox_id: id.clone(),
-                    // The host's UTS name stays while the pod shares the host's network.
-                    hostname: String::new(),
+                    // A VM is the pod's own machine: its hostname is the pod's.
+                    // On the host driver the host's UTS name stays while the
+                    // pod shares the host's network.
+                    hostname: if driver.runs_in_vm() {
+                        config.hostname.clone()
+                    } else {
+                        String::new()
+                    },
                     resolv_conf: resolv_conf(config.dns_config.as_ref()),
                     hosts: String::new(),
                     sysctls: config
@@ -240,6 +259,27 @@ impl Manager {
             if !driver.alive(pod.pid, &pod.dir) {
                 warn!(sandbox = id, pid = pod.pid, "the sandbox's process is gone");
                 self.forget_agent(id);
+                // Its containers died with it.
+                for c in self.state.containers()? {
+                    if c.pod_id == id
+                        && matches!(c.state, ContainerState::Created | ContainerState::Running)
+                    {
+                        let now = now_ns();
+                        self.update_container(&c.id, |r| {
+                            if matches!(r.state, ContainerState::Created | ContainerState::Running)
+                            {
+                                r.state = ContainerState::Exited;
+                                r.finished_at = now;
+                                r.exit_code = 137;
+                                r.reason = "Error".into();
+                                r.message = format!(
+                                    "the pod sandbox's {} process ended unexpectedly",
+                                    pod.driver
+                                );
+                            }
+                        })?;
+                    }
+                }
                 return self.update_pod(id, |p| p.state = PodState::NotReady);
             }
         }
@@ -311,5 +351,140 @@ fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
         labels: pod.config.labels.clone(),
         annotations: pod.config.annotations.clone(),
         runtime_handler: pod.runtime_handler.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use husk_proto::v1::agent_client::AgentClient;
+    use tonic::transport::Channel;
+
+    use super::*;
+    use crate::config::{Cli, Config, FileConfig};
+    use crate::image::ImageStore;
+    use crate::sandbox::{BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started};
+    use crate::state::State;
+
+    /// A driver that records its start calls and refuses them.
+    struct Fake {
+        name: &'static str,
+        starts: Mutex<u32>,
+    }
+
+    impl SandboxDriver for Fake {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn start<'a>(
+            &'a self,
+            spec: &'a SandboxSpec,
+        ) -> BoxFuture<'a, Result<Started, SandboxError>> {
+            *self.starts.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            Box::pin(async move {
+                Err(SandboxError::Unavailable {
+                    id: spec.id.clone(),
+                    driver: self.name.into(),
+                    detail: "fake".into(),
+                })
+            })
+        }
+        fn connect<'a>(
+            &'a self,
+            id: &'a str,
+            _agent_socket: &'a Path,
+        ) -> BoxFuture<'a, Result<AgentClient<Channel>, SandboxError>> {
+            Box::pin(async move {
+                Err(SandboxError::Unavailable {
+                    id: id.into(),
+                    driver: self.name.into(),
+                    detail: "fake".into(),
+                })
+            })
+        }
+        fn stop<'a>(
+            &'a self,
+            _id: &'a str,
+            _pid: u32,
+            _dir: &'a Path,
+            _grace: Duration,
+        ) -> BoxFuture<'a, Result<(), SandboxError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn alive(&self, _pid: u32, _dir: &Path) -> bool {
+            false
+        }
+    }
+
+    fn pod(name: &str, host_network: bool) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: name.into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            linux: host_network.then(|| cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn handlers_choose_drivers_and_host_network_means_host() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cli = Cli {
+            root: Some(dir.path().join("root")),
+            state: Some(dir.path().join("state")),
+            ..Cli::default()
+        };
+        let config = Config::merge(&cli, FileConfig::default()).expect("config");
+        std::fs::create_dir_all(&config.root).expect("root");
+        let images = ImageStore::open(config.root.join("images")).expect("images");
+        let state = State::open(&config.root).expect("state");
+        let host = Arc::new(Fake {
+            name: "host",
+            starts: Mutex::new(0),
+        });
+        let microvm = Arc::new(Fake {
+            name: "microvm",
+            starts: Mutex::new(0),
+        });
+        let manager = Manager::new(config, images, state, host.clone(), microvm.clone());
+        let starts = |f: &Fake| *f.starts.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, handler, host_network, want_host, want_vm) in [
+            ("a", "", false, 0, 1),
+            ("b", "microvm", false, 0, 2),
+            ("c", "host", false, 1, 2),
+            ("d", "", true, 2, 2),
+            ("e", "microvm", true, 3, 2),
+        ] {
+            let err = manager
+                .run_pod_sandbox(pod(name, host_network), handler)
+                .await
+                .expect_err("the fake drivers refuse");
+            assert!(err.to_string().contains("fake"), "{err}");
+            assert_eq!(
+                (starts(&host), starts(&microvm)),
+                (want_host, want_vm),
+                "{name}"
+            );
+        }
+        let unknown = manager
+            .run_pod_sandbox(pod("f", false), "kata")
+            .await
+            .expect_err("unknown handler");
+        assert!(matches!(unknown, CriError::InvalidArgument(_)), "{unknown}");
+        assert!(manager.state.pods().expect("pods").is_empty());
     }
 }

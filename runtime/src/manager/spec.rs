@@ -121,8 +121,9 @@ pub struct SpecInput<'a> {
     pub image: &'a ImageRecord,
     /// The image's unpacked rootfs (for /etc/passwd and /etc/group).
     pub rootfs: &'a Path,
-    /// The agent's shared directory, holding the pod's resolv.conf.
-    pub shared_dir: &'a str,
+    /// The pod's resolv.conf as the agent sees it (in its shared
+    /// directory), if it has one.
+    pub resolv_conf: Option<&'a Path>,
 }
 
 /// The process's argv: Docker's rules for command/args vs entrypoint/cmd.
@@ -420,14 +421,11 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": cgroup_options}),
     ];
     let has_mount = |dest: &str| config.mounts.iter().any(|m| m.container_path == dest);
-    if !has_mount("/etc/resolv.conf") && !input.shared_dir.is_empty() {
-        let resolv = Path::new(input.shared_dir).join("resolv.conf");
-        if resolv.exists() {
-            mounts.push(json!({
-                "destination": "/etc/resolv.conf", "type": "bind",
-                "source": resolv, "options": ["rbind", "rprivate", "ro"]
-            }));
-        }
+    if let (false, Some(resolv)) = (has_mount("/etc/resolv.conf"), input.resolv_conf) {
+        mounts.push(json!({
+            "destination": "/etc/resolv.conf", "type": "bind",
+            "source": resolv, "options": ["rbind", "rprivate", "ro"]
+        }));
     }
     for m in &config.mounts {
         if !m.container_path.starts_with('/') {

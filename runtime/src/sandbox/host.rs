@@ -40,25 +40,8 @@ fn log_tail(dir: &Path) -> String {
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
-/// Whether `pid` is a live (not zombie) process whose command line names `dir`.
 fn is_our_agent(pid: u32, dir: &Path) -> bool {
-    if pid == 0 {
-        return false;
-    }
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state letter follows the parenthesised command name.
-    let zombie = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-        .unwrap_or(true);
-    if zombie {
-        return false;
-    }
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = dir.as_os_str().as_encoded_bytes();
-    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+    super::is_our_process(pid, dir)
 }
 
 impl SandboxDriver for HostDriver {

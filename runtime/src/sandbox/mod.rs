@@ -1,8 +1,9 @@
 //! Sandbox drivers: what runs a pod's agent. `host` runs husk-agent on the
-//! host in fresh namespaces; `microvm` (later) boots it in a husk-vmm guest.
+//! host in fresh namespaces; `microvm` boots it in a husk-vmm guest.
 //! huskd talks to either through the same agent protocol.
 
 pub mod host;
+pub mod microvm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use husk_proto::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
 
 pub use host::HostDriver;
+pub use microvm::{MicroVmConfig, MicroVmDriver};
 
 /// Boxed futures keep the trait object-safe without an async-trait crate.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -45,6 +47,54 @@ pub enum SandboxError {
         driver: String,
         detail: String,
     },
+    #[error("sandbox {id}: the VMM's control API: {what}: {detail}")]
+    Vmm {
+        id: String,
+        what: String,
+        detail: String,
+    },
+    #[error("sandbox {id}: {detail}")]
+    NoDiskSlot { id: String, detail: String },
+}
+
+/// Where a container's image root filesystem comes from, as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootfsPlan {
+    /// The unpacked image directory (the agent shares the host's filesystem).
+    Directory(PathBuf),
+    /// A read-only block device in the guest holding the image's EROFS.
+    BlockDevice(String),
+}
+
+/// One image a container needs, in both of the store's forms.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageFiles<'a> {
+    /// The image id (`sha256:…`), the key drivers remember attachments by.
+    pub id: &'a str,
+    pub rootfs_dir: &'a Path,
+    pub erofs: &'a Path,
+}
+
+/// Whether `pid` is a live (not zombie) process whose command line names
+/// `dir`: how drivers tell their own process from a reused pid.
+pub fn is_our_process(pid: u32, dir: &Path) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state letter follows the parenthesised command name.
+    let zombie = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        .unwrap_or(true);
+    if zombie {
+        return false;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.as_os_str().as_encoded_bytes();
+    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
 /// What a driver needs to start one sandbox.
@@ -86,4 +136,41 @@ pub trait SandboxDriver: Send + Sync {
     ) -> BoxFuture<'a, Result<(), SandboxError>>;
     /// Whether the sandbox's process still runs.
     fn alive(&self, pid: u32, dir: &Path) -> bool;
+
+    /// Whether the pod is its own machine (its own kernel, hostname and,
+    /// later, network), rather than a group of host processes.
+    fn runs_in_vm(&self) -> bool {
+        false
+    }
+
+    /// Whether the agent sees the host's filesystem, so that kubelet's
+    /// host paths can be bind-mounted as they are. When not, huskd copies
+    /// them into the agent's shared directory.
+    fn shares_host_fs(&self) -> bool {
+        true
+    }
+
+    /// Makes `image` available to the sandbox's agent and says how the agent
+    /// finds it. Called under the pod's lock; a second call for the same
+    /// image returns the same answer.
+    fn attach_image<'a>(
+        &'a self,
+        _id: &'a str,
+        _dir: &'a Path,
+        image: ImageFiles<'a>,
+    ) -> BoxFuture<'a, Result<RootfsPlan, SandboxError>> {
+        let plan = RootfsPlan::Directory(image.rootfs_dir.to_path_buf());
+        Box::pin(async move { Ok(plan) })
+    }
+
+    /// Undoes [`attach_image`](Self::attach_image) once no container of the
+    /// sandbox uses the image. Called under the pod's lock. Idempotent.
+    fn release_image<'a>(
+        &'a self,
+        _id: &'a str,
+        _dir: &'a Path,
+        _image_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(async { Ok(()) })
+    }
 }

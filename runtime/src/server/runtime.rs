@@ -299,10 +299,13 @@ impl RuntimeService for Runtime {
         ];
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
-            runtime_handlers: vec![cri::RuntimeHandler {
-                name: "host".into(),
-                features: Some(cri::RuntimeHandlerFeatures::default()),
-            }],
+            runtime_handlers: ["microvm", "host"]
+                .into_iter()
+                .map(|name| cri::RuntimeHandler {
+                    name: name.into(),
+                    features: Some(cri::RuntimeHandlerFeatures::default()),
+                })
+                .collect(),
             ..Default::default()
         }))
     }

@@ -1,0 +1,618 @@
+//! The `microvm` driver: one husk-vmm process per pod, booting husk's guest
+//! kernel with husk-agent as PID 1, reached over the VMM's hybrid vsock.
+//!
+//! Everything of a sandbox lives in its directory `<state>/sandboxes/<id>/`:
+//!
+//! | file | what |
+//! |---|---|
+//! | `vsock.sock` | the VMM's hybrid vsock (`CONNECT 1024` reaches the agent) |
+//! | `api.sock` | the VMM's control API (attach/detach disks, shutdown) |
+//! | `console.log` | the guest's serial console |
+//! | `vmm.log` | husk-vmm's own log (stdout and stderr) |
+//! | `disks.json` | which spare disk slot holds which image |
+//!
+//! The VMM runs in its own process group and outlives huskd: a restarted
+//! huskd finds it again by its recorded pid (checked against its command
+//! line, which names the directory) and its sockets.
+//!
+//! Images reach the guest as read-only virtio-blk disks: husk-vmm starts
+//! with `spare_disks` empty slots (`/dev/vda`, `/dev/vdb`, … in the guest)
+//! and huskd fills one per image the pod's containers use, through the
+//! control API. The guest learns of the new capacity from a config-change
+//! interrupt; huskd does not wait for that here, the container manager
+//! retries the agent's mount for a while instead (see
+//! `manager::container`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use husk_proto::client::{check_version, connect_hybrid_vsock, VersionError};
+use husk_proto::v1::agent_client::AgentClient;
+use husk_proto::AGENT_VSOCK_PORT;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tonic::transport::Channel;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::{
+    is_our_process, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver, SandboxError, SandboxSpec,
+    Started,
+};
+
+/// Where the guest kernel and initramfs are when the config names none.
+pub const DEFAULT_GUEST_KERNEL: &str = "/usr/lib/husk/vmlinux";
+pub const DEFAULT_GUEST_INITRD: &str = "/usr/lib/husk/initramfs.cpio.gz";
+/// Guest RAM per pod when the config names none (husk-vmm's own default;
+/// on PVM hosts every MiB is also emulated work at boot).
+pub const DEFAULT_GUEST_MEM_MIB: u64 = 128;
+/// Empty disk slots per pod: one per distinct image its containers use.
+/// Together with vsock they must fit husk-vmm's 11 device IRQs.
+pub const DEFAULT_SPARE_DISKS: usize = 8;
+/// How long a guest has to boot to its agent. Hardware KVM needs well under
+/// a second; PVM hosts need about 30 s, more when busy.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// One control API exchange.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+const VSOCK_SOCKET: &str = "vsock.sock";
+const API_SOCKET: &str = "api.sock";
+const CONSOLE_LOG: &str = "console.log";
+const VMM_LOG: &str = "vmm.log";
+const DISK_TABLE: &str = "disks.json";
+
+#[derive(Debug, Clone)]
+pub struct MicroVmConfig {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub mem_mib: u64,
+    /// The guest kernel's command line; None keeps husk-vmm's default.
+    pub cmdline: Option<String>,
+    pub spare_disks: usize,
+    pub boot_timeout: Duration,
+}
+
+pub struct MicroVmDriver {
+    config: MicroVmConfig,
+    /// Serialises read-modify-write of every sandbox's disk table (the pod
+    /// lock already does per pod; this covers calls made without it).
+    disks: tokio::sync::Mutex<()>,
+}
+
+/// The disk slots of one sandbox, persisted as `disks.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DiskTable {
+    slots: Vec<Slot>,
+    /// Counts releases, so the slot freed longest ago is reused first.
+    generation: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Slot {
+    /// The image id the slot holds.
+    image: Option<String>,
+    /// `generation` when the slot was last emptied; 0 if never used.
+    freed_at: u64,
+}
+
+/// The guest's name for disk slot `index` (no `--disk` before the spares).
+pub fn guest_device(index: usize) -> Option<String> {
+    let letter = u8::try_from(index).ok().filter(|i| *i < 26)?;
+    Some(format!("/dev/vd{}", char::from(b'a' + letter)))
+}
+
+fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let id = id.to_owned();
+    let what = what.into();
+    move |source| SandboxError::Io { id, what, source }
+}
+
+/// The last `n` lines of a file in the sandbox directory.
+fn tail(dir: &Path, file: &str, n: usize) -> String {
+    let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// What an operator needs when a guest does not come up.
+pub fn diagnostics(dir: &Path) -> String {
+    format!(
+        "\n--- husk-vmm log ({}) ---\n{}\n--- guest console, last 30 lines ({}) ---\n{}",
+        dir.join(VMM_LOG).display(),
+        tail(dir, VMM_LOG, 15),
+        dir.join(CONSOLE_LOG).display(),
+        tail(dir, CONSOLE_LOG, 30)
+    )
+}
+
+/// One request on the VMM's control API; the `ok` answer, or why not.
+async fn api_call(socket: &Path, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+        let (read, mut write) = stream.into_split();
+        let mut line = request.to_string();
+        line.push('\n');
+        write
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| format!("sending the request: {e}"))?;
+        let mut answer = String::new();
+        BufReader::new(read)
+            .read_line(&mut answer)
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        let value: serde_json::Value = serde_json::from_str(&answer)
+            .map_err(|e| format!("bad answer {:?}: {e}", answer.trim_end()))?;
+        if value["ok"] == serde_json::Value::Bool(true) {
+            Ok(value)
+        } else {
+            Err(value["error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string()))
+        }
+    };
+    tokio::time::timeout(API_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer within {API_TIMEOUT:?}"))?
+}
+
+impl MicroVmDriver {
+    pub fn new(config: MicroVmConfig) -> MicroVmDriver {
+        MicroVmDriver {
+            config,
+            disks: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn config(&self) -> &MicroVmConfig {
+        &self.config
+    }
+
+    /// Whether the files the driver needs are there; the message says which is not.
+    pub fn check(&self) -> Result<(), String> {
+        for (what, path, hint) in [
+            (
+                "husk-vmm",
+                &self.config.vmm,
+                "set husk_vmm in the config or --husk-vmm",
+            ),
+            (
+                "the guest kernel",
+                &self.config.kernel,
+                "build it with guest-image/build.sh and set guest_kernel or --guest-kernel",
+            ),
+            (
+                "the guest initramfs",
+                &self.config.initrd,
+                "build it with guest-image/build.sh and set guest_initrd or --guest-initrd",
+            ),
+        ] {
+            if !path.is_file() {
+                return Err(format!("{what} not found at {} ({hint})", path.display()));
+            }
+        }
+        Ok(())
+    }
+
+    fn load_table(&self, id: &str, dir: &Path) -> Result<DiskTable, SandboxError> {
+        let path = dir.join(DISK_TABLE);
+        let mut table: DiskTable = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| SandboxError::Io {
+                id: id.to_owned(),
+                what: format!("reading {}", path.display()),
+                source: e.into(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => DiskTable::default(),
+            Err(e) => return Err(io_err(id, format!("reading {}", path.display()))(e)),
+        };
+        table.slots.resize(
+            self.config.spare_disks.max(table.slots.len()),
+            Slot::default(),
+        );
+        Ok(table)
+    }
+
+    fn save_table(&self, id: &str, dir: &Path, table: &DiskTable) -> Result<(), SandboxError> {
+        let path = dir.join(DISK_TABLE);
+        let tmp = dir.join(format!("{DISK_TABLE}.tmp"));
+        let bytes = serde_json::to_vec(table).map_err(|e| SandboxError::Io {
+            id: id.to_owned(),
+            what: "encoding the disk table".into(),
+            source: e.into(),
+        })?;
+        fs::write(&tmp, bytes).map_err(io_err(id, format!("writing {}", tmp.display())))?;
+        fs::rename(&tmp, &path).map_err(io_err(id, format!("writing {}", path.display())))
+    }
+
+    async fn start_vm(&self, spec: &SandboxSpec) -> Result<Started, SandboxError> {
+        let id = spec.id.as_str();
+        let dir = &spec.dir;
+        self.check().map_err(|detail| SandboxError::Unavailable {
+            id: id.to_owned(),
+            driver: "microvm".into(),
+            detail,
+        })?;
+        fs::create_dir_all(dir).map_err(io_err(id, format!("creating {}", dir.display())))?;
+        let vsock = dir.join(VSOCK_SOCKET);
+        let api = dir.join(API_SOCKET);
+        for socket in [&vsock, &api] {
+            match fs::remove_file(socket) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err(id, format!("removing {}", socket.display()))(e))
+                }
+                _ => {}
+            }
+        }
+        self.save_table(id, dir, &self.load_table(id, dir)?)?;
+        let log_path = dir.join(VMM_LOG);
+        let log = fs::File::create(&log_path)
+            .map_err(io_err(id, format!("creating {}", log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io_err(id, "duplicating the log file"))?;
+        let mut command = tokio::process::Command::new(&self.config.vmm);
+        command
+            .arg("run")
+            .arg("--kernel")
+            .arg(&self.config.kernel)
+            .arg("--initrd")
+            .arg(&self.config.initrd)
+            .arg("--mem-mib")
+            .arg(self.config.mem_mib.to_string())
+            .arg("--vsock-uds")
+            .arg(&vsock)
+            .arg("--api-sock")
+            .arg(&api)
+            .arg("--spare-disks")
+            .arg(self.config.spare_disks.to_string())
+            .arg("--console-log")
+            .arg(dir.join(CONSOLE_LOG))
+            .args(
+                self.config
+                    .cmdline
+                    .iter()
+                    .flat_map(|c| ["--cmdline".to_owned(), c.clone()]),
+            )
+            .env("HUSK_LOG", "husk_vmm=info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own group: a signal to huskd's group (Ctrl-C) leaves pods running.
+            .process_group(0);
+        let spawned = Instant::now();
+        let mut child = command.spawn().map_err(io_err(
+            id,
+            format!("starting {}", self.config.vmm.display()),
+        ))?;
+        let pid = child.id().unwrap_or(0);
+        info!(pid, "husk-vmm started");
+        // Reap it whenever it ends; liveness is read from /proc.
+        let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
+        let sandbox = id.to_owned();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            info!(sandbox, ?status, "husk-vmm exited");
+            let _ = exited_tx.send(status.map(|s| s.to_string()).unwrap_or_default());
+        });
+
+        let timeout = self.config.boot_timeout;
+        let deadline = spawned + timeout;
+        let mut last_error = String::from("the vsock socket never appeared");
+        loop {
+            if let Ok(status) = exited.try_recv() {
+                return Err(SandboxError::NotReady {
+                    id: id.to_owned(),
+                    timeout,
+                    detail: format!(
+                        "husk-vmm exited ({status}) before the agent answered{}",
+                        diagnostics(dir)
+                    ),
+                });
+            }
+            if vsock.exists() {
+                match connect_hybrid_vsock(&vsock, AGENT_VSOCK_PORT).await {
+                    Ok(mut client) => match check_version(&mut client).await {
+                        Ok(version) => {
+                            info!(
+                                protocol = version,
+                                elapsed_ms = spawned.elapsed().as_millis() as u64,
+                                "the guest's agent answered"
+                            );
+                            return Ok(Started {
+                                agent_socket: vsock,
+                                pid,
+                                client,
+                            });
+                        }
+                        Err(e @ VersionError::TooOld { .. }) => {
+                            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                            return Err(SandboxError::NotReady {
+                                id: id.to_owned(),
+                                timeout,
+                                detail: format!("the guest's agent cannot serve huskd: {e}"),
+                            });
+                        }
+                        Err(e) => last_error = e.to_string(),
+                    },
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            if Instant::now() >= deadline {
+                // Leave nothing running behind a failed start.
+                if pid != 0 {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                return Err(SandboxError::NotReady {
+                    id: id.to_owned(),
+                    timeout,
+                    detail: format!(
+                        "the guest did not boot to its agent (last attempt: {last_error}){}",
+                        diagnostics(dir)
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl SandboxDriver for MicroVmDriver {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    fn start<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Started, SandboxError>> {
+        Box::pin(
+            self.start_vm(spec)
+                .instrument(info_span!("microvm_start", sandbox = %spec.id)),
+        )
+    }
+
+    fn connect<'a>(
+        &'a self,
+        id: &'a str,
+        agent_socket: &'a Path,
+    ) -> BoxFuture<'a, Result<AgentClient<Channel>, SandboxError>> {
+        Box::pin(async move {
+            let mut client = connect_hybrid_vsock(agent_socket, AGENT_VSOCK_PORT)
+                .await
+                .map_err(|source| SandboxError::Connect {
+                    id: id.to_owned(),
+                    source,
+                })?;
+            check_version(&mut client)
+                .await
+                .map_err(|e| SandboxError::NotReady {
+                    id: id.to_owned(),
+                    timeout: Duration::ZERO,
+                    detail: format!("the guest's agent does not answer its version: {e}"),
+                })?;
+            Ok(client)
+        })
+    }
+
+    fn stop<'a>(
+        &'a self,
+        id: &'a str,
+        pid: u32,
+        dir: &'a Path,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(
+            async move {
+                let wait_gone = |wait: Duration| async move {
+                    let deadline = Instant::now() + wait;
+                    while is_our_process(pid, dir) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    !is_our_process(pid, dir)
+                };
+                // The agent's Shutdown resets the guest, and the VMM exits.
+                if !wait_gone(grace).await {
+                    warn!(pid, "husk-vmm still runs; asking its control API to stop");
+                    let request = serde_json::json!({"op": "shutdown"});
+                    if let Err(e) = api_call(&dir.join(API_SOCKET), &request).await {
+                        warn!("control API shutdown: {e}");
+                    }
+                    if !wait_gone(Duration::from_secs(5)).await {
+                        warn!(pid, "husk-vmm still runs; SIGKILL");
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        if !wait_gone(Duration::from_secs(5)).await {
+                            return Err(SandboxError::Io {
+                                id: id.to_owned(),
+                                what: format!("husk-vmm (pid {pid}) survived SIGKILL"),
+                                source: std::io::Error::other("process still running"),
+                            });
+                        }
+                    }
+                }
+                // The sockets go with the VMM; logs stay until the pod is removed.
+                for socket in [VSOCK_SOCKET, API_SOCKET] {
+                    let _ = fs::remove_file(dir.join(socket));
+                }
+                let _ = fs::remove_file(dir.join(DISK_TABLE));
+                info!(pid, "husk-vmm gone");
+                Ok(())
+            }
+            .instrument(info_span!("microvm_stop", sandbox = %id)),
+        )
+    }
+
+    fn alive(&self, pid: u32, dir: &Path) -> bool {
+        is_our_process(pid, dir)
+    }
+
+    fn runs_in_vm(&self) -> bool {
+        true
+    }
+
+    fn shares_host_fs(&self) -> bool {
+        false
+    }
+
+    fn attach_image<'a>(
+        &'a self,
+        id: &'a str,
+        dir: &'a Path,
+        image: ImageFiles<'a>,
+    ) -> BoxFuture<'a, Result<RootfsPlan, SandboxError>> {
+        Box::pin(
+            async move {
+                let _guard = self.disks.lock().await;
+                let mut table = self.load_table(id, dir)?;
+                let device = |index: usize| {
+                    guest_device(index).ok_or_else(|| SandboxError::NoDiskSlot {
+                        id: id.to_owned(),
+                        detail: format!("disk slot {index} has no /dev/vdX name"),
+                    })
+                };
+                if let Some(index) = table
+                    .slots
+                    .iter()
+                    .position(|s| s.image.as_deref() == Some(image.id))
+                {
+                    return Ok(RootfsPlan::BlockDevice(device(index)?));
+                }
+                // Prefer a slot never used, then the one freed longest ago:
+                // the guest has had the most time to drop what it cached of it.
+                let index = table
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.image.is_none())
+                    .min_by_key(|(_, s)| s.freed_at)
+                    .map(|(i, _)| i)
+                    .ok_or_else(|| SandboxError::NoDiskSlot {
+                        id: id.to_owned(),
+                        detail: format!(
+                            "all {} disk slots hold images: a pod's containers can use at most \
+                             {} distinct images (spare_disks)",
+                            table.slots.len(),
+                            table.slots.len()
+                        ),
+                    })?;
+                if !image.erofs.is_file() {
+                    return Err(SandboxError::Io {
+                        id: id.to_owned(),
+                        what: format!("the image's EROFS file {}", image.erofs.display()),
+                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    });
+                }
+                let request = serde_json::json!({
+                    "op": "attach_disk",
+                    "index": index,
+                    "path": image.erofs,
+                });
+                api_call(&dir.join(API_SOCKET), &request)
+                    .await
+                    .map_err(|detail| SandboxError::Vmm {
+                        id: id.to_owned(),
+                        what: format!("attaching {} to disk slot {index}", image.erofs.display()),
+                        detail,
+                    })?;
+                table.slots[index].image = Some(image.id.to_owned());
+                self.save_table(id, dir, &table)?;
+                let device = device(index)?;
+                info!(image = image.id, slot = index, %device, "image attached");
+                Ok(RootfsPlan::BlockDevice(device))
+            }
+            .instrument(info_span!("microvm_attach_image", sandbox = %id)),
+        )
+    }
+
+    fn release_image<'a>(
+        &'a self,
+        id: &'a str,
+        dir: &'a Path,
+        image_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(
+            async move {
+                let _guard = self.disks.lock().await;
+                if !dir.join(DISK_TABLE).exists() {
+                    return Ok(());
+                }
+                let mut table = self.load_table(id, dir)?;
+                let Some(index) = table
+                    .slots
+                    .iter()
+                    .position(|s| s.image.as_deref() == Some(image_id))
+                else {
+                    return Ok(());
+                };
+                let request = serde_json::json!({"op": "detach_disk", "index": index});
+                api_call(&dir.join(API_SOCKET), &request)
+                    .await
+                    .map_err(|detail| SandboxError::Vmm {
+                        id: id.to_owned(),
+                        what: format!("detaching disk slot {index}"),
+                        detail,
+                    })?;
+                table.generation += 1;
+                table.slots[index] = Slot {
+                    image: None,
+                    freed_at: table.generation,
+                };
+                self.save_table(id, dir, &table)?;
+                info!(image = image_id, slot = index, "image detached");
+                Ok(())
+            }
+            .instrument(info_span!("microvm_release_image", sandbox = %id)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_name_guest_devices() {
+        assert_eq!(guest_device(0).as_deref(), Some("/dev/vda"));
+        assert_eq!(guest_device(7).as_deref(), Some("/dev/vdh"));
+        assert_eq!(guest_device(26), None);
+    }
+
+    #[test]
+    fn a_missing_vmm_is_named() {
+        let driver = MicroVmDriver::new(MicroVmConfig {
+            vmm: "/nonexistent/husk-vmm".into(),
+            kernel: "/nonexistent/vmlinux".into(),
+            initrd: "/nonexistent/initrd".into(),
+            mem_mib: DEFAULT_GUEST_MEM_MIB,
+            cmdline: None,
+            spare_disks: DEFAULT_SPARE_DISKS,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+        });
+        let err = driver.check().expect_err("nothing exists");
+        assert!(err.contains("husk-vmm not found"), "{err}");
+    }
+
+    #[test]
+    fn the_disk_table_survives_and_grows_to_the_slot_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = MicroVmDriver::new(MicroVmConfig {
+            vmm: "/x".into(),
+            kernel: "/x".into(),
+            initrd: "/x".into(),
+            mem_mib: 128,
+            cmdline: None,
+            spare_disks: 3,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+        });
+        let mut table = driver.load_table("p", dir.path()).expect("fresh");
+        assert_eq!(table.slots.len(), 3);
+        table.slots[1].image = Some("sha256:ab".into());
+        driver.save_table("p", dir.path(), &table).expect("save");
+        let again = driver.load_table("p", dir.path()).expect("load");
+        assert_eq!(again.slots[1].image.as_deref(), Some("sha256:ab"));
+        assert!(again.slots[0].image.is_none());
+    }
+}
