@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# husk's main job as far as it goes today: boot one pod microVM (husk's guest
-# kernel + husk-agent as PID 1) under husk-vmm on /dev/kvm, reach the agent over
-# vsock, and shut it down, reporting the boot milestones. The CRI server
-# (huskd) that will do this per RunPodSandbox is not built yet.
+# husk's main job: start huskd, pull a busybox image from a registry on
+# loopback (Debian's docker-registry, filled with an image built from
+# busybox-static), run a pod in its own microVM (husk-vmm, husk's guest kernel,
+# husk-agent as PID 1) over CRI as kubelet does, run a container in it, read its
+# first line from the CRI log file, and tear it all down, printing how long
+# each step took. This is the pod_start benchmark with one run.
 # Run as root: `sudo bash scripts/run-microvm.sh`.
 set -euo pipefail
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
@@ -10,4 +12,4 @@ cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
 bash scripts/install-deps.sh
 bash guest-image/build.sh
 cargo build --release --workspace --bins
-HUSK_BOOT_BENCH_RUNS=${HUSK_BOOT_BENCH_RUNS:-1} cargo bench -p husk-e2e --bench boot
+HUSK_POD_BENCH_RUNS=${HUSK_POD_BENCH_RUNS:-1} cargo bench -p husk-runtime --bench pod_start
