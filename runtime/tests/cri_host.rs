@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
-use support::{busybox_layer, husk_agent, image_config, push_image, Registry, HUSKD};
+use support::{container_status, husk_agent, Registry, HUSKD};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -161,19 +161,22 @@ fn check_record(line: &str, stream: &str, content: &str) {
     assert_eq!(parts.next(), Some(content), "{line:?}");
 }
 
+async fn sandbox_status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::PodSandboxStatus {
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("pod status")
+    .into_inner()
+    .status
+    .expect("status")
+}
+
 async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let status = rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .expect("container status")
-            .into_inner()
-            .status
-            .expect("status");
+        let status = container_status(rt, id).await;
         if status.state == cri::ContainerState::ContainerExited as i32 {
             return status;
         }
@@ -185,43 +188,148 @@ async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::C
     }
 }
 
+/// huskd on the host driver in a temporary directory, a registry on
+/// loopback holding the busybox image (not pulled yet), and CRI clients.
+struct Fixture {
+    huskd: Huskd,
+    rt: RuntimeServiceClient<Channel>,
+    img: ImageServiceClient<Channel>,
+    args: HuskdArgs,
+    image: String,
+    registry: Registry,
+    /// When huskd was started.
+    started: Instant,
+    /// Dropped after huskd: ends the agents a failing test leaves.
+    _agents: support::AgentSweeper,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
+        );
+        let agent = husk_agent();
+        let (registry, image) = support::busybox_registry("1000").await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agents = support::AgentSweeper::new(dir.path());
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, "log_level = \"info\"\n").expect("config");
+        let args = HuskdArgs {
+            socket: dir.path().join("husk.sock"),
+            root: dir.path().join("root"),
+            state: dir.path().join("state"),
+            agent,
+            config,
+        };
+        let started = Instant::now();
+        let huskd = args.spawn().await;
+        let channel = connect(&args.socket).await;
+        Fixture {
+            huskd,
+            rt: RuntimeServiceClient::new(channel.clone()),
+            img: ImageServiceClient::new(channel),
+            args,
+            image,
+            registry,
+            started,
+            _agents: agents,
+            dir,
+        }
+    }
+
+    /// Starts huskd again after `self.huskd.terminate()` and reconnects
+    /// the clients.
+    async fn respawn_huskd(&mut self) {
+        self.huskd = self.args.spawn().await;
+        let channel = connect(&self.args.socket).await;
+        self.rt = RuntimeServiceClient::new(channel.clone());
+        self.img = ImageServiceClient::new(channel);
+    }
+
+    /// Where pods' logs go: `logs/<namespace>_<name>_<uid>`.
+    fn pod_logs(&self, name: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("logs")
+            .join(format!("default_{name}_uid-{name}"))
+    }
+
+    /// A host-network pod labelled tier=test, logging below `pod_logs`.
+    fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(metadata(name)),
+            hostname: name.into(),
+            log_directory: self.pod_logs(name).display().to_string(),
+            labels: HashMap::from([("tier".to_string(), "test".to_string())]),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Runs `config` on the host driver; returns the pod's id.
+    async fn run_pod(&mut self, config: &cri::PodSandboxConfig) -> String {
+        self.rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: "host".into(),
+            })
+            .await
+            .expect("run pod")
+            .into_inner()
+            .pod_sandbox_id
+    }
+
+    /// Creates and starts container `name` of the busybox image running
+    /// `command`, logging to `<name>/0.log`; returns its id.
+    async fn run_container(
+        &mut self,
+        pod: &str,
+        pod_config: &cri::PodSandboxConfig,
+        name: &str,
+        command: &[&str],
+    ) -> String {
+        let id = self
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(container_config(
+                    name,
+                    &self.image,
+                    command,
+                    &format!("{name}/0.log"),
+                )),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
+            .into_inner()
+            .container_id;
+        self.rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("start {name}: {e:?}"));
+        id
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
-    );
-    let agent = husk_agent();
-    let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "1000", &["sh"]),
-    )
-    .await;
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _agents = support::AgentSweeper::new(dir.path());
-    let root = dir.path().join("root");
-    let state = dir.path().join("state");
-    let logs = dir.path().join("logs");
-    let socket = dir.path().join("husk.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, "log_level = \"info\"\n").expect("config");
-    let args = HuskdArgs {
-        socket: socket.clone(),
-        root: root.clone(),
-        state: state.clone(),
-        agent: agent.clone(),
-        config: config.clone(),
-    };
-    let started = Instant::now();
-    let mut huskd = args.spawn().await;
-    let channel = connect(&socket).await;
-    let mut rt = RuntimeServiceClient::new(channel.clone());
-    let mut img = ImageServiceClient::new(channel);
+    let mut f = Fixture::start().await;
+    let (mut rt, mut img) = (f.rt.clone(), f.img.clone());
+    let (image, registry) = (f.image.clone(), f.registry.host());
 
     // Version and Status, as crictl info/version ask.
     let version = rt
@@ -231,7 +339,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .await
         .expect("version")
         .into_inner();
-    eprintln!("huskd answering: {:?}", started.elapsed());
+    eprintln!("huskd answering: {:?}", f.started.elapsed());
     assert_eq!(version.runtime_name, "husk");
     assert_eq!(version.runtime_api_version, "v1");
     let status = rt
@@ -309,7 +417,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let missing = img
         .pull_image(cri::PullImageRequest {
             image: Some(cri::ImageSpec {
-                image: format!("{}/husk/nothing:here", registry.host()),
+                image: format!("{}/husk/nothing:here", registry),
                 ..Default::default()
             }),
             ..Default::default()
@@ -319,45 +427,12 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
 
     // A pod on the host driver.
-    let pod_logs = logs.join("default_p1_uid-p1");
-    let pod_config = cri::PodSandboxConfig {
-        metadata: Some(metadata("p1")),
-        hostname: "p1".into(),
-        log_directory: pod_logs.display().to_string(),
-        labels: HashMap::from([("tier".to_string(), "test".to_string())]),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let pod_logs = f.pod_logs("p1");
+    let pod_config = f.pod_config("p1");
     let t = Instant::now();
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: "host".into(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = f.run_pod(&pod_config).await;
     eprintln!("RunPodSandbox: {:?}", t.elapsed());
-    let pod_status = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("pod status")
-        .into_inner()
-        .status
-        .expect("status");
+    let pod_status = sandbox_status(&mut rt, &pod).await;
     assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
     assert_eq!(pod_status.metadata, Some(metadata("p1")));
     let by_label = rt
@@ -418,7 +493,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     assert!(status.finished_at >= status.started_at, "{status:?}");
     assert_eq!(
         status.image_ref,
-        format!("{}/husk/busybox@{}", registry.host(), {
+        format!("{}/husk/busybox@{}", registry, {
             // The manifest digest the registry served.
             listed[0].repo_digests[0]
                 .rsplit('@')
@@ -446,26 +521,9 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     check_record(lines[1], "stderr", "oops");
 
     // A long-running container: exec into it, read its stats, stop it.
-    let sleeper = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container_config(
-                "sleeper",
-                &image,
-                &["sleep", "1000"],
-                "sleeper/0.log",
-            )),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("create sleeper")
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: sleeper.clone(),
-    })
-    .await
-    .expect("start sleeper");
+    let sleeper = f
+        .run_container(&pod, &pod_config, "sleeper", &["sleep", "1000"])
+        .await;
     let t = Instant::now();
     let exec = rt
         .exec_sync(cri::ExecSyncRequest {
@@ -516,12 +574,10 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
 
     // A restarted huskd finds the pod and its running container in its
     // state and reaches the agent again.
-    huskd.terminate();
+    f.huskd.terminate();
     let t = Instant::now();
-    huskd = args.spawn().await;
-    let channel = connect(&socket).await;
-    rt = RuntimeServiceClient::new(channel.clone());
-    img = ImageServiceClient::new(channel);
+    f.respawn_huskd().await;
+    (rt, img) = (f.rt.clone(), f.img.clone());
     let exec = rt
         .exec_sync(cri::ExecSyncRequest {
             container_id: sleeper.clone(),
@@ -646,16 +702,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .expect("stop pod");
     }
     eprintln!("StopPodSandbox: {:?}", t.elapsed());
-    let pod_status = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("pod status")
-        .into_inner()
-        .status
-        .expect("status");
+    let pod_status = sandbox_status(&mut rt, &pod).await;
     assert_eq!(
         pod_status.state,
         cri::PodSandboxState::SandboxNotready as i32
@@ -681,14 +728,14 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .into_inner()
         .containers;
     assert!(containers.is_empty(), "{containers:?}");
-    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+    let left: Vec<_> = std::fs::read_dir(f.args.state.join("sandboxes"))
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left under the state dir: {left:?}");
     assert!(
-        mounts_below(dir.path()).is_empty(),
+        mounts_below(f.dir.path()).is_empty(),
         "{:?}",
-        mounts_below(dir.path())
+        mounts_below(f.dir.path())
     );
 
     // The image can go now.
@@ -702,5 +749,5 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     .expect("remove image");
 
     // SIGTERM ends huskd cleanly and takes its socket away.
-    huskd.terminate();
+    f.huskd.terminate();
 }
