@@ -239,6 +239,16 @@ impl Fixture {
         }
     }
 
+    /// A fixture with the image pulled and the pod `name` running; returns
+    /// it with the pod's id and config.
+    async fn with_pod(name: &str) -> (Fixture, String, cri::PodSandboxConfig) {
+        let mut f = Fixture::start().await;
+        f.pull().await;
+        let config = f.pod_config(name);
+        let pod = f.run_pod(&config).await;
+        (f, pod, config)
+    }
+
     /// Starts huskd again after `self.huskd.terminate()` and reconnects
     /// the clients.
     async fn respawn_huskd(&mut self) {
@@ -275,6 +285,19 @@ impl Fixture {
             }),
             ..Default::default()
         }
+    }
+
+    async fn pull(&mut self) {
+        self.img
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: self.image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("pull");
     }
 
     /// Runs `config` on the host driver; returns the pod's id.
@@ -323,7 +346,30 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("start {name}: {e:?}"));
         id
     }
+
+    /// Stops and removes a pod.
+    async fn remove_pod(&mut self, pod: &str) {
+        self.rt
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+            .expect("stop pod");
+        self.rt
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+            .expect("remove pod");
+    }
 }
+
+/// A shell loop printing `tick 0`, `tick 1`… every 0.2 s.
+const TICKER: &[&str] = &[
+    "sh",
+    "-c",
+    "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
@@ -749,5 +795,111 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     .expect("remove image");
 
     // SIGTERM ends huskd cleanly and takes its socket away.
+    f.huskd.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_stats_are_the_sums_of_the_containers() {
+    let (mut f, pod, config) = Fixture::with_pod("s1").await;
+    let busy = f
+        .run_container(
+            &pod,
+            &config,
+            "busy",
+            &["sh", "-c", "while true; do :; done"],
+        )
+        .await;
+    let ticker = f.run_container(&pod, &config, "ticker", TICKER).await;
+    let mut other_config = f.pod_config("s2");
+    other_config.labels = HashMap::from([("tier".to_string(), "other".to_string())]);
+    let other = f.run_pod(&other_config).await;
+
+    // Pod stats: the sums of the running containers', with theirs inside.
+    let deadline = Instant::now() + PATIENCE;
+    let stats = loop {
+        let stats =
+            f.rt.pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("pod stats")
+            .into_inner()
+            .stats
+            .expect("stats");
+        let cpu = stats
+            .linux
+            .as_ref()
+            .and_then(|l| l.cpu.as_ref())
+            .and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .map_or(0, |v| v.value);
+        if cpu > 10_000_000 {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "no CPU use: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        stats.attributes.as_ref().map(|a| a.id.as_str()),
+        Some(pod.as_str())
+    );
+    let linux = stats.linux.expect("linux stats");
+    let value = |v: Option<&cri::UInt64Value>| v.map_or(0, |v| v.value);
+    let memory = linux.memory.as_ref().expect("memory");
+    assert!(value(memory.working_set_bytes.as_ref()) > 0, "{memory:?}");
+    assert!(value(memory.usage_bytes.as_ref()) > 0, "{memory:?}");
+    let processes = linux.process.as_ref().expect("process");
+    // The busy shell; the ticker's shell and its sleep, now and then.
+    assert!(
+        value(processes.process_count.as_ref()) >= 2,
+        "{processes:?}"
+    );
+    let mut ids: Vec<&str> = linux
+        .containers
+        .iter()
+        .filter_map(|c| c.attributes.as_ref().map(|a| a.id.as_str()))
+        .collect();
+    ids.sort();
+    let mut want = vec![busy.as_str(), ticker.as_str()];
+    want.sort();
+    assert_eq!(ids, want, "the running containers");
+    let list = |filter: Option<cri::PodSandboxStatsFilter>| {
+        let mut rt = f.rt.clone();
+        async move {
+            let mut ids: Vec<String> = rt
+                .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter })
+                .await
+                .expect("list pod stats")
+                .into_inner()
+                .stats
+                .into_iter()
+                .filter_map(|s| s.attributes.map(|a| a.id))
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let mut both = vec![pod.clone(), other.clone()];
+    both.sort();
+    assert_eq!(list(None).await, both);
+    let by_label = cri::PodSandboxStatsFilter {
+        label_selector: HashMap::from([("tier".to_string(), "other".to_string())]),
+        ..Default::default()
+    };
+    assert_eq!(list(Some(by_label)).await, vec![other.clone()]);
+    let by_id = cri::PodSandboxStatsFilter {
+        id: pod[..12].to_string(),
+        ..Default::default()
+    };
+    assert_eq!(list(Some(by_id)).await, vec![pod.clone()]);
+    let err =
+        f.rt.pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: "0123456789abcdef".into(),
+        })
+        .await
+        .expect_err("unknown pod");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    f.remove_pod(&pod).await;
+    f.remove_pod(&other).await;
     f.huskd.terminate();
 }

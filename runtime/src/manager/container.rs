@@ -357,7 +357,7 @@ async fn copy_mounts(
 
 impl Manager {
     /// The running pod's record, for calls that need its agent.
-    fn ready_pod(&self, id: &str) -> Result<PodRecord> {
+    pub(super) fn ready_pod(&self, id: &str) -> Result<PodRecord> {
         let pod = self.live_pod(id)?;
         if pod.state != PodState::Ready {
             return Err(CriError::FailedPrecondition(format!(
@@ -888,69 +888,6 @@ impl Manager {
             exit_code: exit.exit_code,
         })
     }
-
-    /// Stats of running containers matching the filter.
-    pub async fn container_stats(
-        &self,
-        filter: Option<cri::ContainerStatsFilter>,
-    ) -> Result<Vec<cri::ContainerStats>> {
-        let mut by_pod: std::collections::BTreeMap<String, Vec<ContainerRecord>> =
-            Default::default();
-        for record in self.state.containers()? {
-            if record.state != ContainerState::Running {
-                continue;
-            }
-            if let Some(f) = &filter {
-                if (!f.id.is_empty() && !record.id.starts_with(&f.id))
-                    || (!f.pod_sandbox_id.is_empty()
-                        && !record.pod_id.starts_with(&f.pod_sandbox_id))
-                    || !labels_match(&f.label_selector, &record.config.labels)
-                {
-                    continue;
-                }
-            }
-            by_pod
-                .entry(record.pod_id.clone())
-                .or_default()
-                .push(record);
-        }
-        let mut out = Vec::new();
-        for (pod_id, records) in by_pod {
-            let Ok(pod) = self.ready_pod(&pod_id) else {
-                continue;
-            };
-            let mut client = self.agent(&pod).await?;
-            let stats = client
-                .stats(agent::StatsRequest {
-                    container_ids: records.iter().map(|r| r.id.clone()).collect(),
-                })
-                .await
-                .map_err(agent_err(format!("stats of pod {pod_id}")))?
-                .into_inner()
-                .stats;
-            for s in stats {
-                let Some(record) = records.iter().find(|r| r.id == s.container_id) else {
-                    continue;
-                };
-                out.push(cri_stats(record, &s, &pod.dir));
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn one_container_stats(&self, id: &str) -> Result<cri::ContainerStats> {
-        self.container(id)?;
-        let stats = self
-            .container_stats(Some(cri::ContainerStatsFilter {
-                id: id.to_owned(),
-                ..Default::default()
-            }))
-            .await?;
-        stats
-            .into_iter()
-            .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == id))
-            .ok_or_else(|| CriError::FailedPrecondition(format!("container {id} is not running")))
-    }
 }
 
 pub fn cri_state(state: ContainerState) -> cri::ContainerState {
@@ -985,42 +922,5 @@ fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
             .unwrap_or_default(),
         image_id: r.image_id.clone(),
         ..Default::default()
-    }
-}
-
-fn cri_stats(
-    r: &ContainerRecord,
-    s: &agent::ContainerStats,
-    sandbox_dir: &Path,
-) -> cri::ContainerStats {
-    let u = |value: u64| Some(cri::UInt64Value { value });
-    cri::ContainerStats {
-        attributes: Some(cri::ContainerAttributes {
-            id: r.id.clone(),
-            metadata: r.config.metadata.clone(),
-            labels: r.config.labels.clone(),
-            annotations: r.config.annotations.clone(),
-        }),
-        cpu: Some(cri::CpuUsage {
-            timestamp: s.timestamp_ns,
-            usage_core_nano_seconds: u(s.cpu_usage_ns),
-            usage_nano_cores: None,
-        }),
-        memory: Some(cri::MemoryUsage {
-            timestamp: s.timestamp_ns,
-            working_set_bytes: u(s.memory_working_set_bytes),
-            usage_bytes: u(s.memory_usage_bytes),
-            rss_bytes: u(s.memory_rss_bytes),
-            ..Default::default()
-        }),
-        writable_layer: Some(cri::FilesystemUsage {
-            timestamp: s.timestamp_ns,
-            fs_id: Some(cri::FilesystemIdentifier {
-                mountpoint: sandbox_dir.display().to_string(),
-            }),
-            used_bytes: u(s.writable_layer_bytes),
-            inodes_used: None,
-        }),
-        swap: None,
     }
 }

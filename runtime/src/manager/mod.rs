@@ -6,6 +6,7 @@ mod container;
 pub mod logs;
 mod pod;
 pub mod spec;
+mod stats;
 
 use std::collections::HashMap;
 use std::io::Read;
