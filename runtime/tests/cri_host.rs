@@ -798,6 +798,97 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     f.huskd.terminate();
 }
 
+/// The directory of a pod's cgroup in the hierarchy holding `v1_controller`
+/// (the agent puts its containers below `husk/<pod>`): the one directory on
+/// cgroup v2.
+fn pod_cgroup(pod: &str, v1_controller: &str) -> PathBuf {
+    let root = Path::new("/sys/fs/cgroup");
+    let hierarchy = if root.join("cgroup.controllers").exists() {
+        root.to_path_buf()
+    } else {
+        root.join(v1_controller)
+    };
+    hierarchy.join("husk").join(pod)
+}
+
+fn read_trimmed(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+/// `call` answers NotFound for an unknown container and
+/// FailedPrecondition for the `exited` one.
+async fn refused_for_unknown_and_exited<T, Call, Answer>(exited: &str, call: Call)
+where
+    T: std::fmt::Debug,
+    Call: Fn(&str) -> Answer,
+    Answer: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    for (id, code) in [
+        ("0123456789abcdef", Code::NotFound),
+        (exited, Code::FailedPrecondition),
+    ] {
+        let err = call(id).await.expect_err("refused");
+        assert_eq!(err.code(), code, "{id}: {err:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_container_resources_reaches_the_cgroup() {
+    let (mut f, pod, config) = Fixture::with_pod("u1").await;
+    let busy = f
+        .run_container(&pod, &config, "busy", &["sleep", "1000"])
+        .await;
+    let done = f
+        .run_container(&pod, &config, "done", &["sh", "-c", "exit 0"])
+        .await;
+    wait_exited(&mut f.rt, &done).await;
+
+    // UpdateContainerResources reaches the container's cgroup, and its
+    // status reports what was asked.
+    let resources = cri::LinuxContainerResources {
+        memory_limit_in_bytes: 64 << 20,
+        cpu_period: 100_000,
+        cpu_quota: 50_000,
+        ..Default::default()
+    };
+    let rt = f.rt.clone();
+    let update = |id: &str| {
+        let mut rt = rt.clone();
+        let request = cri::UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(resources.clone()),
+            ..Default::default()
+        };
+        async move { rt.update_container_resources(request).await }
+    };
+    update(&busy).await.expect("update resources");
+    let memory = pod_cgroup(&pod, "memory").join(&busy);
+    let cpu = pod_cgroup(&pod, "cpu").join(&busy);
+    if memory.join("memory.max").exists() {
+        assert_eq!(read_trimmed(&memory.join("memory.max")), "67108864");
+        assert_eq!(read_trimmed(&cpu.join("cpu.max")), "50000 100000");
+    } else {
+        assert_eq!(
+            read_trimmed(&memory.join("memory.limit_in_bytes")),
+            "67108864"
+        );
+        assert_eq!(read_trimmed(&cpu.join("cpu.cfs_quota_us")), "50000");
+        assert_eq!(read_trimmed(&cpu.join("cpu.cfs_period_us")), "100000");
+    }
+    let status = container_status(&mut f.rt, &busy).await;
+    assert_eq!(
+        status.resources.and_then(|r| r.linux),
+        Some(resources.clone())
+    );
+    refused_for_unknown_and_exited(&done, update).await;
+
+    f.remove_pod(&pod).await;
+    f.huskd.terminate();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_stats_are_the_sums_of_the_containers() {
     let (mut f, pod, config) = Fixture::with_pod("s1").await;

@@ -725,7 +725,7 @@ impl Manager {
     }
 
     /// The record, brought up to date from the agent if it may have changed.
-    async fn refreshed(&self, record: ContainerRecord) -> Result<ContainerRecord> {
+    pub(super) async fn refreshed(&self, record: ContainerRecord) -> Result<ContainerRecord> {
         if !matches!(
             record.state,
             ContainerState::Created | ContainerState::Running
@@ -921,6 +921,15 @@ fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
         image_id: r.image_id.clone(),
+        resources: r
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.clone())
+            .map(|linux| cri::ContainerResources {
+                linux: Some(linux),
+                windows: None,
+            }),
         ..Default::default()
     }
 }

@@ -5,6 +5,7 @@
 mod container;
 pub mod logs;
 mod pod;
+mod resources;
 pub mod spec;
 mod stats;
 
