@@ -371,6 +371,32 @@ const TICKER: &[&str] = &[
     "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done",
 ];
 
+/// The numbers of the `tick N` records in a log file.
+fn ticks_in(log: &Path) -> Vec<u32> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.rsplit_once(" stdout F tick ")?.1.parse().ok())
+        .collect()
+}
+
+/// The ticks in a log file, once one of them is `n` or more.
+async fn ticks_until(log: &Path, n: u32) -> Vec<u32> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ticks = ticks_in(log);
+        if ticks.iter().any(|&t| t >= n) {
+            return ticks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no tick {n} in {}: {ticks:?}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let mut f = Fixture::start().await;
@@ -992,5 +1018,43 @@ async fn pod_stats_are_the_sums_of_the_containers() {
 
     f.remove_pod(&pod).await;
     f.remove_pod(&other).await;
+    f.huskd.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_log_is_reopened_at_its_path() {
+    let (mut f, pod, config) = Fixture::with_pod("l1").await;
+    let ticker = f.run_container(&pod, &config, "ticker", TICKER).await;
+    let done = f
+        .run_container(&pod, &config, "done", &["sh", "-c", "exit 0"])
+        .await;
+    wait_exited(&mut f.rt, &done).await;
+
+    // Log rotation as kubelet does it: rename, then ReopenContainerLog;
+    // later lines go to a new file at the log path.
+    let log = f.pod_logs("l1").join("ticker/0.log");
+    ticks_until(&log, 2).await;
+    let rotated = log.with_extension("log.20250101-000000");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    let rt = f.rt.clone();
+    let reopen = |id: &str| {
+        let mut rt = rt.clone();
+        let request = cri::ReopenContainerLogRequest {
+            container_id: id.into(),
+        };
+        async move { rt.reopen_container_log(request).await }
+    };
+    reopen(&ticker).await.expect("reopen log");
+    let old = ticks_in(&rotated);
+    let last_old = *old.iter().max().expect("ticks before the rotation");
+    let new = ticks_until(&log, last_old + 3).await;
+    assert_eq!(
+        new.first(),
+        Some(&(last_old + 1)),
+        "the new file goes on where the old one ends: {old:?} {new:?}"
+    );
+    refused_for_unknown_and_exited(&done, reopen).await;
+
+    f.remove_pod(&pod).await;
     f.huskd.terminate();
 }

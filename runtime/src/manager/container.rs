@@ -11,7 +11,6 @@ use k8s_cri::v1 as cri;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use super::logs::{copy_stream, LogFile};
 use super::spec::{self, SpecInput};
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
 use crate::sandbox::{ImageFiles, RootfsPlan};
@@ -28,7 +27,7 @@ pub struct ExecOutput {
     pub exit_code: i32,
 }
 
-fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
+pub(super) fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
     Some(agent::ProcessRef {
         container_id: container.to_owned(),
         exec_id: exec.to_owned(),
@@ -36,7 +35,7 @@ fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
 }
 
 /// The agent's exit status laid onto a record.
-fn apply_exit(record: &mut ContainerRecord, exit: &agent::ExitStatus) {
+pub(super) fn apply_exit(record: &mut ContainerRecord, exit: &agent::ExitStatus) {
     record.state = ContainerState::Exited;
     record.exit_code = exit.exit_code;
     record.reason = if exit.reason.is_empty() {
@@ -519,33 +518,8 @@ impl Manager {
         }
         let pod = self.ready_pod(&record.pod_id)?;
         let mut client = self.agent(&pod).await?;
-        let log = match &record.log_path {
-            Some(path) => Some(LogFile::open(path).map_err(|source| CriError::Io {
-                what: format!("opening the log file {}", path.display()),
-                source,
-            })?),
-            None => None,
-        };
         // Readers first, so no output is lost and the pipes never fill.
-        let streams: &[(agent::OutputStream, &'static str)] = if record.config.tty {
-            &[(agent::OutputStream::Stdout, "stdout")]
-        } else {
-            &[
-                (agent::OutputStream::Stdout, "stdout"),
-                (agent::OutputStream::Stderr, "stderr"),
-            ]
-        };
-        for &(stream, name) in streams {
-            let chunks = client
-                .read_output(agent::ReadOutputRequest {
-                    process: process(id, ""),
-                    stream: stream.into(),
-                })
-                .await
-                .map_err(agent_err(format!("reading the {name} of container {id}")))?
-                .into_inner();
-            tokio::spawn(copy_stream(chunks, name, log.clone(), id.to_owned()));
-        }
+        self.attach_output(&mut client, &record).await?;
         let starting = now_ns();
         let started = client
             .start_container(agent::StartContainerRequest {
@@ -570,26 +544,7 @@ impl Manager {
                 r.started_at = starting;
             }
         })?;
-        // Record the exit as soon as it happens.
-        let manager = self.clone();
-        let container = id.to_owned();
-        tokio::spawn(async move {
-            let waited = client
-                .wait_process(agent::WaitProcessRequest {
-                    process: process(&container, ""),
-                })
-                .await;
-            if let Ok(response) = waited {
-                if let Some(exit) = response.into_inner().status {
-                    let _ = manager.update_container(&container, |r| {
-                        if r.state != ContainerState::Exited {
-                            apply_exit(r, &exit);
-                        }
-                    });
-                    info!(container, exit_code = exit.exit_code, "container exited");
-                }
-            }
-        });
+        self.watch_exit(client, id.to_owned());
         info!(container = %id, "container started");
         Ok(())
     }
