@@ -644,9 +644,17 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .and_then(|c| c.usage_core_nano_seconds.as_ref())
         .is_some());
 
-    // A restarted huskd finds the pod and its running container in its
-    // state and reaches the agent again.
+    // A container that writes a line every 0.2 s, through a huskd restart.
+    let ticker = f.run_container(&pod, &pod_config, "ticker", TICKER).await;
+    let ticker_log = pod_logs.join("ticker/0.log");
+    ticks_until(&ticker_log, 3).await;
+
+    // A restarted huskd finds the pod and its running containers in its
+    // state, reaches the agent again and copies the ticker's output into
+    // its log again: what it wrote while huskd was down, and after.
     f.huskd.terminate();
+    let last_before = ticks_in(&ticker_log).into_iter().max().expect("ticks");
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let t = Instant::now();
     f.respawn_huskd().await;
     (rt, img) = (f.rt.clone(), f.img.clone());
@@ -661,6 +669,18 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .into_inner();
     eprintln!("huskd restart to ExecSync: {:?}", t.elapsed());
     assert_eq!(String::from_utf8_lossy(&exec.stdout), "again\n");
+    let ticks = ticks_until(&ticker_log, last_before + 10).await;
+    // About five ticks came while huskd was down. The agent's reader for
+    // the huskd that left drops the one chunk it holds when it finds that
+    // reader gone, so one tick at most is missing.
+    let missing: Vec<u32> = (0..=last_before + 10)
+        .filter(|n| !ticks.contains(n))
+        .collect();
+    assert!(missing.len() <= 1, "missing ticks {missing:?} of {ticks:?}");
+    assert!(
+        ticks.contains(&(last_before + 3)),
+        "a tick from while huskd was down: {ticks:?}"
+    );
 
     let running = rt
         .list_containers(cri::ListContainersRequest {
@@ -675,8 +695,11 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .expect("list")
         .into_inner()
         .containers;
-    assert_eq!(running.len(), 1);
-    assert_eq!(running[0].id, sleeper);
+    let mut running: Vec<String> = running.into_iter().map(|c| c.id).collect();
+    running.sort();
+    let mut want = vec![sleeper.clone(), ticker.clone()];
+    want.sort();
+    assert_eq!(running, want);
 
     // An image in use stays.
     let in_use = img

@@ -1,18 +1,24 @@
 //! A running container's output in its log file: the copiers of its streams,
-//! attached when it starts, the watcher that records its exit, and
-//! ReopenContainerLog.
+//! attached when it starts and again when a restarted huskd finds it running,
+//! the watcher that records its exit, and ReopenContainerLog.
 
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use husk_proto::v1 as agent;
 use husk_proto::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
+use tonic::Streaming;
 use tracing::{info, instrument, warn};
 
 use super::container::{apply_exit, process};
 use super::logs::{copy_stream, LogFile};
 use super::{agent_err, CriError, Manager, Result};
-use crate::state::{ContainerRecord, ContainerState};
+use crate::state::{ContainerRecord, ContainerState, PodState};
+
+/// How often a re-attaching huskd asks again for a stream that the agent
+/// still serves to the reader of the huskd before.
+const REATTACH_POLL: Duration = Duration::from_millis(500);
 
 /// The streams a container has: a tty has only stdout.
 fn streams(record: &ContainerRecord) -> &'static [(agent::OutputStream, &'static str)] {
@@ -72,6 +78,64 @@ impl Manager {
         Ok(())
     }
 
+    /// After a huskd restart: copies what the running container writes from
+    /// now on (and what waits in its pipes) into its log again.
+    fn reattach_output(
+        self: &Arc<Self>,
+        client: &AgentClient<Channel>,
+        record: &ContainerRecord,
+    ) -> Result<()> {
+        let log = self.open_log(record)?;
+        for &(stream, name) in streams(record) {
+            let manager = self.clone();
+            let client = client.clone();
+            let id = record.id.clone();
+            let log = log.clone();
+            tokio::spawn(async move {
+                if let Some(chunks) = manager.read_output_when_free(client, &id, stream).await {
+                    info!(container = id, stream = name, "output re-attached");
+                    copy_stream(chunks, name, log, id).await;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// ReadOutput, asked again while the agent still serves the stream to
+    /// the reader of the huskd before: the agent takes it back when that
+    /// reader's next chunk finds it gone. None once the container stopped
+    /// running or the agent refuses otherwise.
+    async fn read_output_when_free(
+        &self,
+        mut client: AgentClient<Channel>,
+        id: &str,
+        stream: agent::OutputStream,
+    ) -> Option<Streaming<agent::OutputChunk>> {
+        loop {
+            let status = match client.read_output(read_request(id, stream)).await {
+                Ok(response) => return Some(response.into_inner()),
+                Err(status) => status,
+            };
+            let running = matches!(
+                self.state.container(id),
+                Ok(Some(r)) if r.state == ContainerState::Running
+            );
+            if !running {
+                return None;
+            }
+            if status.code() != tonic::Code::FailedPrecondition {
+                warn!(
+                    container = id,
+                    stream = stream.as_str_name(),
+                    "cannot re-attach to the output: {}",
+                    status.message()
+                );
+                return None;
+            }
+            tokio::time::sleep(REATTACH_POLL).await;
+        }
+    }
+
     /// Records the container's exit as soon as the agent reports it.
     pub(super) fn watch_exit(self: &Arc<Self>, mut client: AgentClient<Channel>, id: String) {
         let manager = self.clone();
@@ -99,6 +163,34 @@ impl Manager {
                 }
             }
         });
+    }
+
+    /// At startup: the running containers of ready pods get their log
+    /// copiers and exit watchers back.
+    #[instrument(skip_all)]
+    pub async fn reattach_running(self: &Arc<Self>) -> Result<()> {
+        for record in self.state.containers()? {
+            if record.state != ContainerState::Running {
+                continue;
+            }
+            let client = match self.live_pod(&record.pod_id) {
+                Ok(pod) if pod.state == PodState::Ready => self.agent(&pod).await,
+                Ok(_) => continue,
+                Err(e) => Err(e),
+            };
+            let client = match client {
+                Ok(client) => client,
+                Err(e) => {
+                    warn!(container = %record.id, "cannot re-attach: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = self.reattach_output(&client, &record) {
+                warn!(container = %record.id, "cannot re-attach: {e}");
+            }
+            self.watch_exit(client, record.id.clone());
+        }
+        Ok(())
     }
 
     /// Closes the running container's log file and opens its path again,
