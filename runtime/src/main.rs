@@ -103,6 +103,7 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     );
     let socket = config.listen.clone();
     let manager = Manager::new(config, images, state, host, microvm);
+    tokio::spawn(manager.clone().watch_sandboxes());
     // Containers that ran on while huskd was away get their logs back.
     let recovering = manager.clone();
     tokio::spawn(async move {

@@ -867,6 +867,40 @@ fn read_trimmed(path: &Path) -> String {
         .to_string()
 }
 
+/// The host pids in a pod's cgroups.
+fn pod_pids(pod: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let mut pending = vec![pod_cgroup(pod, "pids")];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                pending.push(entry.path());
+            }
+        }
+        pids.extend(
+            std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok()),
+        );
+    }
+    pids
+}
+
+/// Whether a process runs (a zombie does not).
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
 /// `call` answers NotFound for an unknown container and
 /// FailedPrecondition for the `exited` one.
 async fn refused_for_unknown_and_exited<T, Call, Answer>(exited: &str, call: Call)
@@ -1078,6 +1112,64 @@ async fn a_rotated_log_is_reopened_at_its_path() {
     );
     refused_for_unknown_and_exited(&done, reopen).await;
 
+    f.remove_pod(&pod).await;
+    f.huskd.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_host_agent_takes_its_containers_with_it() {
+    let (mut f, pod, config) = Fixture::with_pod("k1").await;
+    let sleeper = f
+        .run_container(&pod, &config, "sleeper", &["sleep", "1000"])
+        .await;
+    let forker = f
+        .run_container(
+            &pod,
+            &config,
+            "forker",
+            &["sh", "-c", "sleep 1000 & sleep 1000"],
+        )
+        .await;
+    // The sleeper, and the forker's two sleeps (its shell execs the last).
+    let deadline = Instant::now() + PATIENCE;
+    let pids = loop {
+        let pids = pod_pids(&pod);
+        if pids.len() >= 3 {
+            break pids;
+        }
+        assert!(Instant::now() < deadline, "pod processes: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let agents = support::agent_pids(&f.args.state.join("sandboxes").join(&pod));
+    assert_eq!(agents.len(), 1, "the pod's agent: {agents:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL the agent");
+
+    // huskd notices by itself: no CRI call until the processes are gone.
+    let deadline = Instant::now() + PATIENCE;
+    while pids.iter().any(|&pid| runs(pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "still running after the agent died: {:?}",
+            pids.iter().filter(|&&pid| runs(pid)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = sandbox_status(&mut f.rt, &pod).await;
+    assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
+    for id in [&sleeper, &forker] {
+        let status = wait_exited(&mut f.rt, id).await;
+        assert_eq!((status.exit_code, status.reason.as_str()), (137, "Error"));
+        assert!(status.message.contains("ended unexpectedly"), "{status:?}");
+    }
+    assert!(
+        !pod_cgroup(&pod, "pids").exists(),
+        "the pod's cgroup is gone"
+    );
     f.remove_pod(&pod).await;
     f.huskd.terminate();
 }

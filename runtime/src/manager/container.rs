@@ -356,8 +356,8 @@ async fn copy_mounts(
 
 impl Manager {
     /// The running pod's record, for calls that need its agent.
-    pub(super) fn ready_pod(&self, id: &str) -> Result<PodRecord> {
-        let pod = self.live_pod(id)?;
+    pub(super) async fn ready_pod(&self, id: &str) -> Result<PodRecord> {
+        let pod = self.live_pod(id).await?;
         if pod.state != PodState::Ready {
             return Err(CriError::FailedPrecondition(format!(
                 "pod sandbox {id} is not ready"
@@ -379,7 +379,7 @@ impl Manager {
                 "the container metadata needs a name".into(),
             ));
         }
-        let pod = self.ready_pod(pod_id)?;
+        let pod = self.ready_pod(pod_id).await?;
         let lock = self.pod_lock(pod_id);
         let _guard = lock.lock().await;
         for c in self.state.containers()? {
@@ -516,7 +516,7 @@ impl Manager {
                 record.state
             )));
         }
-        let pod = self.ready_pod(&record.pod_id)?;
+        let pod = self.ready_pod(&record.pod_id).await?;
         let mut client = self.agent(&pod).await?;
         // Readers first, so no output is lost and the pipes never fill.
         self.attach_output(&mut client, &record).await?;
@@ -618,7 +618,7 @@ impl Manager {
         if record.state == ContainerState::Exited {
             return Ok(());
         }
-        let pod = self.live_pod(&record.pod_id)?;
+        let pod = self.live_pod(&record.pod_id).await?;
         if pod.state != PodState::Ready {
             // Its agent is gone, and the container with it.
             self.update_container(id, |r| {
@@ -641,7 +641,7 @@ impl Manager {
         let Some(record) = self.state.container(id)? else {
             return Ok(());
         };
-        let pod = self.live_pod(&record.pod_id)?;
+        let pod = self.live_pod(&record.pod_id).await?;
         if pod.state == PodState::Ready {
             let mut client = self.agent(&pod).await?;
             match client
@@ -687,7 +687,7 @@ impl Manager {
         ) {
             return Ok(record);
         }
-        let pod = self.live_pod(&record.pod_id)?;
+        let pod = self.live_pod(&record.pod_id).await?;
         if pod.state != PodState::Ready {
             return Ok(record);
         }
@@ -781,7 +781,7 @@ impl Manager {
                 "container {id} is not running"
             )));
         }
-        let pod = self.ready_pod(&record.pod_id)?;
+        let pod = self.ready_pod(&record.pod_id).await?;
         let mut client = self.agent(&pod).await?;
         let exec_id = new_id()?[..16].to_owned();
         let timeout_ms = u32::try_from(timeout_s.max(0).saturating_mul(1000)).unwrap_or(u32::MAX);

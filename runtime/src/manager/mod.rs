@@ -9,6 +9,7 @@ mod pod;
 mod resources;
 pub mod spec;
 mod stats;
+mod watch;
 
 use std::collections::HashMap;
 use std::io::Read;

@@ -173,7 +173,7 @@ impl Manager {
             if record.state != ContainerState::Running {
                 continue;
             }
-            let client = match self.live_pod(&record.pod_id) {
+            let client = match self.live_pod(&record.pod_id).await {
                 Ok(pod) if pod.state == PodState::Ready => self.agent(&pod).await,
                 Ok(_) => continue,
                 Err(e) => Err(e),

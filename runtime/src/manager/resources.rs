@@ -36,7 +36,7 @@ impl Manager {
             what: "encoding linux.resources".into(),
             source: e.into(),
         })?;
-        let pod = self.ready_pod(&record.pod_id)?;
+        let pod = self.ready_pod(&record.pod_id).await?;
         let mut client = self.agent(&pod).await?;
         client
             .update_container_resources(agent::UpdateContainerResourcesRequest {

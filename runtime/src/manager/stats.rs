@@ -75,7 +75,7 @@ impl Manager {
         })?;
         let mut out = Vec::new();
         for (pod_id, records) in by_pod {
-            let Ok(pod) = self.ready_pod(&pod_id) else {
+            let Ok(pod) = self.ready_pod(&pod_id).await else {
                 continue;
             };
             let measured = self.measure(&pod, records).await?;
@@ -101,7 +101,7 @@ impl Manager {
     /// One ready pod's stats: NotFound for an unknown pod,
     /// FailedPrecondition for one that is not ready.
     pub async fn pod_sandbox_stats(&self, id: &str) -> Result<cri::PodSandboxStats> {
-        let pod = self.ready_pod(id)?;
+        let pod = self.ready_pod(id).await?;
         let mut by_pod = self.running_by_pod(|record| record.pod_id == pod.id)?;
         let records = by_pod.remove(&pod.id).unwrap_or_default();
         let measured = self.measure(&pod, records).await?;
@@ -123,7 +123,7 @@ impl Manager {
                     continue;
                 }
             }
-            let pod = self.live_pod(&pod.id)?;
+            let pod = self.live_pod(&pod.id).await?;
             if pod.state != PodState::Ready {
                 continue;
             }

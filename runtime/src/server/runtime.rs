@@ -97,7 +97,7 @@ impl RuntimeService for Runtime {
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
         let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
-        let status = self.manager.pod_sandbox_status(id)?;
+        let status = self.manager.pod_sandbox_status(id).await?;
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(status),
             ..Default::default()
@@ -108,7 +108,10 @@ impl RuntimeService for Runtime {
         &self,
         request: Request<cri::ListPodSandboxRequest>,
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
-        let items = self.manager.list_pod_sandbox(request.into_inner().filter)?;
+        let items = self
+            .manager
+            .list_pod_sandbox(request.into_inner().filter)
+            .await?;
         Ok(Response::new(cri::ListPodSandboxResponse { items }))
     }
 
