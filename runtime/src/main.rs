@@ -103,6 +103,14 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     );
     let socket = config.listen.clone();
     let manager = Manager::new(config, images, state, host, microvm);
+    tokio::spawn(manager.clone().watch_sandboxes());
+    // Containers that ran on while huskd was away get their logs back.
+    let recovering = manager.clone();
+    tokio::spawn(async move {
+        if let Err(e) = recovering.reattach_running().await {
+            warn!("re-attaching running containers' output: {e}");
+        }
+    });
     let mut term = signal(SignalKind::terminate()).map_err(HuskdError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(HuskdError::Signals)?;
     let shutdown = async move {

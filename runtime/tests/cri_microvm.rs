@@ -22,8 +22,6 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use support::{busybox_layer, image_config, push_image, Registry};
-
 const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
 /// Container steps in a PVM guest take seconds each.
 const PATIENCE: Duration = Duration::from_secs(300);
@@ -212,16 +210,7 @@ async fn wait_exited(
 ) -> cri::ContainerStatus {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let status = rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .expect("container status")
-            .into_inner()
-            .status
-            .expect("status");
+        let status = support::container_status(rt, id).await;
         if status.state == cri::ContainerState::ContainerExited as i32 {
             return status;
         }
@@ -261,15 +250,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     );
     let (kernel, initrd) = guest_image();
     let vmm = husk_vmm();
-    let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "", &["sh"]),
-    )
-    .await;
+    let (_registry, image) = support::busybox_registry("").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("root");

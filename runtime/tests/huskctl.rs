@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{busybox_layer, husk_agent, image_config, push_image, Registry, HUSKD};
+use support::{husk_agent, HUSKD};
 
 const HUSKCTL: &str = env!("CARGO_BIN_EXE_huskctl");
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -117,15 +117,7 @@ async fn huskctl_drives_huskd() {
         "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
     );
     husk_agent();
-    let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "1000", &["sh"]),
-    )
-    .await;
+    let (registry, image) = support::busybox_registry("1000").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let _agents = support::AgentSweeper::new(dir.path());

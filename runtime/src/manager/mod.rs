@@ -4,13 +4,17 @@
 
 mod container;
 pub mod logs;
+mod output;
 mod pod;
+mod resources;
 pub mod spec;
+mod stats;
+mod watch;
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use husk_proto::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
@@ -124,6 +128,8 @@ pub struct Manager {
     host: Arc<dyn SandboxDriver>,
     microvm: Arc<dyn SandboxDriver>,
     agents: Mutex<HashMap<String, AgentClient<Channel>>>,
+    /// Containers' open log files, for ReopenContainerLog.
+    logs: Mutex<HashMap<String, Weak<logs::LogFile>>>,
     /// Serialises read-modify-write of records.
     records: Mutex<()>,
     /// One lock per pod: its lifecycle calls do not overlap.
@@ -145,6 +151,7 @@ impl Manager {
             host,
             microvm,
             agents: Mutex::new(HashMap::new()),
+            logs: Mutex::new(HashMap::new()),
             records: Mutex::new(()),
             pod_locks: Mutex::new(HashMap::new()),
         })

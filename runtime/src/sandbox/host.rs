@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+use super::host_cgroup::{kill_pod_cgroups, CGROUP_ROOT};
 use super::{BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started, AGENT_READY_TIMEOUT};
 
 pub struct HostDriver {
@@ -216,5 +217,16 @@ impl SandboxDriver for HostDriver {
 
     fn alive(&self, pid: u32, dir: &Path) -> bool {
         is_our_agent(pid, dir)
+    }
+
+    /// The containers are host processes: a dead agent leaves them running.
+    fn kill_leftovers<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(async move {
+            let killed = kill_pod_cgroups(id, Path::new(CGROUP_ROOT)).await?;
+            if killed > 0 {
+                warn!(sandbox = id, killed, "killed the processes the agent left");
+            }
+            Ok(())
+        })
     }
 }

@@ -208,6 +208,22 @@ pub async fn push_image(reference: &str, layer: Vec<u8>, config: Vec<u8>) -> Str
         .expect("manifest digest")
 }
 
+/// A registry holding the busybox image as `husk/busybox:latest`, run as
+/// `user` with `sh` as its command; returns the registry and the image's
+/// reference.
+pub async fn busybox_registry(user: &str) -> (Registry, String) {
+    let registry = Registry::start();
+    let layer = busybox_layer();
+    let image = format!("{}/husk/busybox:latest", registry.host());
+    push_image(
+        &image,
+        layer.clone(),
+        image_config("amd64", &layer, user, &["sh"]),
+    )
+    .await;
+    (registry, image)
+}
+
 /// Pushes an image index at `reference` whose only manifest is the
 /// (already pushed) `manifest_digest`, declared as `os/arch`.
 pub async fn push_single_platform_index(
@@ -241,6 +257,22 @@ pub async fn push_single_platform_index(
         .push_manifest_list(&reference, &RegistryAuth::Anonymous, index)
         .await
         .expect("push index");
+}
+
+/// A container's CRI status, which must be there.
+pub async fn container_status(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> k8s_cri::v1::ContainerStatus {
+    rt.container_status(k8s_cri::v1::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("container status")
+    .into_inner()
+    .status
+    .expect("status")
 }
 
 /// Runs a program and returns its stdout, panicking with stderr on failure.
@@ -287,19 +319,25 @@ impl AgentSweeper {
     }
 
     fn agents(&self) -> Vec<i32> {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                cmdline.contains("husk-agent") && cmdline.contains(&self.dir)
-            })
-            .collect()
+        agent_pids(Path::new(&self.dir))
     }
+}
+
+/// The husk-agent processes whose command line names `dir`.
+pub fn agent_pids(dir: &Path) -> Vec<i32> {
+    let dir = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("husk-agent") && cmdline.contains(&dir)
+        })
+        .collect()
 }
 
 impl Drop for AgentSweeper {
