@@ -558,6 +558,80 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     }
     assert!(!disks().contains("sha256:"), "{}", disks());
 
+    // The VM dies under a running container: the pod reads NOTREADY and the
+    // container EXITED, and stop/remove still clean everything up.
+    let last = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config(
+                "last",
+                &image,
+                &["sleep", "600"],
+                "last/0.log",
+            )),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "CreateContainer last: {}\n{}",
+                e.message(),
+                guest_diagnostics(&state)
+            )
+        })
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: last.clone(),
+    })
+    .await
+    .expect("start last");
+    for pid in vmms_under(&sandbox_dir) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill husk-vmm");
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let pod_state = rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("pod status")
+            .into_inner()
+            .status
+            .expect("pod status")
+            .state;
+        if pod_state == cri::PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a pod whose VM died still reads READY"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = wait_exited(&mut rt, &last, &state).await;
+    assert!(
+        status.exit_code != 0 && !status.message.is_empty(),
+        "a container whose VM died: {status:?}"
+    );
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: last.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("stop a container whose VM died");
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: last.clone(),
+    })
+    .await
+    .expect("remove a container whose VM died");
+
     let t = Instant::now();
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: pod.clone(),
