@@ -5,6 +5,7 @@
 pub mod host;
 mod host_cgroup;
 pub mod microvm;
+mod startup;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
