@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
-use support::{busybox_layer, husk_agent, image_config, push_image, Registry, HUSKD};
+use support::{husk_agent, mounts_below, push_busybox, Registry, HUSKD};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -136,16 +136,6 @@ fn container_config(
     }
 }
 
-fn mounts_below(dir: &Path) -> Vec<String> {
-    let dir = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
-        .filter(|mount_point| mount_point.starts_with(&dir))
-        .collect()
-}
-
 /// Checks one kubelet log record: `<RFC3339Nano> <stream> F <content>`.
 fn check_record(line: &str, stream: &str, content: &str) {
     let mut parts = line.splitn(4, ' ');
@@ -193,14 +183,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     );
     let agent = husk_agent();
     let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "1000", &["sh"]),
-    )
-    .await;
+    let image = push_busybox(&registry, "1000").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let _agents = support::AgentSweeper::new(dir.path());

@@ -22,7 +22,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use support::{busybox_layer, image_config, push_image, Registry};
+use support::{push_busybox, Registry};
 
 const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
 /// Container steps in a PVM guest take seconds each.
@@ -262,14 +262,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let (kernel, initrd) = guest_image();
     let vmm = husk_vmm();
     let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "", &["sh"]),
-    )
-    .await;
+    let image = push_busybox(&registry, "").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("root");
