@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
-use support::{container_status, husk_agent, Registry, HUSKD};
+use support::{container_status, husk_agent, mounts_below, Registry, HUSKD};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -134,16 +134,6 @@ fn container_config(
         labels: HashMap::from([("app".to_string(), name.to_string())]),
         ..Default::default()
     }
-}
-
-fn mounts_below(dir: &Path) -> Vec<String> {
-    let dir = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
-        .filter(|mount_point| mount_point.starts_with(&dir))
-        .collect()
 }
 
 /// Checks one kubelet log record: `<RFC3339Nano> <stream> F <content>`.

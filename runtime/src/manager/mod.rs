@@ -76,8 +76,16 @@ impl From<CriError> for tonic::Status {
             CriError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             CriError::Image(StoreError::Reference(_)) => Status::invalid_argument(message),
             CriError::Image(StoreError::InUse { .. }) => Status::failed_precondition(message),
-            CriError::Image(StoreError::Pull(crate::image::PullError::NotFound { .. })) => {
-                Status::not_found(message)
+            // No manifest for this platform is not found, as containerd says.
+            CriError::Image(StoreError::Pull(
+                crate::image::PullError::NotFound { .. }
+                | crate::image::PullError::NoMatchingPlatform { .. },
+            )) => Status::not_found(message),
+            // A layer that would write outside its rootfs: the image is refused.
+            CriError::Image(StoreError::Unpack { source, .. })
+                if matches!(**source, crate::image::unpack::UnpackError::Unsafe { .. }) =>
+            {
+                Status::invalid_argument(message)
             }
             CriError::Image(StoreError::Pull(crate::image::PullError::Unauthorized { .. })) => {
                 Status::permission_denied(message)

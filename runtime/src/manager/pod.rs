@@ -66,14 +66,6 @@ impl Manager {
             info!(pod = %meta.name, requested, "a hostNetwork pod runs on the host driver");
             driver = self.driver("host")?;
         }
-        for pod in self.state.pods()? {
-            if pod.config.metadata.as_ref() == Some(meta) {
-                return Err(CriError::AlreadyExists(format!(
-                    "pod {}/{} (uid {}, attempt {}) already exists as sandbox {}",
-                    meta.namespace, meta.name, meta.uid, meta.attempt, pod.id
-                )));
-            }
-        }
         if !host_network {
             if driver.runs_in_vm() {
                 warn!(
@@ -103,8 +95,27 @@ impl Manager {
             pid: 0,
             shared_dir: String::new(),
         };
-        // Recorded before anything starts, so a crash leaves something to clean up.
-        self.state.put_pod(&record)?;
+        // Recorded before anything starts, so a crash leaves something to
+        // clean up; checked and recorded under one lock, so that two calls
+        // with the same metadata cannot both start a pod.
+        let reserved = {
+            let _records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            match self.state.pods().map(|pods| {
+                pods.into_iter()
+                    .find(|p| p.config.metadata.as_ref() == Some(meta))
+            }) {
+                Ok(Some(pod)) => Err(CriError::AlreadyExists(format!(
+                    "pod {}/{} (uid {}, attempt {}) already exists as sandbox {}",
+                    meta.namespace, meta.name, meta.uid, meta.attempt, pod.id
+                ))),
+                Ok(None) => self.state.put_pod(&record).map_err(CriError::from),
+                Err(e) => Err(e.into()),
+            }
+        };
+        if let Err(err) = reserved {
+            self.forget_pod_lock(&id);
+            return Err(err);
+        }
         let spec = SandboxSpec {
             id: id.clone(),
             dir: dir.clone(),

@@ -4,16 +4,20 @@
 //! `busybox-static`, pushed with oci-client.
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hyper_util::rt::TokioIo;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{self as mt, OciImageIndex, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 pub const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
@@ -127,7 +131,7 @@ pub fn busybox_layer() -> Vec<u8> {
     h.set_mtime(1_700_000_000);
     tar.append_data(&mut h, "bin/busybox", busybox.as_slice())
         .unwrap();
-    for applet in ["sh", "ls", "echo", "cat", "sleep", "id"] {
+    for applet in ["sh", "ls", "echo", "cat", "sleep", "id", "true"] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
@@ -142,20 +146,34 @@ pub fn busybox_layer() -> Vec<u8> {
     h.set_size(passwd.len() as u64);
     h.set_mtime(1_700_000_000);
     tar.append_data(&mut h, "etc/passwd", &passwd[..]).unwrap();
-    let tar = tar.into_inner().unwrap();
+    gzip(&tar.into_inner().unwrap())
+}
+
+/// `data` gzip-compressed, as layers are pushed.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
+    gz.write_all(data).unwrap();
     gz.finish().unwrap()
 }
 
 /// An image config for `arch` with the busybox layer's diff id.
 pub fn image_config(arch: &str, layer_tar_gz: &[u8], user: &str, cmd: &[&str]) -> Vec<u8> {
+    layers_config(arch, &[layer_tar_gz], user, cmd)
+}
+
+/// An image config for `arch` with the diff ids of `layers` (gzip tars).
+pub fn layers_config(arch: &str, layers: &[&[u8]], user: &str, cmd: &[&str]) -> Vec<u8> {
     use sha2::Digest as _;
-    let mut tar = Vec::new();
-    flate2::read::GzDecoder::new(layer_tar_gz)
-        .read_to_end(&mut tar)
-        .unwrap();
-    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar)));
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|gz| {
+            let mut tar = Vec::new();
+            flate2::read::GzDecoder::new(*gz)
+                .read_to_end(&mut tar)
+                .unwrap();
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar)))
+        })
+        .collect();
     serde_json::to_vec(&serde_json::json!({
         "architecture": arch,
         "os": "linux",
@@ -165,7 +183,7 @@ pub fn image_config(arch: &str, layer_tar_gz: &[u8], user: &str, cmd: &[&str]) -
             "Env": ["PATH=/bin"],
             "WorkingDir": "/home/husk",
         },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
     }))
     .unwrap()
 }
@@ -183,12 +201,17 @@ fn client() -> Client {
 /// Pushes an image made of `layer` (gzip tar) and `config`; returns the
 /// manifest's digest.
 pub async fn push_image(reference: &str, layer: Vec<u8>, config: Vec<u8>) -> String {
+    push_layers(reference, vec![layer], config).await
+}
+
+/// Pushes an image made of `layers` (gzip tars, lowest first) and `config`;
+/// returns the manifest's digest.
+pub async fn push_layers(reference: &str, layers: Vec<Vec<u8>>, config: Vec<u8>) -> String {
     let reference: Reference = reference.parse().expect("reference");
-    let layers = vec![ImageLayer::new(
-        layer,
-        mt::IMAGE_LAYER_GZIP_MEDIA_TYPE.into(),
-        None,
-    )];
+    let layers: Vec<ImageLayer> = layers
+        .into_iter()
+        .map(|layer| ImageLayer::new(layer, mt::IMAGE_LAYER_GZIP_MEDIA_TYPE.into(), None))
+        .collect();
     let config = Config::new(config, mt::IMAGE_CONFIG_MEDIA_TYPE.into(), None);
     let manifest = OciImageManifest::build(&layers, &config, None);
     let client = client();
@@ -213,6 +236,13 @@ pub async fn push_image(reference: &str, layer: Vec<u8>, config: Vec<u8>) -> Str
 /// reference.
 pub async fn busybox_registry(user: &str) -> (Registry, String) {
     let registry = Registry::start();
+    let image = push_busybox(&registry, user).await;
+    (registry, image)
+}
+
+/// Pushes the busybox image (`sh` as its command, `user` as its user) to
+/// `registry` as `husk/busybox:latest`; returns that reference.
+pub async fn push_busybox(registry: &Registry, user: &str) -> String {
     let layer = busybox_layer();
     let image = format!("{}/husk/busybox:latest", registry.host());
     push_image(
@@ -221,7 +251,7 @@ pub async fn busybox_registry(user: &str) -> (Registry, String) {
         image_config("amd64", &layer, user, &["sh"]),
     )
     .await;
-    (registry, image)
+    image
 }
 
 /// Pushes an image index at `reference` whose only manifest is the
@@ -275,6 +305,17 @@ pub async fn container_status(
     .expect("status")
 }
 
+/// The mount points below `dir` in this process's mount namespace.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
+        .filter(|mount_point| mount_point.starts_with(&dir))
+        .collect()
+}
+
 /// Runs a program and returns its stdout, panicking with stderr on failure.
 pub fn run(program: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
     let out = Command::new(program)
@@ -318,34 +359,44 @@ impl AgentSweeper {
         }
     }
 
-    fn agents(&self) -> Vec<i32> {
-        agent_pids(Path::new(&self.dir))
+    /// The husk-agents running for its directory.
+    pub fn agents(&self) -> Vec<(i32, String)> {
+        agents_under(&self.dir)
     }
 }
 
-/// The husk-agent processes whose command line names `dir`.
-pub fn agent_pids(dir: &Path) -> Vec<i32> {
-    let dir = dir.display().to_string();
+/// The husk-agents whose command line names `dir`: pid and command line
+/// (NUL-separated).
+pub fn agents_under(dir: &str) -> Vec<(i32, String)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
+        .filter_map(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.contains("husk-agent") && cmdline.contains(&dir)
+            let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+            // huskd's own command line names husk-agent too, as an argument.
+            let program = cmdline.split('\0').next().unwrap_or_default();
+            (program.ends_with("husk-agent") && cmdline.contains(dir)).then_some((pid, cmdline))
         })
+        .collect()
+}
+
+/// The pids of the husk-agents whose command line names `dir`.
+pub fn agent_pids(dir: &Path) -> Vec<i32> {
+    agents_under(&dir.display().to_string())
+        .into_iter()
+        .map(|(pid, _)| pid)
         .collect()
 }
 
 impl Drop for AgentSweeper {
     fn drop(&mut self) {
-        let agents = self.agents();
-        for pid in &agents {
+        for (pid, _) in self.agents() {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
+                nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
@@ -353,5 +404,79 @@ impl Drop for AgentSweeper {
         while !self.agents().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A huskd started by a test or benchmark on its own socket; killed when
+/// dropped.
+pub struct Huskd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Huskd {
+    /// Starts huskd listening on `socket`, with `args` after `--listen`, and
+    /// waits until the socket is there.
+    pub fn spawn(socket: &Path, args: &[OsString]) -> Huskd {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(HUSKD)
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn huskd");
+        let mut huskd = Huskd {
+            child,
+            socket: socket.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Ok(Some(status)) = huskd.child.try_wait() {
+                panic!("huskd exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "huskd did not create its socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        huskd
+    }
+
+    /// `--root`, `--state` and `--config` below `dir`, and the host driver's
+    /// husk-agent: what a test on the `host` handler passes to `spawn`.
+    pub fn host_args(dir: &Path) -> Vec<OsString> {
+        let config = dir.join("config.toml");
+        std::fs::write(&config, "log_level = \"info\"\n").expect("config");
+        vec![
+            "--root".into(),
+            dir.join("root").into(),
+            "--state".into(),
+            dir.join("state").into(),
+            "--husk-agent".into(),
+            husk_agent().into(),
+            "--config".into(),
+            config.into(),
+        ]
+    }
+
+    /// A gRPC channel over the socket, as kubelet opens one.
+    pub async fn connect(&self) -> Channel {
+        let socket = self.socket.clone();
+        Endpoint::try_from("http://[::]:50051")
+            .expect("endpoint")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
+                }
+            }))
+            .await
+            .expect("connect to huskd")
+    }
+}
+
+impl Drop for Huskd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
