@@ -423,6 +423,15 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let network = condition("NetworkReady");
     assert!(!network.status);
     assert_eq!(network.reason, "NoCNIConfig");
+    let runtime_config = rt
+        .runtime_config(cri::RuntimeConfigRequest {})
+        .await
+        .expect("runtime config")
+        .into_inner();
+    assert_eq!(
+        runtime_config.linux.map(|l| l.cgroup_driver),
+        Some(cri::CgroupDriver::Cgroupfs as i32)
+    );
 
     // Images.
     let t = Instant::now();

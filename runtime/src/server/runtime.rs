@@ -364,6 +364,12 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<cri::RuntimeConfigRequest>,
     ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
-        Err(unimplemented("RuntimeConfig (cgroup driver reporting)"))
+        // kubelet builds its pod cgroup hierarchy to match: husk places pods
+        // by cgroup path (husk/<pod>/<container>), not through systemd units.
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs.into(),
+            }),
+        }))
     }
 }
