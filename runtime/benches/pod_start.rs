@@ -23,8 +23,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
@@ -32,57 +30,13 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use support::{push_busybox, AgentSweeper, Huskd, Registry, HUSKD};
-
-fn path_from(var: &str, default: PathBuf) -> PathBuf {
-    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
-    assert!(
-        path.is_file(),
-        "{} is missing (set {var}, or build it: see this bench's header)",
-        path.display()
-    );
-    path
-}
+use support::{push_busybox, AgentSweeper, Huskd, Registry};
 
 fn env_number(var: &str, default: usize) -> usize {
     std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-/// huskd's arguments for the microvm driver, with its state below `dir`.
-fn microvm_args(dir: &Path) -> Vec<OsString> {
-    let root_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let vmm = path_from("HUSK_VMM", Path::new(HUSKD).with_file_name("husk-vmm"));
-    let kernel = path_from("HUSK_GUEST_KERNEL", root_dir.join("target/guest/vmlinux"));
-    let initrd = path_from(
-        "HUSK_GUEST_INITRD",
-        root_dir.join("target/guest/initramfs.cpio.gz"),
-    );
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        "log_level = \"warn\"\nguest_boot_timeout_secs = 600\n",
-    )
-    .expect("config");
-    vec![
-        "--root".into(),
-        dir.join("root").into(),
-        "--state".into(),
-        dir.join("state").into(),
-        "--husk-vmm".into(),
-        vmm.into(),
-        "--guest-kernel".into(),
-        kernel.into(),
-        "--guest-initrd".into(),
-        initrd.into(),
-        "--config".into(),
-        config.into(),
-    ]
 }
 
 fn main() {
@@ -107,7 +61,13 @@ async fn bench() {
             args.extend(["--log-level".into(), "warn".into()]);
             (args, 200)
         }
-        "microvm" => (microvm_args(dir.path()), 5),
+        "microvm" => (
+            Huskd::microvm_args(
+                dir.path(),
+                "log_level = \"warn\"\nguest_boot_timeout_secs = 600\n",
+            ),
+            5,
+        ),
         other => panic!("HUSK_POD_BENCH_HANDLER={other:?}: the handlers are microvm and host"),
     };
     let runs = env_number("HUSK_POD_BENCH_RUNS", 3);

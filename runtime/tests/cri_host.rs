@@ -9,101 +9,19 @@
 mod support;
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
-use support::{container_status, husk_agent, mounts_below, Registry, HUSKD};
+use support::{container_status, mounts_below, Huskd, Registry};
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-struct Huskd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Huskd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct HuskdArgs {
-    socket: PathBuf,
-    root: PathBuf,
-    state: PathBuf,
-    agent: PathBuf,
-    config: PathBuf,
-}
-
-impl HuskdArgs {
-    /// Starts huskd and waits for its socket.
-    async fn spawn(&self) -> Huskd {
-        let _ = std::fs::remove_file(&self.socket);
-        let child = Command::new(HUSKD)
-            .arg("--listen")
-            .arg(format!("unix://{}", self.socket.display()))
-            .arg("--root")
-            .arg(&self.root)
-            .arg("--state")
-            .arg(&self.state)
-            .arg("--husk-agent")
-            .arg(&self.agent)
-            .arg("--config")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn huskd");
-        let mut huskd = Huskd {
-            child,
-            socket: self.socket.clone(),
-        };
-        let deadline = Instant::now() + PATIENCE;
-        while !self.socket.exists() {
-            if let Ok(Some(status)) = huskd.child.try_wait() {
-                panic!("huskd exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "huskd did not create its socket");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        huskd
-    }
-}
-
-impl Huskd {
-    /// SIGTERM, and huskd must end cleanly, taking its socket away.
-    fn terminate(&mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM huskd");
-        let exit = self.child.wait().expect("wait huskd");
-        assert!(exit.success(), "huskd: {exit}");
-        assert!(!self.socket.exists());
-    }
-}
-
-async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connect to huskd")
-}
 
 fn metadata(name: &str) -> cri::PodSandboxMetadata {
     cri::PodSandboxMetadata {
@@ -184,7 +102,9 @@ struct Fixture {
     huskd: Huskd,
     rt: RuntimeServiceClient<Channel>,
     img: ImageServiceClient<Channel>,
-    args: HuskdArgs,
+    /// huskd's socket and arguments, to start it again.
+    socket: PathBuf,
+    args: Vec<OsString>,
     image: String,
     registry: Registry,
     /// When huskd was started.
@@ -200,26 +120,19 @@ impl Fixture {
             nix::unistd::geteuid().is_root(),
             "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
         );
-        let agent = husk_agent();
         let (registry, image) = support::busybox_registry("1000").await;
         let dir = tempfile::tempdir().expect("tempdir");
         let agents = support::AgentSweeper::new(dir.path());
-        let config = dir.path().join("config.toml");
-        std::fs::write(&config, "log_level = \"info\"\n").expect("config");
-        let args = HuskdArgs {
-            socket: dir.path().join("husk.sock"),
-            root: dir.path().join("root"),
-            state: dir.path().join("state"),
-            agent,
-            config,
-        };
+        let socket = dir.path().join("husk.sock");
+        let args = Huskd::host_args(dir.path());
         let started = Instant::now();
-        let huskd = args.spawn().await;
-        let channel = connect(&args.socket).await;
+        let huskd = Huskd::spawn(&socket, &args);
+        let channel = huskd.connect().await;
         Fixture {
             huskd,
             rt: RuntimeServiceClient::new(channel.clone()),
             img: ImageServiceClient::new(channel),
+            socket,
             args,
             image,
             registry,
@@ -242,8 +155,8 @@ impl Fixture {
     /// Starts huskd again after `self.huskd.terminate()` and reconnects
     /// the clients.
     async fn respawn_huskd(&mut self) {
-        self.huskd = self.args.spawn().await;
-        let channel = connect(&self.args.socket).await;
+        self.huskd = Huskd::spawn(&self.socket, &self.args);
+        let channel = self.huskd.connect().await;
         self.rt = RuntimeServiceClient::new(channel.clone());
         self.img = ImageServiceClient::new(channel);
     }
@@ -822,7 +735,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .into_inner()
         .containers;
     assert!(containers.is_empty(), "{containers:?}");
-    let left: Vec<_> = std::fs::read_dir(f.args.state.join("sandboxes"))
+    let left: Vec<_> = std::fs::read_dir(f.dir.path().join("state").join("sandboxes"))
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left under the state dir: {left:?}");
@@ -1140,7 +1053,7 @@ async fn a_killed_host_agent_takes_its_containers_with_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
-    let agents = support::agent_pids(&f.args.state.join("sandboxes").join(&pod));
+    let agents = support::agent_pids(&f.dir.path().join("state").join("sandboxes").join(&pod));
     assert_eq!(agents.len(), 1, "the pod's agent: {agents:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agents[0]),

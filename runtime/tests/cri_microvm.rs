@@ -10,123 +10,19 @@
 
 mod support;
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
+use husk_e2e::microvm::boot_timeout;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
-const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
+use support::Huskd;
+
 /// Container steps in a PVM guest take seconds each.
 const PATIENCE: Duration = Duration::from_secs(300);
-
-fn boot_timeout() -> Duration {
-    let secs = std::env::var("HUSK_BOOT_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    Duration::from_secs(secs)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// The guest kernel and initramfs; fails naming the command that builds them.
-fn guest_image() -> (PathBuf, PathBuf) {
-    let pick = |var: &str, default: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join(default))
-    };
-    let kernel = pick("HUSK_GUEST_KERNEL", "target/guest/vmlinux");
-    let initrd = pick("HUSK_GUEST_INITRD", "target/guest/initramfs.cpio.gz");
-    for path in [&kernel, &initrd] {
-        assert!(
-            path.is_file(),
-            "{} is missing: build the guest image first with `bash guest-image/build.sh` \
-             (or set HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD)",
-            path.display()
-        );
-    }
-    (kernel, initrd)
-}
-
-/// husk-vmm from HUSK_VMM, or next to huskd in the target directory.
-fn husk_vmm() -> PathBuf {
-    let path = std::env::var_os("HUSK_VMM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(HUSKD).with_file_name("husk-vmm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first with `cargo build -p husk-vmm` (or set HUSK_VMM)",
-        path.display()
-    );
-    path
-}
-
-struct Huskd {
-    child: Child,
-}
-
-impl Drop for Huskd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Huskd {
-    fn terminate(&mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM huskd");
-        let exit = self.child.wait().expect("wait huskd");
-        assert!(exit.success(), "huskd: {exit}");
-    }
-}
-
-async fn spawn_huskd(args: &[OsString], socket: &Path) -> Huskd {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(HUSKD)
-        .args(args)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn huskd");
-    let mut huskd = Huskd { child };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        if let Ok(Some(status)) = huskd.child.try_wait() {
-            panic!("huskd exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "huskd did not create its socket");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    huskd
-}
-
-async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connect to huskd")
-}
 
 fn container_config(
     name: &str,
@@ -248,44 +144,21 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         nix::unistd::geteuid().is_root(),
         "the microvm driver needs /dev/kvm and mounts: run this as root"
     );
-    let (kernel, initrd) = guest_image();
-    let vmm = husk_vmm();
     let (_registry, image) = support::busybox_registry("").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
     let state = dir.path().join("state");
     let logs = dir.path().join("logs");
     let _reaper = VmReaper(state.clone());
     let socket = dir.path().join("husk.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "log_level = \"info\"\nguest_boot_timeout_secs = {}\n\
-             guest_cmdline = \"console=ttyS0 reboot=k panic=-1 loglevel=7 print-fatal-signals=1\"\n",
-            boot_timeout().as_secs()
-        ),
-    )
-    .expect("config");
-    let args: Vec<OsString> = vec![
-        "--listen".into(),
-        format!("unix://{}", socket.display()).into(),
-        "--root".into(),
-        root.into(),
-        "--state".into(),
-        state.clone().into(),
-        "--husk-vmm".into(),
-        vmm.into(),
-        "--guest-kernel".into(),
-        kernel.into(),
-        "--guest-initrd".into(),
-        initrd.into(),
-        "--config".into(),
-        config.into(),
-    ];
-    let mut huskd = spawn_huskd(&args, &socket).await;
-    let channel = connect(&socket).await;
+    let config = format!(
+        "log_level = \"info\"\nguest_boot_timeout_secs = {}\n\
+         guest_cmdline = \"console=ttyS0 reboot=k panic=-1 loglevel=7 print-fatal-signals=1\"\n",
+        boot_timeout().as_secs()
+    );
+    let args = Huskd::microvm_args(dir.path(), &config);
+    let mut huskd = Huskd::spawn(&socket, &args);
+    let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut img = ImageServiceClient::new(channel);
 
@@ -517,8 +390,8 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     huskd.terminate();
     assert_eq!(vmms_under(&sandbox_dir), vmm_pids, "the VM outlives huskd");
     let t = Instant::now();
-    let _huskd = spawn_huskd(&args, &socket).await;
-    let channel = connect(&socket).await;
+    let huskd = Huskd::spawn(&socket, &args);
+    let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel);
     let out = exec_sync(&mut rt, &sleeper, &["echo", "again"]).await;
     assert_eq!(out.stdout, b"again\n", "{out:?}");

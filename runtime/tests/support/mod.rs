@@ -407,6 +407,19 @@ impl Drop for AgentSweeper {
     }
 }
 
+/// husk-vmm from HUSK_VMM, or next to huskd in the target directory.
+pub fn husk_vmm() -> PathBuf {
+    let path = std::env::var_os("HUSK_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(HUSKD).with_file_name("husk-vmm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first with `cargo build -p husk-vmm` (or set HUSK_VMM)",
+        path.display()
+    );
+    path
+}
+
 /// A huskd started by a test or benchmark on its own socket; killed when
 /// dropped.
 pub struct Huskd {
@@ -456,6 +469,41 @@ impl Huskd {
             "--config".into(),
             config.into(),
         ]
+    }
+
+    /// `--root`, `--state` and `--config` below `dir`, husk-vmm and husk's
+    /// guest image: what a test on the `microvm` handler passes to `spawn`.
+    /// `config` is the config file's text.
+    pub fn microvm_args(dir: &Path, config: &str) -> Vec<OsString> {
+        let (kernel, initrd) = husk_e2e::guest_image();
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).expect("config");
+        vec![
+            "--root".into(),
+            dir.join("root").into(),
+            "--state".into(),
+            dir.join("state").into(),
+            "--husk-vmm".into(),
+            husk_vmm().into(),
+            "--guest-kernel".into(),
+            kernel.into(),
+            "--guest-initrd".into(),
+            initrd.into(),
+            "--config".into(),
+            config_path.into(),
+        ]
+    }
+
+    /// SIGTERM, and huskd must end cleanly, taking its socket away.
+    pub fn terminate(&mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM huskd");
+        let exit = self.child.wait().expect("wait huskd");
+        assert!(exit.success(), "huskd: {exit}");
+        assert!(!self.socket.exists(), "huskd left its socket behind");
     }
 
     /// A gRPC channel over the socket, as kubelet opens one.
