@@ -82,15 +82,7 @@ async fn bench() {
     let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut img = ImageServiceClient::new(channel);
-    img.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("pull");
+    support::pull(&mut img, &image).await;
 
     println!(
         "pod start on the {handler} driver, {runs} run(s); times from the RunPodSandbox call (ms)"

@@ -39,18 +39,8 @@ fn container_config(
     log_path: &str,
 ) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        log_path: log_path.into(),
         labels: HashMap::from([("app".to_string(), name.to_string())]),
-        ..Default::default()
+        ..support::container_config(name, image, command, log_path)
     }
 }
 
@@ -191,16 +181,7 @@ impl Fixture {
     }
 
     async fn pull(&mut self) {
-        self.img
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: self.image.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .expect("pull");
+        support::pull(&mut self.img, &self.image).await;
     }
 
     /// Runs `config` on the host driver; returns the pod's id.

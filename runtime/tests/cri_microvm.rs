@@ -19,31 +19,10 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use support::Huskd;
+use support::{container_config, Huskd};
 
 /// Container steps in a PVM guest take seconds each.
 const PATIENCE: Duration = Duration::from_secs(300);
-
-fn container_config(
-    name: &str,
-    image: &str,
-    command: &[&str],
-    log_path: &str,
-) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        log_path: log_path.into(),
-        ..Default::default()
-    }
-}
 
 /// Pids of husk-vmm processes whose command line names `dir`.
 fn vmms_under(dir: &Path) -> Vec<u32> {
@@ -170,15 +149,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         .runtime_handlers;
     assert!(handlers.iter().any(|h| h.name == "microvm"), "{handlers:?}");
 
-    img.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("pull");
+    support::pull(&mut img, &image).await;
 
     // A pod with the default handler: a microVM.
     let pod_logs = logs.join("default_vm1_uid-vm1");

@@ -289,6 +289,44 @@ pub async fn push_single_platform_index(
         .expect("push index");
 }
 
+/// Pulls `image` through huskd's image service, which must succeed.
+pub async fn pull(
+    img: &mut k8s_cri::v1::image_service_client::ImageServiceClient<Channel>,
+    image: &str,
+) {
+    img.pull_image(k8s_cri::v1::PullImageRequest {
+        image: Some(k8s_cri::v1::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("pull");
+}
+
+/// A container config as kubelet sends it: name, image, command, log path.
+pub fn container_config(
+    name: &str,
+    image: &str,
+    command: &[&str],
+    log_path: &str,
+) -> k8s_cri::v1::ContainerConfig {
+    k8s_cri::v1::ContainerConfig {
+        metadata: Some(k8s_cri::v1::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(k8s_cri::v1::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: log_path.into(),
+        ..Default::default()
+    }
+}
+
 /// A container's CRI status, which must be there.
 pub async fn container_status(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
