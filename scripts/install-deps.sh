@@ -3,13 +3,15 @@
 # protoc for the agent protocol, and the guest kernel's build dependencies
 # (guest-image/build.sh checks those again itself), and huskd's image store's
 # tools and test fixtures: mkfs.erofs/fsck.erofs, a loopback OCI registry and a
-# static busybox to build test images from. Idempotent; needs root.
+# static busybox to build test images from; pod networking: the CNI plugins,
+# iptables (portmap) and iproute2. Idempotent; needs root.
 set -euo pipefail
 
 PACKAGES=(
 	protobuf-compiler
 	linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils build-essential
 	erofs-utils docker-registry busybox-static
+	containernetworking-plugins iptables iproute2
 )
 
 missing=()

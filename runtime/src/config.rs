@@ -14,6 +14,8 @@
 //! husk_vmm = "/usr/bin/husk-vmm"      # default: next to huskd
 //! husk_agent = "/usr/bin/husk-agent"  # default: next to huskd
 //! log_level = "info"
+//! cni_conf_dir = "/etc/cni/net.d"     # the first *.conflist/*.conf/*.json wins
+//! cni_bin_dir = "/usr/lib/cni"
 //!
 //! [registry.hosts."docker.io"]
 //! mirrors = ["https://mirror.example.com"]
@@ -27,6 +29,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::image::RegistryConfig;
+use crate::network::{Network, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR};
 use crate::sandbox::microvm::{
     DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL, DEFAULT_GUEST_MEM_MIB,
 };
@@ -82,6 +85,13 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax, e.g. "info" or "husk_runtime=debug").
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Where pod networks are configured: the first *.conflist, *.conf or
+    /// *.json by name [default: /etc/cni/net.d].
+    #[arg(long, value_name = "DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Where the CNI plugins are [default: /usr/lib/cni].
+    #[arg(long, value_name = "DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
 }
 
 /// The config file's shape; every key is optional.
@@ -100,6 +110,8 @@ pub struct FileConfig {
     pub husk_vmm: Option<PathBuf>,
     pub husk_agent: Option<PathBuf>,
     pub log_level: Option<String>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_bin_dir: Option<PathBuf>,
     #[serde(default)]
     pub registry: RegistryConfig,
 }
@@ -123,6 +135,7 @@ pub struct Config {
     pub husk_agent: PathBuf,
     pub log_level: String,
     pub registry: RegistryConfig,
+    pub network: Network,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +248,18 @@ impl Config {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             registry: file.registry,
+            network: Network {
+                conf_dir: cli
+                    .cni_conf_dir
+                    .clone()
+                    .or(file.cni_conf_dir)
+                    .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
+                bin_dir: cli
+                    .cni_bin_dir
+                    .clone()
+                    .or(file.cni_bin_dir)
+                    .unwrap_or_else(|| DEFAULT_CNI_BIN_DIR.into()),
+            },
         })
     }
 }
@@ -300,6 +325,8 @@ mod tests {
         assert_eq!(config.default_runtime, "microvm");
         assert_eq!(config.guest_kernel, PathBuf::from(DEFAULT_GUEST_KERNEL));
         assert_eq!(config.guest_mem_mib, DEFAULT_GUEST_MEM_MIB);
+        assert_eq!(config.network.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(config.network.bin_dir, PathBuf::from("/usr/lib/cni"));
         let host_default = Cli {
             default_runtime: Some("host".into()),
             ..Cli::default()

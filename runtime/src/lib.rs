@@ -4,6 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod image;
 pub mod manager;
+pub mod network;
 pub mod sandbox;
 pub mod server;
 pub mod state;
