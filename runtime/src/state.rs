@@ -9,6 +9,8 @@ use k8s_cri::v1 as cri;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::network::PodNetwork;
+
 const PODS: TableDefinition<&str, &[u8]> = TableDefinition::new("pods");
 const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
 
@@ -52,6 +54,10 @@ pub struct PodRecord {
     pub pid: u32,
     /// The agent's shared directory (SetupSandbox's answer).
     pub shared_dir: String,
+    /// The pod's network while it is set up; None for hostNetwork pods and
+    /// once torn down.
+    #[serde(default)]
+    pub network: Option<PodNetwork>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +246,7 @@ mod tests {
                     agent_socket: "/run/husk/sandboxes/p1/agent.sock".into(),
                     pid: 42,
                     shared_dir: String::new(),
+                    network: None,
                 })
                 .expect("put");
         }

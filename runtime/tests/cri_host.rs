@@ -315,8 +315,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     };
     assert!(condition("RuntimeReady").status);
     let network = condition("NetworkReady");
-    assert!(!network.status);
-    assert_eq!(network.reason, "NoCNIConfig");
+    assert!(network.status, "{network:?}");
     let runtime_config = rt
         .runtime_config(cri::RuntimeConfigRequest {})
         .await

@@ -422,12 +422,18 @@ impl Manager {
                 !super::pod::resolv_conf(pod.config.dns_config.as_ref()).is_empty()
             })
         .then_some(shared_resolv);
+        // SetupSandbox always writes the pod's hosts file.
+        let shared_hosts = Path::new(&pod.shared_dir).join("hosts");
+        let hosts = (!pod.shared_dir.is_empty()
+            && (!driver.shares_host_fs() || shared_hosts.exists()))
+        .then_some(shared_hosts);
         let spec = spec::build(&SpecInput {
             config: &spec_config,
             pod: &pod.config,
             image: &image,
             rootfs: &rootfs,
             resolv_conf: resolv_conf.as_deref(),
+            hosts: hosts.as_deref(),
         })?;
         let spec_json = serde_json::to_vec(&spec).map_err(|e| CriError::Io {
             what: "encoding the OCI spec".into(),

@@ -49,6 +49,8 @@ pub enum CriError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     #[error("{what}: {source}")]
     Agent {
         what: String,
@@ -70,7 +72,10 @@ impl From<CriError> for tonic::Status {
         match &err {
             CriError::NotFound(_) => Status::not_found(message),
             CriError::InvalidArgument(_) | CriError::Spec(_) => Status::invalid_argument(message),
-            CriError::FailedPrecondition(_) => Status::failed_precondition(message),
+            CriError::FailedPrecondition(_)
+            | CriError::Network(crate::network::NetworkError::NotReady(_)) => {
+                Status::failed_precondition(message)
+            }
             CriError::AlreadyExists(_) => Status::already_exists(message),
             CriError::Unimplemented(_) => Status::unimplemented(message),
             CriError::DeadlineExceeded(_) => Status::deadline_exceeded(message),

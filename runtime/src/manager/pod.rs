@@ -8,6 +8,7 @@ use k8s_cri::v1 as cri;
 use tracing::{info, warn};
 
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
+use crate::network::{self, link, NetworkError, POD_IFNAME, VM_TAP};
 use crate::sandbox::SandboxSpec;
 use crate::state::{ContainerState, PodRecord, PodState};
 
@@ -66,19 +67,6 @@ impl Manager {
             info!(pod = %meta.name, requested, "a hostNetwork pod runs on the host driver");
             driver = self.driver("host")?;
         }
-        if !host_network {
-            if driver.runs_in_vm() {
-                warn!(
-                    pod = %meta.name,
-                    "pod networking is not implemented yet: the pod's VM has no network interface"
-                );
-            } else {
-                warn!(
-                    pod = %meta.name,
-                    "pod networking is not implemented yet: the pod shares the host's network"
-                );
-            }
-        }
         let id = new_id()?;
         let lock = self.pod_lock(&id);
         let _guard = lock.lock().await;
@@ -94,6 +82,7 @@ impl Manager {
             agent_socket: dir.join("agent.sock"),
             pid: 0,
             shared_dir: String::new(),
+            network: None,
         };
         // Recorded before anything starts, so a crash leaves something to
         // clean up; checked and recorded under one lock, so that two calls
@@ -116,36 +105,63 @@ impl Manager {
             self.forget_pod_lock(&id);
             return Err(err);
         }
-        let spec = SandboxSpec {
-            id: id.clone(),
-            dir: dir.clone(),
-        };
         let result = async {
+            let mut guest_link = None;
+            if !host_network {
+                let network = self.config.network.setup(&id, &config).await?;
+                record.network = Some(network.clone());
+                self.state.put_pod(&record)?;
+                if driver.runs_in_vm() {
+                    let netns = network.netns.clone();
+                    guest_link =
+                        Some(blocking(move || link::link_facts(&netns, POD_IFNAME)).await?);
+                }
+            }
+            let spec = SandboxSpec {
+                id: id.clone(),
+                dir: dir.clone(),
+                netns: record.network.as_ref().map(|n| n.netns.clone()),
+                guest_mac: guest_link.as_ref().map(|l| l.mac.clone()),
+            };
             let mut started = driver.start(&spec).await?;
             record.pid = started.pid;
             record.agent_socket = started.agent_socket.clone();
             self.state.put_pod(&record)?;
+            let (interfaces, routes) = match (&record.network, &guest_link) {
+                (Some(network), Some(facts)) => {
+                    // The tap exists once husk-vmm runs: join it to the pod's
+                    // interface before the guest configures its side.
+                    let netns = network.netns.clone();
+                    blocking(move || link::redirect_tap(&netns, POD_IFNAME, VM_TAP)).await?;
+                    network::guest_interfaces(network, facts)
+                }
+                _ => (vec![], vec![]),
+            };
+            // A VM is the pod's own machine: its hostname is the pod's. On
+            // the host driver the host's UTS name stays.
+            let hostname = if driver.runs_in_vm() {
+                config.hostname.clone()
+            } else {
+                String::new()
+            };
             let setup = started
                 .client
                 .setup_sandbox(agent::SetupSandboxRequest {
                     sandbox_id: id.clone(),
-                    // A VM is the pod's own machine: its hostname is the pod's.
-                    // On the host driver the host's UTS name stays while the
-                    // pod shares the host's network.
-                    hostname: if driver.runs_in_vm() {
-                        config.hostname.clone()
-                    } else {
-                        String::new()
+                    hosts: match &record.network {
+                        Some(network) => network::hosts_file(&config.hostname, network),
+                        // The node's network, the node's hosts.
+                        None => std::fs::read_to_string("/etc/hosts").unwrap_or_default(),
                     },
+                    hostname,
                     resolv_conf: resolv_conf(config.dns_config.as_ref()),
-                    hosts: String::new(),
                     sysctls: config
                         .linux
                         .as_ref()
                         .map(|l| l.sysctls.clone())
                         .unwrap_or_default(),
-                    interfaces: vec![],
-                    routes: vec![],
+                    interfaces,
+                    routes,
                 })
                 .await
                 .map_err(agent_err(format!("setting up sandbox {id}")))?;
@@ -168,6 +184,11 @@ impl Manager {
                 warn!(sandbox = %id, "pod failed to start: {err}");
                 if record.pid != 0 {
                     let _ = driver.stop(&id, record.pid, &dir, Duration::ZERO).await;
+                }
+                if let Some(network) = &record.network {
+                    if let Err(e) = self.config.network.teardown(&id, network).await {
+                        warn!(sandbox = %id, "{e}");
+                    }
                 }
                 let _ = std::fs::remove_dir_all(&dir);
                 let _ = self.state.delete_pod(&id);
@@ -218,6 +239,13 @@ impl Manager {
             p.state = PodState::NotReady;
             p.pid = 0;
         })?;
+        // Nothing runs in the namespace any more: its addresses, host ports
+        // and the namespace itself go. Until this succeeds the record keeps
+        // the network, and the next Stop or Remove retries.
+        if let Some(network) = &pod.network {
+            self.config.network.teardown(id, network).await?;
+            self.update_pod(id, |p| p.network = None)?;
+        }
         info!(sandbox = id, "pod stopped");
         Ok(())
     }
@@ -359,7 +387,7 @@ fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
         metadata: pod.config.metadata.clone(),
         state: cri_pod_state(pod.state) as i32,
         created_at: pod.created_at,
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(network_status(pod)),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace { options }),
         }),
@@ -367,6 +395,31 @@ fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
         annotations: pod.config.annotations.clone(),
         runtime_handler: pod.runtime_handler.clone(),
     }
+}
+
+/// The pod's IPs: the first as its primary, the others additional.
+fn network_status(pod: &PodRecord) -> cri::PodSandboxNetworkStatus {
+    let mut ips = pod
+        .network
+        .as_ref()
+        .map(|n| n.bare_ips())
+        .unwrap_or_default()
+        .into_iter();
+    cri::PodSandboxNetworkStatus {
+        ip: ips.next().unwrap_or_default(),
+        additional_ips: ips.map(|ip| cri::PodIp { ip }).collect(),
+    }
+}
+
+/// Runs a blocking namespace operation off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r)
+        .map_err(|e| CriError::Network(NetworkError::Link(e)))
 }
 
 #[cfg(test)]
@@ -458,9 +511,28 @@ mod tests {
     #[tokio::test]
     async fn handlers_choose_drivers_and_host_network_means_host() {
         let dir = tempfile::tempdir().expect("tempdir");
+        // A CNI plugin that only answers: this test is about drivers.
+        let cni = dir.path().join("cni");
+        std::fs::create_dir_all(&cni).expect("cni dir");
+        std::fs::write(
+            cni.join("10-fake.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"fake","plugins":[{"type":"answer"}]}"#,
+        )
+        .expect("conflist");
+        let plugin = cni.join("answer");
+        std::fs::write(
+            &plugin,
+            "#!/bin/sh\necho '{\"cniVersion\":\"1.0.0\",\"ips\":[{\"address\":\"10.0.0.2/24\"}]}'\n",
+        )
+        .expect("plugin");
+        std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        std::os::unix::fs::symlink(&plugin, cni.join("loopback")).expect("loopback");
         let cli = Cli {
             root: Some(dir.path().join("root")),
             state: Some(dir.path().join("state")),
+            cni_conf_dir: Some(cni.clone()),
+            cni_bin_dir: Some(cni),
             ..Cli::default()
         };
         let config = Config::merge(&cli, FileConfig::default()).expect("config");

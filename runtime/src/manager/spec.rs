@@ -124,6 +124,8 @@ pub struct SpecInput<'a> {
     /// The pod's resolv.conf as the agent sees it (in its shared
     /// directory), if it has one.
     pub resolv_conf: Option<&'a Path>,
+    /// The pod's hosts file, likewise.
+    pub hosts: Option<&'a Path>,
 }
 
 /// The process's argv: Docker's rules for command/args vs entrypoint/cmd.
@@ -423,11 +425,16 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": cgroup_options}),
     ];
     let has_mount = |dest: &str| config.mounts.iter().any(|m| m.container_path == dest);
-    if let (false, Some(resolv)) = (has_mount("/etc/resolv.conf"), input.resolv_conf) {
-        mounts.push(json!({
-            "destination": "/etc/resolv.conf", "type": "bind",
-            "source": resolv, "options": ["rbind", "rprivate", "ro"]
-        }));
+    for (destination, source) in [
+        ("/etc/resolv.conf", input.resolv_conf),
+        ("/etc/hosts", input.hosts),
+    ] {
+        if let (false, Some(source)) = (has_mount(destination), source) {
+            mounts.push(json!({
+                "destination": destination, "type": "bind",
+                "source": source, "options": ["rbind", "rprivate", "ro"]
+            }));
+        }
     }
     for m in &config.mounts {
         if !m.container_path.starts_with('/') {

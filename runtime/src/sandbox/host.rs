@@ -1,5 +1,6 @@
 //! The `host` driver: husk-agent as a plain process on the host, in fresh
-//! mount, UTS and IPC namespaces (the network stays the host's for now),
+//! mount, UTS and IPC namespaces and the pod's network namespace (or the
+//! host's network for hostNetwork pods),
 //! serving on `<dir>/agent.sock` with its state in `<dir>/agent`.
 
 use std::fs;
@@ -14,6 +15,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tonic::transport::Channel;
 use tracing::warn;
+
+use crate::network::netns::join_in_child;
 
 use super::host_cgroup::{kill_pod_cgroups, CGROUP_ROOT};
 use super::startup::{Attempt, Spawned};
@@ -109,6 +112,10 @@ impl SandboxDriver for HostDriver {
                     }
                     Ok(())
                 });
+            }
+            if let Some(netns) = &spec.netns {
+                join_in_child(&mut command, netns)
+                    .map_err(io_err(id, format!("opening {}", netns.display())))?;
             }
             let child = command
                 .spawn()

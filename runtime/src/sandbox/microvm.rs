@@ -38,6 +38,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::transport::Channel;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::network::netns::join_in_child;
+use crate::network::VM_TAP;
+
 use super::startup::{Attempt, Spawned};
 use super::{
     is_our_process, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver, SandboxError, SandboxSpec,
@@ -287,6 +290,15 @@ impl MicroVmDriver {
             .stderr(log2)
             // Its own group: a signal to huskd's group (Ctrl-C) leaves pods running.
             .process_group(0);
+        if let Some(netns) = &spec.netns {
+            // husk-vmm opens its tap inside the pod's namespace, where huskd
+            // joins it to the pod's CNI interface.
+            join_in_child(&mut command, netns)
+                .map_err(io_err(id, format!("opening {}", netns.display())))?;
+            if let Some(mac) = &spec.guest_mac {
+                command.arg("--net").arg(format!("tap={VM_TAP},mac={mac}"));
+            }
+        }
         let started_at = Instant::now();
         let child = command.spawn().map_err(io_err(
             id,

@@ -111,6 +111,13 @@ pub struct SandboxSpec {
     pub id: String,
     /// `<state>/sandboxes/<id>`: the driver's own directory for the sandbox.
     pub dir: PathBuf,
+    /// The pod's network namespace, which the driver's process joins;
+    /// None: the host's network (hostNetwork pods).
+    pub netns: Option<PathBuf>,
+    /// For a VM in `netns`: the MAC its interface takes over from the
+    /// pod's CNI interface, whose traffic reaches it through the tap
+    /// [`crate::network::VM_TAP`].
+    pub guest_mac: Option<String>,
 }
 
 /// A started sandbox: where its agent listens and the process that runs it.

@@ -303,6 +303,7 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<cri::StatusRequest>,
     ) -> Result<Response<cri::StatusResponse>, Status> {
+        let network = self.manager.config.network.ready();
         let conditions = vec![
             cri::RuntimeCondition {
                 r#type: "RuntimeReady".into(),
@@ -312,9 +313,16 @@ impl RuntimeService for Runtime {
             },
             cri::RuntimeCondition {
                 r#type: "NetworkReady".into(),
-                status: false,
-                reason: "NoCNIConfig".into(),
-                message: "husk does not set up pod networking yet".into(),
+                status: network.is_ok(),
+                reason: match network {
+                    Ok(()) => String::new(),
+                    Err(_) => "NetworkPluginNotReady".into(),
+                },
+                message: network
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("cni config uninitialized: {e}"))
+                    .unwrap_or_default(),
             },
         ];
         Ok(Response::new(cri::StatusResponse {

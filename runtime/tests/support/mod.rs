@@ -458,6 +458,94 @@ pub fn husk_vmm() -> PathBuf {
     path
 }
 
+/// The pod network every test huskd uses: Debian's CNI plugins, one
+/// bridge for all tests (so that pods of concurrent tests cannot clash on
+/// addresses, they share host-local's leases), host ports through portmap.
+pub const TEST_NETWORK: &str = "husk-test";
+pub const TEST_BRIDGE: &str = "husk-test0";
+pub const TEST_SUBNET_PREFIX: &str = "10.199.";
+pub const TEST_GATEWAY: &str = "10.199.0.1";
+const TEST_BRIDGE_MAC: &str = "02:42:0a:c7:00:01";
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// Writes the test network's conflist to `<dir>/cni` and returns that
+/// directory, for `--cni-conf-dir`.
+pub fn test_cni_conf_dir(dir: &Path) -> PathBuf {
+    assert!(
+        Path::new(CNI_BIN_DIR).join("bridge").is_file(),
+        "{CNI_BIN_DIR}/bridge is missing: run scripts/install-deps.sh (Debian package containernetworking-plugins)"
+    );
+    ensure_test_bridge();
+    let conf_dir = dir.join("cni");
+    std::fs::create_dir_all(&conf_dir).expect("cni dir");
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": TEST_NETWORK,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": TEST_BRIDGE,
+                "isGateway": true,
+                "isDefaultGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": format!("{TEST_SUBNET_PREFIX}0.0/16"), "gateway": TEST_GATEWAY }]]
+                }
+            },
+            { "type": "portmap", "capabilities": { "portMappings": true } }
+        ]
+    });
+    std::fs::write(conf_dir.join("10-husk-test.conflist"), conflist.to_string())
+        .expect("write conflist");
+    conf_dir
+}
+
+/// Creates the test bridge with a fixed MAC unless it is there. On newer
+/// kernels (6.18 here) a bridge without ports has an all-zero MAC, and the
+/// bridge plugin of Debian 12 (1.1.1) fails to re-set it ("could not set
+/// bridge's mac: invalid argument"); a bridge with an address set works.
+fn ensure_test_bridge() {
+    let link = Path::new("/sys/class/net").join(TEST_BRIDGE);
+    if !link.exists() {
+        // Concurrent tests may race to create it: "File exists" is fine.
+        let _ = Command::new("ip")
+            .args(["link", "add", TEST_BRIDGE, "type", "bridge"])
+            .status();
+    }
+    let mac = std::fs::read_to_string(link.join("address")).unwrap_or_default();
+    if mac.trim() == "00:00:00:00:00:00" {
+        run(
+            "ip",
+            &[&"link", &"set", &TEST_BRIDGE, &"address", &TEST_BRIDGE_MAC],
+        );
+    }
+}
+
+/// What CNI left on the host for pod `id`: its namespace, host-local
+/// leases naming it, iptables rules naming it.
+pub fn network_leftovers(id: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    let netns = Path::new("/run/netns").join(format!("husk-{id}"));
+    if netns.exists() {
+        left.push(format!("netns {}", netns.display()));
+    }
+    let leases = Path::new("/var/lib/cni/networks").join(TEST_NETWORK);
+    for entry in std::fs::read_dir(&leases).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if text.contains(id) {
+            left.push(format!("lease {}", entry.path().display()));
+        }
+    }
+    let rules = run("iptables-save", &[&"-t", &"nat"]);
+    // portmap names its chains and comments after the container id.
+    for line in rules.lines().filter(|l| l.contains(&id[..12])) {
+        left.push(format!("iptables {line}"));
+    }
+    left
+}
+
 /// A huskd started by a test or benchmark on its own socket; killed when
 /// dropped.
 pub struct Huskd {
@@ -506,6 +594,8 @@ impl Huskd {
             husk_agent().into(),
             "--config".into(),
             config.into(),
+            "--cni-conf-dir".into(),
+            test_cni_conf_dir(dir).into(),
         ]
     }
 
@@ -529,6 +619,8 @@ impl Huskd {
             initrd.into(),
             "--config".into(),
             config_path.into(),
+            "--cni-conf-dir".into(),
+            test_cni_conf_dir(dir).into(),
         ]
     }
 
