@@ -112,6 +112,9 @@ impl Manager {
                 record.network = Some(network.clone());
                 self.state.put_pod(&record)?;
                 if driver.runs_in_vm() {
+                    link::create_tap(&network.netns, VM_TAP)
+                        .await
+                        .map_err(NetworkError::Link)?;
                     let netns = network.netns.clone();
                     guest_link =
                         Some(blocking(move || link::link_facts(&netns, POD_IFNAME)).await?);

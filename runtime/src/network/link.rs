@@ -81,6 +81,29 @@ pub fn link_facts(path: &Path, ifname: &str) -> io::Result<LinkFacts> {
     .map_err(|e| io::Error::new(e.kind(), format!("reading link {ifname:?}: {e}")))
 }
 
+/// Creates the persistent tap `name` in the namespace at `path`, for
+/// husk-vmm to attach to by name. Through iproute2's `ip tuntap`: taps are
+/// made by ioctls on /dev/net/tun, which rtnetlink has no request for.
+pub async fn create_tap(path: &Path, name: &str) -> io::Result<()> {
+    let netns = path
+        .file_name()
+        .ok_or_else(|| io::Error::other(format!("{} names no namespace", path.display())))?;
+    let output = tokio::process::Command::new("ip")
+        .arg("-n")
+        .arg(netns)
+        .args(["tuntap", "add", "dev", name, "mode", "tap"])
+        .output()
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("running ip tuntap: {e}")))?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "ip tuntap add dev {name}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// Brings `tap` up with `ifname`'s MTU and redirects every frame arriving
 /// on either link out of the other.
 pub fn redirect_tap(path: &Path, ifname: &str, tap: &str) -> io::Result<()> {

@@ -2,9 +2,10 @@
 //!
 //! huskd creates the namespace, runs CNI ADD in it (the pod's interface is
 //! `eth0`), and hands the namespace to the sandbox driver: the host driver
-//! runs its agent inside it; the microvm driver runs husk-vmm inside it,
-//! whose tap is joined to `eth0` with tc redirect (see [`link`]), so the
-//! guest takes the pod's MAC and address. Teardown runs CNI DEL with the
+//! runs its agent inside it; for the microvm driver huskd creates a tap
+//! there, runs husk-vmm inside it attached to the tap, and joins the tap to
+//! `eth0` with tc redirect (see [`link`]), so the guest takes the pod's MAC
+//! and address. Teardown runs CNI DEL with the
 //! ADD result and removes the namespace; both are idempotent.
 
 pub mod cni;
