@@ -10,7 +10,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_e2e::microvm::boot_timeout;
@@ -19,64 +19,10 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use support::{container_config, Huskd};
+use support::{container_config, guest_diagnostics, vmms_under, Huskd, VmReaper};
 
 /// Container steps in a PVM guest take seconds each.
 const PATIENCE: Duration = Duration::from_secs(300);
-
-/// Pids of husk-vmm processes whose command line names `dir`.
-fn vmms_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        // argv[0] is husk-vmm (huskd's own command line names it too).
-        let program = cmdline.split('\0').next().unwrap_or_default();
-        if program.ends_with("/husk-vmm") && cmdline.contains(&needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// Kills every husk-vmm below a state directory when dropped: a failing
-/// test (a panic) must not leave VMs behind, which outlive huskd by design.
-struct VmReaper(PathBuf);
-
-impl Drop for VmReaper {
-    fn drop(&mut self) {
-        for pid in vmms_under(&self.0) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-/// The VMM log and guest console of every sandbox below `state`.
-fn guest_diagnostics(state: &Path) -> String {
-    let mut out = String::new();
-    let Ok(dirs) = std::fs::read_dir(state.join("sandboxes")) else {
-        return "(no sandboxes)".into();
-    };
-    for dir in dirs.flatten() {
-        for file in ["vmm.log", "console.log"] {
-            let text = std::fs::read_to_string(dir.path().join(file)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!(
-                "--- {} (last 40 lines) ---\n{}\n",
-                dir.path().join(file).display(),
-                lines[lines.len().saturating_sub(40)..].join("\n")
-            ));
-        }
-    }
-    out
-}
 
 async fn wait_exited(
     rt: &mut RuntimeServiceClient<Channel>,

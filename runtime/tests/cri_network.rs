@@ -5,7 +5,8 @@
 //! no namespace, lease, iptables rule or veth left.
 //!
 //! Needs root, scripts/install-deps.sh's packages (containernetworking-plugins,
-//! iptables, docker-registry, busybox-static).
+//! iptables, docker-registry, busybox-static); the microvm case also needs
+//! /dev/kvm, the guest image and husk-vmm (see cri_microvm.rs).
 
 mod support;
 
@@ -19,7 +20,10 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use support::{container_config, network_leftovers, Huskd};
+use husk_e2e::microvm::boot_timeout;
+use support::{
+    container_config, guest_diagnostics, network_leftovers, vmms_under, Huskd, VmReaper,
+};
 
 /// An HTTP GET of `/` from `addr`, retried until `patience` runs out (the
 /// server may still be starting); the body.
@@ -106,7 +110,13 @@ async fn serving_pod(
             runtime_handler: handler.into(),
         })
         .await
-        .expect("run pod")
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}\n{}",
+                "run pod",
+                guest_diagnostics(&dir.join("state"))
+            )
+        })
         .into_inner()
         .pod_sandbox_id;
     let script =
@@ -123,14 +133,26 @@ async fn serving_pod(
             sandbox_config: Some(config),
         })
         .await
-        .expect("create")
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}\n{}",
+                "create",
+                guest_diagnostics(&dir.join("state"))
+            )
+        })
         .into_inner()
         .container_id;
     rt.start_container(cri::StartContainerRequest {
         container_id: container.clone(),
     })
     .await
-    .expect("start");
+    .unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}\n{}",
+            "start",
+            guest_diagnostics(&dir.join("state"))
+        )
+    });
     let status = rt
         .pod_sandbox_status(cri::PodSandboxStatusRequest {
             pod_sandbox_id: id.clone(),
@@ -206,13 +228,25 @@ fn host_address() -> String {
 
 /// Two pods on `handler`: reachable from the host and from each other,
 /// one through a hostPort, with the pod's DNS settings; then nothing left.
+/// Before pod a is stopped, its namespace is removed behind huskd's back
+/// (host handler) or its VMM is killed (microvm handler): what CNI set up
+/// must go all the same.
 async fn two_pods_talk(handler: &str, patience: Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
-    // Declared after `dir`, dropped before it: a failing test leaves no agents.
+    // Declared after `dir`, dropped before it: a failing test leaves no
+    // agents or VMs.
     let _agents = support::AgentSweeper::new(dir.path());
+    let _vms = VmReaper(dir.path().join("state"));
     let (registry, image) = support::busybox_registry("").await;
     let args = match handler {
         "host" => Huskd::host_args(dir.path()),
+        "microvm" => Huskd::microvm_args(
+            dir.path(),
+            &format!(
+                "log_level = \"info\"\nguest_boot_timeout_secs = {}\n",
+                boot_timeout().as_secs()
+            ),
+        ),
         _ => unreachable!("handler {handler}"),
     };
     let mut huskd = Huskd::spawn(&dir.path().join("husk.sock"), &args);
@@ -277,6 +311,19 @@ async fn two_pods_talk(handler: &str, patience: Duration) {
     assert!(hostname.contains(&a.ip), "{hostname}");
 
     let veths: Vec<String> = [&a, &b].iter().map(|p| host_veth_index(&p.id)).collect();
+    if handler == "host" {
+        // Someone removed pod a's namespace: Stop's CNI DEL must cope.
+        support::run("ip", &[&"netns", &"del", &format!("husk-{}", a.id)]);
+    } else {
+        let state = dir.path().join("state");
+        let vmm = vmms_under(&state.join("sandboxes").join(&a.id));
+        assert_eq!(vmm.len(), 1, "pod a's husk-vmm: {vmm:?}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(vmm[0] as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill husk-vmm");
+    }
     for pod in [&a, &b] {
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
             pod_sandbox_id: pod.id.clone(),
@@ -317,6 +364,17 @@ async fn two_pods_talk(handler: &str, patience: Duration) {
 #[tokio::test(flavor = "multi_thread")]
 async fn host_pods_reach_each_other_the_host_and_host_ports() {
     two_pods_talk("host", Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn microvm_pods_reach_each_other_the_host_and_host_ports() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the microvm driver needs /dev/kvm and mounts: run this as root"
+    );
+    // Guests run their kernels emulated on PVM hosts: a server in one takes
+    // seconds to start and answer.
+    two_pods_talk("microvm", Duration::from_secs(300)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
