@@ -59,18 +59,6 @@ fn check_record(line: &str, stream: &str, content: &str) {
     assert_eq!(parts.next(), Some(content), "{line:?}");
 }
 
-async fn sandbox_status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::PodSandboxStatus {
-    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
-        pod_sandbox_id: id.into(),
-        verbose: false,
-    })
-    .await
-    .expect("pod status")
-    .into_inner()
-    .status
-    .expect("status")
-}
-
 async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -298,11 +286,8 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     eprintln!("huskd answering: {:?}", f.started.elapsed());
     assert_eq!(version.runtime_name, "husk");
     assert_eq!(version.runtime_api_version, "v1");
-    let status = rt
-        .status(cri::StatusRequest { verbose: false })
+    let status = support::runtime_status(&mut rt)
         .await
-        .expect("status")
-        .into_inner()
         .status
         .expect("status");
     let condition = |name: &str| {
@@ -396,7 +381,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let t = Instant::now();
     let pod = f.run_pod(&pod_config).await;
     eprintln!("RunPodSandbox: {:?}", t.elapsed());
-    let pod_status = sandbox_status(&mut rt, &pod).await;
+    let pod_status = support::pod_status(&mut rt, &pod).await;
     assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
     assert_eq!(pod_status.metadata, Some(metadata("p1")));
     let by_label = rt
@@ -689,7 +674,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .expect("stop pod");
     }
     eprintln!("StopPodSandbox: {:?}", t.elapsed());
-    let pod_status = sandbox_status(&mut rt, &pod).await;
+    let pod_status = support::pod_status(&mut rt, &pod).await;
     assert_eq!(
         pod_status.state,
         cri::PodSandboxState::SandboxNotready as i32
@@ -1051,7 +1036,7 @@ async fn a_killed_host_agent_takes_its_containers_with_it() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = sandbox_status(&mut f.rt, &pod).await;
+    let status = support::pod_status(&mut f.rt, &pod).await;
     assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
     for id in [&sleeper, &forker] {
         let status = wait_exited(&mut f.rt, id).await;

@@ -44,25 +44,6 @@ async fn wait_exited(
     }
 }
 
-async fn exec_sync(
-    rt: &mut RuntimeServiceClient<Channel>,
-    container: &str,
-    cmd: &[&str],
-) -> cri::ExecSyncResponse {
-    let t = Instant::now();
-    let out = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: container.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            timeout: 120,
-        })
-        .await
-        .expect("exec")
-        .into_inner();
-    eprintln!("ExecSync {cmd:?}: {:?}", t.elapsed());
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     assert!(
@@ -87,12 +68,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut img = ImageServiceClient::new(channel);
 
-    let handlers = rt
-        .status(cri::StatusRequest { verbose: false })
-        .await
-        .expect("status")
-        .into_inner()
-        .runtime_handlers;
+    let handlers = support::runtime_status(&mut rt).await.runtime_handlers;
     assert!(handlers.iter().any(|h| h.name == "microvm"), "{handlers:?}");
 
     support::pull(&mut img, &image).await;
@@ -129,16 +105,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let sandbox_dir = state.join("sandboxes").join(&pod);
     let vmm_pids = vmms_under(&sandbox_dir);
     assert_eq!(vmm_pids.len(), 1, "one husk-vmm per pod: {vmm_pids:?}");
-    let pod_status = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("pod status")
-        .into_inner()
-        .status
-        .expect("status");
+    let pod_status = support::pod_status(&mut rt, &pod).await;
     assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
 
     // A container that writes a line to each stream and exits.
@@ -282,10 +249,10 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     .expect("start sleeper");
     eprintln!("second container create + start: {:?}", t.elapsed());
 
-    let out = exec_sync(&mut rt, &sleeper, &["echo", "hi"]).await;
+    let out = support::exec_sync(&mut rt, &sleeper, &["echo", "hi"]).await;
     assert_eq!(out.exit_code, 0, "{out:?}");
     assert_eq!(out.stdout, b"hi\n");
-    let out = exec_sync(
+    let out = support::exec_sync(
         &mut rt,
         &sleeper,
         &[
@@ -310,7 +277,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let huskd = Huskd::spawn(&socket, &args);
     let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel);
-    let out = exec_sync(&mut rt, &sleeper, &["echo", "again"]).await;
+    let out = support::exec_sync(&mut rt, &sleeper, &["echo", "again"]).await;
     assert_eq!(out.stdout, b"again\n", "{out:?}");
     eprintln!("huskd restart to ExecSync: {:?}", t.elapsed());
 
@@ -385,17 +352,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     }
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let pod_state = rt
-            .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: false,
-            })
-            .await
-            .expect("pod status")
-            .into_inner()
-            .status
-            .expect("pod status")
-            .state;
+        let pod_state = support::pod_status(&mut rt, &pod).await.state;
         if pod_state == cri::PodSandboxState::SandboxNotready as i32 {
             break;
         }

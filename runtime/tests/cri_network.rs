@@ -153,17 +153,11 @@ async fn serving_pod(
             guest_diagnostics(&dir.join("state"))
         )
     });
-    let status = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: id.clone(),
-            verbose: false,
-        })
+    let ip = support::pod_status(rt, &id)
         .await
-        .expect("pod status")
-        .into_inner()
-        .status
-        .expect("status");
-    let ip = status.network.map(|n| n.ip).unwrap_or_default();
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
     assert!(
         ip.starts_with(support::TEST_SUBNET_PREFIX),
         "pod {name} has IP {ip:?}, not one from the test network"
@@ -172,15 +166,7 @@ async fn serving_pod(
 }
 
 async fn exec(rt: &mut RuntimeServiceClient<Channel>, container: &str, cmd: &[&str]) -> String {
-    let response = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: container.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            timeout: 60,
-        })
-        .await
-        .expect("exec")
-        .into_inner();
+    let response = support::exec_sync(rt, container, cmd).await;
     assert_eq!(
         response.exit_code,
         0,
@@ -254,11 +240,8 @@ async fn two_pods_talk(handler: &str, patience: Duration) {
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut img = ImageServiceClient::new(channel);
     support::pull(&mut img, &image).await;
-    let status = rt
-        .status(cri::StatusRequest { verbose: false })
+    let status = support::runtime_status(&mut rt)
         .await
-        .expect("status")
-        .into_inner()
         .status
         .expect("status");
     assert!(
@@ -390,11 +373,8 @@ async fn without_cni_config_the_network_is_not_ready_and_pods_are_refused() {
     args[flag + 1] = empty.clone().into();
     let mut huskd = Huskd::spawn(&dir.path().join("husk.sock"), &args);
     let mut rt = RuntimeServiceClient::new(huskd.connect().await);
-    let status = rt
-        .status(cri::StatusRequest { verbose: false })
+    let status = support::runtime_status(&mut rt)
         .await
-        .expect("status")
-        .into_inner()
         .status
         .expect("status");
     let network = status

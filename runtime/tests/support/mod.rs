@@ -327,6 +327,52 @@ pub fn container_config(
     }
 }
 
+/// A pod's CRI status, which must be there.
+pub async fn pod_status(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    id: &str,
+) -> k8s_cri::v1::PodSandboxStatus {
+    rt.pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("pod status")
+    .into_inner()
+    .status
+    .expect("status")
+}
+
+/// The runtime's Status answer: conditions and handlers.
+pub async fn runtime_status(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+) -> k8s_cri::v1::StatusResponse {
+    rt.status(k8s_cri::v1::StatusRequest { verbose: false })
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// ExecSync, which must be answered (any exit code); prints how long it took.
+pub async fn exec_sync(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    container: &str,
+    cmd: &[&str],
+) -> k8s_cri::v1::ExecSyncResponse {
+    let t = Instant::now();
+    let out = rt
+        .exec_sync(k8s_cri::v1::ExecSyncRequest {
+            container_id: container.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 120,
+        })
+        .await
+        .expect("exec")
+        .into_inner();
+    eprintln!("ExecSync {cmd:?}: {:?}", t.elapsed());
+    out
+}
+
 /// A container's CRI status, which must be there.
 pub async fn container_status(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
