@@ -7,3 +7,4 @@ pub mod manager;
 pub mod sandbox;
 pub mod server;
 pub mod state;
+pub mod streaming;

@@ -615,7 +615,12 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let err = rt
         .exec(cri::ExecRequest::default())
         .await
-        .expect_err("Exec is not there yet");
+        .expect_err("Exec without a container");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = rt
+        .attach(cri::AttachRequest::default())
+        .await
+        .expect_err("Attach is not there yet");
     assert_eq!(err.code(), Code::Unimplemented);
 
     // Stop the sleeper (PID 1 in its namespace ignores SIGTERM: SIGKILL after 1 s).

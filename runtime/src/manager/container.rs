@@ -28,7 +28,15 @@ pub struct ExecOutput {
     pub exit_code: i32,
 }
 
-fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
+/// How an exec'd process is wired: a tty, a stdin.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ExecIo {
+    pub tty: bool,
+    pub stdin: bool,
+}
+
+/// The agent's name for a container's main process (`exec` empty) or an exec.
+pub fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
     Some(agent::ProcessRef {
         container_id: container.to_owned(),
         exec_id: exec.to_owned(),
@@ -811,15 +819,9 @@ impl Manager {
         Ok(out)
     }
 
-    pub async fn exec_sync(
-        &self,
-        id: &str,
-        cmd: Vec<String>,
-        timeout_s: i64,
-    ) -> Result<ExecOutput> {
-        if cmd.is_empty() {
-            return Err(CriError::InvalidArgument("ExecSync needs a command".into()));
-        }
+    /// The running container's record and pod, for calls that need its
+    /// process.
+    pub async fn running_container(&self, id: &str) -> Result<(ContainerRecord, PodRecord)> {
         let record = self.refreshed(self.container(id)?).await?;
         if record.state != ContainerState::Running {
             return Err(CriError::FailedPrecondition(format!(
@@ -827,24 +829,50 @@ impl Manager {
             )));
         }
         let pod = self.ready_pod(&record.pod_id)?;
+        Ok((record, pod))
+    }
+
+    /// Starts `cmd` in a running container; returns the agent and the exec id.
+    pub async fn start_exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        io: ExecIo,
+        timeout_ms: u32,
+    ) -> Result<(AgentClient<Channel>, String)> {
+        if cmd.is_empty() {
+            return Err(CriError::InvalidArgument("exec needs a command".into()));
+        }
+        let (_, pod) = self.running_container(id).await?;
         let mut client = self.agent(&pod).await?;
         let exec_id = new_id()?[..16].to_owned();
-        let timeout_ms = u32::try_from(timeout_s.max(0).saturating_mul(1000)).unwrap_or(u32::MAX);
+        let process = serde_json::json!({ "args": cmd, "terminal": io.tty });
         client
             .exec_process(agent::ExecProcessRequest {
                 container_id: id.to_owned(),
                 exec_id: exec_id.clone(),
-                oci_process_json: serde_json::to_vec(&serde_json::json!({ "args": cmd })).map_err(
-                    |e| CriError::Io {
-                        what: "encoding the exec process".into(),
-                        source: e.into(),
-                    },
-                )?,
-                stdin: false,
+                oci_process_json: serde_json::to_vec(&process).map_err(|e| CriError::Io {
+                    what: "encoding the exec process".into(),
+                    source: e.into(),
+                })?,
+                stdin: io.stdin,
                 timeout_ms,
             })
             .await
             .map_err(agent_err(format!("exec in container {id}")))?;
+        Ok((client, exec_id))
+    }
+
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout_s: i64,
+    ) -> Result<ExecOutput> {
+        let timeout_ms = u32::try_from(timeout_s.max(0).saturating_mul(1000)).unwrap_or(u32::MAX);
+        let (mut client, exec_id) = self
+            .start_exec(id, &cmd, ExecIo::default(), timeout_ms)
+            .await?;
         let stdout = tokio::spawn(collect(
             client.clone(),
             id.to_owned(),

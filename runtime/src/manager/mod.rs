@@ -20,7 +20,7 @@ use crate::image::{ImageStore, StoreError};
 use crate::sandbox::{SandboxDriver, SandboxError};
 use crate::state::{ContainerRecord, PodRecord, State, StateError};
 
-pub use container::ExecOutput;
+pub use container::{process, ExecIo, ExecOutput};
 
 /// Why a CRI call failed; each maps to a gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -209,7 +209,7 @@ impl Manager {
 
     /// The agent of `pod`, connecting once if huskd has no channel yet
     /// (after a restart).
-    async fn agent(&self, pod: &PodRecord) -> Result<AgentClient<Channel>> {
+    pub(crate) async fn agent(&self, pod: &PodRecord) -> Result<AgentClient<Channel>> {
         if let Some(client) = self
             .agents
             .lock()

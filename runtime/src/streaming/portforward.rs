@@ -1,0 +1,247 @@
+//! Port forwarding: TCP connections to localhost in the pod's network
+//! namespace, carried over WebSocket (a data and an error channel per
+//! port) or SPDY (a data and an error stream per connection, paired by
+//! `requestID`).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use nix::sched::CloneFlags;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::debug;
+
+use super::spdy::{Event, Session};
+use super::websocket::{Framing, Socket};
+use crate::manager::{CriError, Manager};
+use crate::state::PodState;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The process whose network namespace is the pod's.
+pub fn netns_pid(manager: &Manager, pod_id: &str) -> Result<u32, CriError> {
+    let pod = manager.pod(pod_id)?;
+    if pod.state != PodState::Ready {
+        return Err(CriError::FailedPrecondition(format!(
+            "pod sandbox {pod_id} is not ready"
+        )));
+    }
+    if pod.driver != "host" {
+        return Err(CriError::Unimplemented(format!(
+            "port-forward into {} pods is not implemented: the pod's network is inside its VM, \
+             and husk-agent has no RPC yet to proxy TCP over vsock",
+            pod.driver
+        )));
+    }
+    Ok(pod.pid)
+}
+
+/// Connects to `127.0.0.1:port` in the network namespace of `pid`, from a
+/// thread of its own that enters the namespace and ends (setns changes only
+/// the calling thread, which must not go back to a pool).
+pub async fn connect(pid: u32, port: u16) -> io::Result<TcpStream> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("husk-netns".into())
+        .spawn(move || {
+            let _ = tx.send(connect_in_netns(pid, port));
+        })?;
+    let stream = rx
+        .await
+        .map_err(|_| io::Error::other("the netns thread died"))??;
+    stream.set_nonblocking(true)?;
+    TcpStream::from_std(stream)
+}
+
+fn connect_in_netns(pid: u32, port: u16) -> io::Result<std::net::TcpStream> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    std::net::TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), CONNECT_TIMEOUT)
+}
+
+fn connect_error(port: u16, e: io::Error) -> String {
+    format!("error forwarding port {port} to pod: {e}")
+}
+
+/// Copies what the pod's side sends to `out` as `(key, data)`, then an
+/// empty piece for its end.
+async fn pump_from_pod<K: Copy + Send + 'static>(
+    mut read: tokio::net::tcp::OwnedReadHalf,
+    key: K,
+    out: mpsc::Sender<(K, Bytes)>,
+) {
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        match read.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if out
+                    .send((key, Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = out.send((key, Bytes::new())).await;
+}
+
+/// WebSocket: one connection per requested port, opened at once.
+pub async fn over_websocket(socket: Socket, framing: Framing, pid: u32, ports: Vec<u16>) {
+    let (mut sink, mut stream) = socket.split();
+    let (from_pod, mut to_client) = mpsc::channel::<(usize, Bytes)>(16);
+    let mut writers: HashMap<usize, OwnedWriteHalf> = HashMap::new();
+    for (i, &port) in ports.iter().enumerate() {
+        // Each channel first carries its port, little-endian.
+        let data = (2 * i) as u8;
+        let error = data + 1;
+        for channel in [data, error] {
+            let _ = sink
+                .send(framing.encode(channel, &port.to_le_bytes()))
+                .await;
+        }
+        match connect(pid, port).await {
+            Ok(tcp) => {
+                let (read, write) = tcp.into_split();
+                writers.insert(i, write);
+                tokio::spawn(pump_from_pod(read, i, from_pod.clone()));
+            }
+            Err(e) => {
+                let message = connect_error(port, e);
+                let _ = sink.send(framing.encode(error, message.as_bytes())).await;
+            }
+        }
+    }
+    drop(from_pod);
+    let mut open = writers.len();
+    while open > 0 {
+        tokio::select! {
+            piece = to_client.recv() => {
+                let Some((i, data)) = piece else { break };
+                if data.is_empty() {
+                    open -= 1;
+                    continue;
+                }
+                if sink.send(framing.encode((2 * i) as u8, &data)).await.is_err() {
+                    break;
+                }
+            }
+            message = stream.next() => {
+                let message = match message {
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(m)) => m,
+                };
+                let Some((channel, data)) = framing.decode(message) else { continue };
+                let i = usize::from(channel / 2);
+                if channel % 2 != 0 {
+                    continue;
+                }
+                if let Some(w) = writers.get_mut(&i) {
+                    if w.write_all(&data).await.is_err() {
+                        writers.remove(&i);
+                    }
+                }
+            }
+        }
+    }
+    let _ = sink.send(Message::Close(None)).await;
+    let _ = sink.close().await;
+}
+
+/// One forwarded connection on a SPDY session, as its streams arrive.
+#[derive(Default)]
+struct Pair {
+    data: Option<u32>,
+    error: Option<u32>,
+    port: u16,
+    /// Set once connected.
+    to_pod: Option<OwnedWriteHalf>,
+}
+
+/// SPDY: a connection for each data/error stream pair the client opens.
+pub async fn over_spdy(mut session: Session, pid: u32) {
+    let writer = session.writer.clone();
+    let (from_pod, mut to_client) = mpsc::channel::<(u32, Bytes)>(16);
+    let mut pairs: HashMap<String, Pair> = HashMap::new();
+    // Data stream id → request id.
+    let mut requests: HashMap<u32, String> = HashMap::new();
+    loop {
+        tokio::select! {
+            piece = to_client.recv() => {
+                let Some((id, data)) = piece else { break };
+                let fin = data.is_empty();
+                if !writer.data(id, data, fin).await {
+                    break;
+                }
+                // The pod's side ended: so does the error stream, empty.
+                let error = requests.get(&id).and_then(|r| pairs.get(r)).and_then(|p| p.error);
+                if let (true, Some(error)) = (fin, error) {
+                    writer.data(error, Bytes::new(), true).await;
+                }
+            }
+            event = session.events.recv() => {
+                let Some(event) = event else { break };
+                match event {
+                    Event::Stream { id, headers } => {
+                        let kind = Event::header(&headers, "streamtype").unwrap_or_default();
+                        let request = Event::header(&headers, "requestid").unwrap_or_default();
+                        let port = Event::header(&headers, "port").and_then(|p| p.parse().ok());
+                        let (Some(port), "data" | "error") = (port, kind) else {
+                            debug!(stream = id, kind, "refusing a SPDY stream");
+                            writer.refuse(id).await;
+                            continue;
+                        };
+                        writer.reply(id).await;
+                        let pair = pairs.entry(request.to_owned()).or_default();
+                        pair.port = port;
+                        if kind == "data" {
+                            pair.data = Some(id);
+                            requests.insert(id, request.to_owned());
+                        } else {
+                            pair.error = Some(id);
+                        }
+                        let (Some(data), Some(error)) = (pair.data, pair.error) else { continue };
+                        match connect(pid, port).await {
+                            Ok(tcp) => {
+                                let (read, write) = tcp.into_split();
+                                pair.to_pod = Some(write);
+                                tokio::spawn(pump_from_pod(read, data, from_pod.clone()));
+                            }
+                            Err(e) => {
+                                let message = connect_error(port, e);
+                                writer.data(error, message.into(), true).await;
+                                writer.data(data, Bytes::new(), true).await;
+                            }
+                        }
+                    }
+                    Event::Data { id, data, fin } => {
+                        let Some(pair) = requests.get(&id).and_then(|r| pairs.get_mut(r)) else {
+                            continue;
+                        };
+                        if let Some(w) = &mut pair.to_pod {
+                            if w.write_all(&data).await.is_err() || fin {
+                                let _ = w.shutdown().await;
+                                pair.to_pod = None;
+                            }
+                        }
+                    }
+                    Event::Reset { id } => {
+                        if let Some(request) = requests.remove(&id) {
+                            pairs.remove(&request);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    writer.go_away().await;
+}

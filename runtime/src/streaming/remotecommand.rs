@@ -1,0 +1,221 @@
+//! Exec over either wire: the process in the agent, its output to the
+//! client, the client's stdin and terminal size to it, its exit status on
+//! the error stream. A client that goes away takes the process with it.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use husk_proto::v1 as agent;
+use husk_proto::v1::agent_client::AgentClient;
+use k8s_cri::v1 as cri;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tracing::{debug, warn};
+
+use super::{Input, Outcome, Output, StreamingError};
+use crate::manager::{agent_err, process, ExecIo, Manager};
+
+/// The writing half of a wire, as the command loop drives it.
+pub trait OutputWire: Send {
+    /// Sends one piece of output; false once the client is gone.
+    fn send(&mut self, output: Output) -> impl Future<Output = bool> + Send;
+    /// Ends the streams, the error stream carrying `outcome`.
+    fn finish(self, outcome: Outcome) -> impl Future<Output = ()> + Send;
+}
+
+/// Runs `command` while copying its output onto `wire`, then ends the
+/// wire with the command's outcome.
+pub async fn drive<W, F>(mut wire: W, mut output: mpsc::Receiver<Output>, command: F)
+where
+    W: OutputWire,
+    F: Future<Output = Outcome>,
+{
+    tokio::pin!(command);
+    let mut connected = true;
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            Some(out) = output.recv() => {
+                if connected {
+                    connected = wire.send(out).await;
+                }
+            }
+            outcome = &mut command => break outcome,
+        }
+    };
+    // The command has dropped its senders: what is queued is all there is.
+    while let Some(out) = output.recv().await {
+        if connected {
+            connected = wire.send(out).await;
+        }
+    }
+    if connected {
+        wire.finish(outcome).await;
+    }
+}
+
+/// Copies one output stream of a process to the client (or drops it, when
+/// the client did not ask for it: the pipe must be drained all the same).
+async fn pump(
+    mut client: AgentClient<Channel>,
+    process: Option<agent::ProcessRef>,
+    stream: agent::OutputStream,
+    to: Option<mpsc::Sender<Output>>,
+) -> Result<(), StreamingError> {
+    let mut chunks = client
+        .read_output(agent::ReadOutputRequest {
+            process,
+            stream: stream.into(),
+        })
+        .await
+        .map_err(agent_err(format!("reading the {stream:?} of the exec")))?
+        .into_inner();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(agent_err(format!("reading the {stream:?} of the exec")))?;
+        let Some(to) = &to else { continue };
+        let data = chunk.data.into();
+        let out = match stream {
+            agent::OutputStream::Stdout => Output::Stdout(data),
+            agent::OutputStream::Stderr => Output::Stderr(data),
+        };
+        if to.send(out).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Runs an exec to its end: its exit code, or why it could not run.
+pub async fn exec(
+    manager: Arc<Manager>,
+    request: cri::ExecRequest,
+    input: mpsc::Receiver<Input>,
+    output: mpsc::Sender<Output>,
+) -> Outcome {
+    match run_exec(&manager, &request, input, output).await {
+        Ok(code) => Outcome::Exited(code),
+        Err(StreamingError::Disconnected) => Outcome::Failed("the client went away".into()),
+        Err(e) => {
+            warn!("exec failed: {e}");
+            Outcome::Failed(e.to_string())
+        }
+    }
+}
+
+async fn run_exec(
+    manager: &Manager,
+    request: &cri::ExecRequest,
+    mut input: mpsc::Receiver<Input>,
+    output: mpsc::Sender<Output>,
+) -> Result<i32, StreamingError> {
+    let id = request.container_id.as_str();
+    let io = ExecIo {
+        tty: request.tty,
+        stdin: request.stdin,
+    };
+    let (mut client, exec_id) = manager.start_exec(id, &request.cmd, io, 0).await?;
+    debug!(exec = %exec_id, "exec started");
+    let target = process(id, &exec_id);
+    let mut pumps = JoinSet::new();
+    let mut streams = vec![(agent::OutputStream::Stdout, request.stdout)];
+    if !request.tty {
+        streams.push((agent::OutputStream::Stderr, request.stderr));
+    }
+    for (stream, wanted) in streams {
+        pumps.spawn(pump(
+            client.clone(),
+            target.clone(),
+            stream,
+            wanted.then(|| output.clone()),
+        ));
+    }
+    drop(output);
+    let mut stdin = if request.stdin {
+        let (tx, rx) = mpsc::channel(16);
+        // The first message names the process.
+        let first = agent::StdinChunk {
+            process: target.clone(),
+            ..Default::default()
+        };
+        tx.send(first)
+            .await
+            .map_err(|_| StreamingError::Disconnected)?;
+        let mut writer = client.clone();
+        tokio::spawn(async move {
+            if let Err(status) = writer.write_stdin(ReceiverStream::new(rx)).await {
+                debug!("exec stdin: {}", status.message());
+            }
+        });
+        Some(tx)
+    } else {
+        None
+    };
+    let mut waiter = client.clone();
+    let wait = waiter.wait_process(agent::WaitProcessRequest {
+        process: target.clone(),
+    });
+    tokio::pin!(wait);
+    let exit = loop {
+        tokio::select! {
+            waited = &mut wait => break waited,
+            message = input.recv() => match message {
+                Some(Input::Stdin(data)) => {
+                    if let Some(tx) = &stdin {
+                        let chunk = agent::StdinChunk { data: data.into(), ..Default::default() };
+                        if tx.send(chunk).await.is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Some(Input::StdinEnd) => {
+                    if let Some(tx) = stdin.take() {
+                        let close = agent::StdinChunk { close_stdin: true, ..Default::default() };
+                        let _ = tx.send(close).await;
+                    }
+                }
+                Some(Input::Resize(size)) if request.tty => {
+                    let resized = client
+                        .resize_tty(agent::ResizeTtyRequest {
+                            process: target.clone(),
+                            rows: size.height.into(),
+                            cols: size.width.into(),
+                        })
+                        .await;
+                    if let Err(status) = resized {
+                        debug!("resizing the exec's tty: {}", status.message());
+                    }
+                }
+                Some(Input::Resize(_)) => {}
+                None => {
+                    debug!(exec = %exec_id, "the client went away: killing the exec");
+                    let killed = client
+                        .signal_process(agent::SignalProcessRequest {
+                            process: target.clone(),
+                            signal: libc::SIGKILL as u32,
+                        })
+                        .await;
+                    if let Err(status) = killed {
+                        debug!("killing the exec: {}", status.message());
+                    }
+                    pumps.abort_all();
+                    return Err(StreamingError::Disconnected);
+                }
+            },
+        }
+    };
+    drop(stdin);
+    let exit = exit
+        .map_err(agent_err(format!("waiting for exec {exec_id}")))?
+        .into_inner()
+        .status
+        .unwrap_or_default();
+    while let Some(pumped) = pumps.join_next().await {
+        if let Ok(Err(e)) = pumped {
+            debug!("exec output: {e}");
+        }
+    }
+    Ok(exit.exit_code)
+}
