@@ -13,15 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
-use support::{busybox_layer, husk_agent, image_config, push_image, Registry, HUSKD};
+use support::{connect, container_config, husk_agent, push_busybox, require_root, Registry, HUSKD};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -93,46 +91,12 @@ impl Huskd {
     }
 }
 
-async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connect to huskd")
-}
-
 fn metadata(name: &str) -> cri::PodSandboxMetadata {
     cri::PodSandboxMetadata {
         name: name.into(),
         uid: format!("uid-{name}"),
         namespace: "default".into(),
         attempt: 0,
-    }
-}
-
-fn container_config(
-    name: &str,
-    image: &str,
-    command: &[&str],
-    log_path: &str,
-) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        log_path: log_path.into(),
-        labels: HashMap::from([("app".to_string(), name.to_string())]),
-        ..Default::default()
     }
 }
 
@@ -187,20 +151,10 @@ async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::C
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
-    );
+    require_root();
     let agent = husk_agent();
     let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "1000", &["sh"]),
-    )
-    .await;
+    let image = push_busybox(&registry, "1000").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let _agents = support::AgentSweeper::new(dir.path());

@@ -4,16 +4,21 @@
 //! `busybox-static`, pushed with oci-client.
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{self as mt, OciImageIndex, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 pub const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
@@ -315,5 +320,63 @@ impl Drop for AgentSweeper {
         while !self.agents().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// The host driver creates namespaces, mounts and cgroups.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
+    );
+}
+
+/// Pushes the busybox image, run as `user`, to `registry` as
+/// `husk/busybox:latest`; returns its reference.
+pub async fn push_busybox(registry: &Registry, user: &str) -> String {
+    let layer = busybox_layer();
+    let image = format!("{}/husk/busybox:latest", registry.host());
+    push_image(
+        &image,
+        layer.clone(),
+        image_config("amd64", &layer, user, &["sh"]),
+    )
+    .await;
+    image
+}
+
+/// A CRI client on huskd's unix socket.
+pub async fn connect(socket: &Path) -> Channel {
+    let socket = socket.to_owned();
+    Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .expect("connect to huskd")
+}
+
+/// A container config as kubelet sends it, labelled `app=NAME`.
+pub fn container_config(
+    name: &str,
+    image: &str,
+    command: &[&str],
+    log_path: &str,
+) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: log_path.into(),
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        ..Default::default()
     }
 }
