@@ -574,8 +574,8 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let err = rt
         .attach(cri::AttachRequest::default())
         .await
-        .expect_err("Attach is not there yet");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect_err("Attach without a container");
+    assert_eq!(err.code(), Code::InvalidArgument);
 
     // Stop the sleeper (PID 1 in its namespace ignores SIGTERM: SIGKILL after 1 s).
     let t = Instant::now();

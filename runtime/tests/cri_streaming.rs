@@ -222,7 +222,7 @@ fn spdy_dictionary() -> Vec<u8> {
 
 #[derive(Debug)]
 enum SpdyFrame {
-    Reply(u32),
+    Reply,
     Data(u32, Vec<u8>, bool),
     Reset(u32),
     GoAway,
@@ -340,7 +340,8 @@ impl Spdy {
                         .decompress_vec(&payload[4 + consumed..], &mut out, FlushDecompress::Sync)
                         .expect("inflate SYN_REPLY");
                 }
-                SpdyFrame::Reply(stream)
+                self.unanswered.retain(|&u| u != stream);
+                SpdyFrame::Reply
             }
             3 => SpdyFrame::Reset(stream),
             7 => SpdyFrame::GoAway,
@@ -357,8 +358,7 @@ impl Spdy {
                 SpdyFrame::Data(id, data, _) => got.entry(id).or_default().extend(data),
                 SpdyFrame::GoAway => break,
                 SpdyFrame::Reset(id) => panic!("stream {id} was reset"),
-                SpdyFrame::Reply(id) => self.unanswered.retain(|&u| u != id),
-                SpdyFrame::Other => {}
+                SpdyFrame::Reply | SpdyFrame::Other => {}
             }
         }
         assert!(
@@ -422,6 +422,30 @@ impl Pod {
     }
 }
 
+/// Creates and starts a container in `pod`.
+async fn run_container(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    config: cri::ContainerConfig,
+) -> String {
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.to_owned(),
+            config: Some(config),
+            sandbox_config: None,
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("start");
+    id
+}
+
 /// Processes on this machine whose command line is exactly `args`.
 fn processes(args: &[&str]) -> usize {
     let wanted: Vec<u8> = args
@@ -474,7 +498,7 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     };
     let pod = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
+            config: Some(pod_config),
             runtime_handler: "host".into(),
         })
         .await
@@ -486,26 +510,8 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
         "mkdir -p /tmp/www && echo '{payload}' > /tmp/www/index.html && \
          exec busybox httpd -f -p 127.0.0.1:{http_port} -h /tmp/www"
     );
-    let container = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container_config(
-                "web",
-                &image,
-                &["sh", "-c", &serve],
-                "web/0.log",
-            )),
-            sandbox_config: Some(pod_config),
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: container.clone(),
-    })
-    .await
-    .expect("start");
+    let web = container_config("web", &image, &["sh", "-c", &serve], "web/0.log");
+    let container = run_container(&mut rt, &pod, web).await;
     let mut pod_ = Pod {
         rt: rt.clone(),
         container: container.clone(),
@@ -658,6 +664,73 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     let response = String::from_utf8_lossy(got.get(&0).map(Vec::as_slice).unwrap_or_default());
     assert!(response.contains(payload), "{response}");
     assert!(!got.contains_key(&1), "error channel: {got:?}");
+
+    // Attach to a running container's stdin, stdout and stderr: over
+    // WebSocket, then, after that client left, over SPDY until the
+    // container is stopped.
+    let mut config = container_config(
+        "echoer",
+        &image,
+        &[
+            "sh",
+            "-c",
+            "while read l; do echo \"got $l\"; echo \"err $l\" >&2; done",
+        ],
+        "echoer/0.log",
+    );
+    config.stdin = true;
+    let echoer = run_container(&mut rt, &pod, config).await;
+    let attach_url = |rt: &mut RuntimeServiceClient<Channel>| {
+        let request = cri::AttachRequest {
+            container_id: echoer.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        };
+        let mut rt = rt.clone();
+        async move { rt.attach(request).await.expect("Attach").into_inner().url }
+    };
+    let url = attach_url(&mut rt).await;
+    let mut ws = ws_connect(&url, "v4.channel.k8s.io").await;
+    ws.send(ws_frame(false, 0, b"one\n")).await.expect("stdin");
+    let mut got: HashMap<u8, Vec<u8>> = HashMap::new();
+    while got.get(&1).map(Vec::as_slice) != Some(b"got one\n")
+        || got.get(&2).map(Vec::as_slice) != Some(b"err one\n")
+    {
+        let message = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("attached output in time")
+            .expect("a message")
+            .expect("message");
+        if let Message::Binary(b) = message {
+            got.entry(b[0]).or_default().extend(&b[1..]);
+        }
+    }
+    drop(ws);
+    let url = attach_url(&mut rt).await;
+    let mut spdy = Spdy::connect(&url, "v4.channel.k8s.io").await;
+    let error = spdy.open(&[("streamType", "error")]).await;
+    let stdin = spdy.open(&[("streamType", "stdin")]).await;
+    let stdout = spdy.open(&[("streamType", "stdout")]).await;
+    spdy.open(&[("streamType", "stderr")]).await;
+    spdy.send(stdin, b"two\n", false).await;
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"got two\n") {
+        if let Some(SpdyFrame::Data(id, data, _)) = spdy.next().await {
+            if id == stdout {
+                seen.extend(data);
+            }
+        }
+    }
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: echoer.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("stop");
+    let got = spdy.collect().await;
+    assert_eq!(exit_code_of(&got[&error]), 0);
 
     // A client that goes away takes its exec with it.
     let sleeper = ["sleep", "4242"];

@@ -11,6 +11,7 @@ use k8s_cri::v1 as cri;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+use super::attach::AttachPoint;
 use super::logs::{copy_stream, LogFile};
 use super::spec::{self, SpecInput};
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
@@ -543,6 +544,11 @@ impl Manager {
                 (agent::OutputStream::Stderr, "stderr"),
             ]
         };
+        let point = Arc::new(AttachPoint::default());
+        self.attach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), point.clone());
         for &(stream, name) in streams {
             let chunks = client
                 .read_output(agent::ReadOutputRequest {
@@ -552,7 +558,13 @@ impl Manager {
                 .await
                 .map_err(agent_err(format!("reading the {name} of container {id}")))?
                 .into_inner();
-            tokio::spawn(copy_stream(chunks, name, log.clone(), id.to_owned()));
+            tokio::spawn(copy_stream(
+                chunks,
+                name,
+                log.clone(),
+                point.publisher(),
+                id.to_owned(),
+            ));
         }
         let starting = now_ns();
         let started = client
@@ -561,6 +573,7 @@ impl Manager {
             })
             .await;
         if let Err(status) = started {
+            self.forget_attach_point(id);
             let message = status.message().to_owned();
             self.update_container(id, |r| {
                 r.state = ContainerState::Exited;
@@ -597,6 +610,7 @@ impl Manager {
                     info!(container, exit_code = exit.exit_code, "container exited");
                 }
             }
+            manager.forget_attach_point(&container);
         });
         info!(container = %id, "container started");
         Ok(())
@@ -712,6 +726,7 @@ impl Manager {
         let lock = self.pod_lock(&record.pod_id);
         let _guard = lock.lock().await;
         self.state.delete_container(id)?;
+        self.forget_attach_point(id);
         // The image's disk goes once no container of the pod uses it.
         if pod.state == PodState::Ready
             && !self

@@ -2,6 +2,7 @@
 //! [`State`], sandboxes through a [`SandboxDriver`], containers through each
 //! pod's agent.
 
+pub mod attach;
 mod container;
 pub mod logs;
 mod pod;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use husk_proto::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
 
+use self::attach::AttachPoint;
 use crate::config::Config;
 use crate::image::{ImageStore, StoreError};
 use crate::sandbox::{SandboxDriver, SandboxError};
@@ -124,6 +126,8 @@ pub struct Manager {
     host: Arc<dyn SandboxDriver>,
     microvm: Arc<dyn SandboxDriver>,
     agents: Mutex<HashMap<String, AgentClient<Channel>>>,
+    /// Running containers' output and stdin for Attach.
+    attach: Mutex<HashMap<String, Arc<AttachPoint>>>,
     /// Serialises read-modify-write of records.
     records: Mutex<()>,
     /// One lock per pod: its lifecycle calls do not overlap.
@@ -145,6 +149,7 @@ impl Manager {
             host,
             microvm,
             agents: Mutex::new(HashMap::new()),
+            attach: Mutex::new(HashMap::new()),
             records: Mutex::new(()),
             pod_locks: Mutex::new(HashMap::new()),
         })
@@ -225,6 +230,32 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(pod.id.clone(), client.clone());
         Ok(client)
+    }
+
+    /// The attach point of a container this huskd started.
+    pub fn attach_point(&self, id: &str) -> Result<Arc<AttachPoint>> {
+        self.attach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                CriError::FailedPrecondition(format!(
+                    "container {id} cannot be attached to: it was started before huskd last \
+                     restarted, and its output goes only to its log"
+                ))
+            })
+    }
+
+    fn forget_attach_point(&self, id: &str) {
+        let point = self
+            .attach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(point) = point {
+            point.close();
+        }
     }
 
     fn forget_agent(&self, pod_id: &str) {

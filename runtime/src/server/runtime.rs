@@ -247,9 +247,24 @@ impl RuntimeService for Runtime {
 
     async fn attach(
         &self,
-        _request: Request<cri::AttachRequest>,
+        request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(unimplemented("Attach (the streaming server)"))
+        let request = request.into_inner();
+        let id = required(&request.container_id, "container_id")?;
+        if !(request.stdin || request.stdout || request.stderr) {
+            return Err(Status::invalid_argument(
+                "Attach needs one of stdin, stdout and stderr",
+            ));
+        }
+        let (record, _) = self.manager.running_container(id).await?;
+        if request.stdin && !record.config.stdin {
+            return Err(Status::invalid_argument(format!(
+                "container {id} was created without stdin"
+            )));
+        }
+        self.manager.attach_point(id)?;
+        let url = self.streaming()?.url(StreamRequest::Attach(request))?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(

@@ -1,11 +1,11 @@
-//! The CRI streaming server: Exec and PortForward answer with a URL on it
-//! (`http://IP:PORT/{exec,portforward}/TOKEN`); the client
+//! The CRI streaming server: Exec, Attach and PortForward answer with a URL
+//! on it (`http://IP:PORT/{exec,attach,portforward}/TOKEN`); the client
 //! connects there and upgrades to WebSocket or SPDY/3.1, as kubelet's own
 //! streaming server (k8s.io/kubelet/pkg/cri/streaming) expects.
 //!
 //! - `server`: HTTP, tokens, upgrade negotiation.
 //! - `websocket`, `spdy`: the two wire protocols.
-//! - `remotecommand`: exec over either wire.
+//! - `remotecommand`: exec and attach over either wire.
 //! - `portforward`: TCP into the pod's network namespace over either wire.
 
 mod portforward;

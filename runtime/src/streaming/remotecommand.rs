@@ -1,21 +1,25 @@
-//! Exec over either wire: the process in the agent, its output to the
-//! client, the client's stdin and terminal size to it, its exit status on
-//! the error stream. A client that goes away takes the process with it.
+//! Exec and attach over either wire: the process in the agent, its output
+//! to the client, the client's stdin and terminal size to it, its exit
+//! status on the error stream. A client that goes away takes its exec
+//! with it; an attached container runs on.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use husk_proto::v1 as agent;
 use husk_proto::v1::agent_client::AgentClient;
 use k8s_cri::v1 as cri;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tracing::{debug, warn};
 
-use super::{Input, Outcome, Output, StreamingError};
+use super::token::Request;
+use super::{Input, Outcome, Output, StreamingError, TermSize};
 use crate::manager::{agent_err, process, ExecIo, Manager};
 
 /// The writing half of a wire, as the command loop drives it.
@@ -88,18 +92,43 @@ async fn pump(
     Ok(())
 }
 
-/// Runs an exec to its end: its exit code, or why it could not run.
-pub async fn exec(
+/// Sets a process's terminal size; a failure only costs the client its
+/// layout.
+async fn resize(
+    client: &mut AgentClient<Channel>,
+    process: Option<agent::ProcessRef>,
+    size: TermSize,
+) {
+    let resized = client
+        .resize_tty(agent::ResizeTtyRequest {
+            process,
+            rows: size.height.into(),
+            cols: size.width.into(),
+        })
+        .await;
+    if let Err(status) = resized {
+        debug!("resizing the tty: {}", status.message());
+    }
+}
+
+/// Runs an exec, or an attach, to its end: the exit code, or why it could
+/// not run.
+pub async fn run(
     manager: Arc<Manager>,
-    request: cri::ExecRequest,
+    request: Request,
     input: mpsc::Receiver<Input>,
     output: mpsc::Sender<Output>,
 ) -> Outcome {
-    match run_exec(&manager, &request, input, output).await {
+    let result = match &request {
+        Request::Exec(r) => run_exec(&manager, r, input, output).await,
+        Request::Attach(r) => run_attach(&manager, r, input, output).await,
+        Request::PortForward(_) => return Outcome::Failed("not a remote command".into()),
+    };
+    match result {
         Ok(code) => Outcome::Exited(code),
         Err(StreamingError::Disconnected) => Outcome::Failed("the client went away".into()),
         Err(e) => {
-            warn!("exec failed: {e}");
+            warn!("{} failed: {e}", request.kind());
             Outcome::Failed(e.to_string())
         }
     }
@@ -177,16 +206,7 @@ async fn run_exec(
                     }
                 }
                 Some(Input::Resize(size)) if request.tty => {
-                    let resized = client
-                        .resize_tty(agent::ResizeTtyRequest {
-                            process: target.clone(),
-                            rows: size.height.into(),
-                            cols: size.width.into(),
-                        })
-                        .await;
-                    if let Err(status) = resized {
-                        debug!("resizing the exec's tty: {}", status.message());
-                    }
+                    resize(&mut client, target.clone(), size).await;
                 }
                 Some(Input::Resize(_)) => {}
                 None => {
@@ -218,4 +238,90 @@ async fn run_exec(
         }
     }
     Ok(exit.exit_code)
+}
+
+/// How long an attach waits, after the container's exit, for the rest of
+/// its output.
+const ATTACH_DRAIN: Duration = Duration::from_secs(5);
+
+async fn run_attach(
+    manager: &Manager,
+    request: &cri::AttachRequest,
+    mut input: mpsc::Receiver<Input>,
+    output: mpsc::Sender<Output>,
+) -> Result<i32, StreamingError> {
+    let id = request.container_id.as_str();
+    let (record, pod) = manager.running_container(id).await?;
+    let point = manager.attach_point(id)?;
+    let mut chunks = point.subscribe();
+    let mut client = manager.agent(&pod).await?;
+    let target = process(id, "");
+    let use_stdin = request.stdin && record.config.stdin;
+    let stdin_once = record.config.stdin_once;
+    let mut waiter = client.clone();
+    let wait = waiter.wait_process(agent::WaitProcessRequest {
+        process: target.clone(),
+    });
+    tokio::pin!(wait);
+    let mut exited = false;
+    let mut streams_open = true;
+    let drained = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            waited = &mut wait, if !exited => {
+                waited.map_err(agent_err(format!("waiting for container {id}")))?;
+                exited = true;
+                if !streams_open {
+                    break;
+                }
+                drained.as_mut().reset(tokio::time::Instant::now() + ATTACH_DRAIN);
+            }
+            () = &mut drained => break,
+            chunk = chunks.recv(), if streams_open => match chunk {
+                Ok(chunk) => {
+                    let wanted = if chunk.stderr { request.stderr } else { request.stdout };
+                    let out = if chunk.stderr {
+                        Output::Stderr(chunk.data)
+                    } else {
+                        Output::Stdout(chunk.data)
+                    };
+                    if wanted && output.send(out).await.is_err() {
+                        return Err(StreamingError::Disconnected);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(lost)) => {
+                    debug!(lost, "the attached client fell behind: output lost");
+                }
+                // The container's streams ended.
+                Err(broadcast::error::RecvError::Closed) => {
+                    streams_open = false;
+                    if exited {
+                        break;
+                    }
+                }
+            },
+            message = input.recv() => match message {
+                Some(Input::Stdin(data)) if use_stdin => {
+                    point.write_stdin(&client, id, data, false).await;
+                }
+                Some(Input::StdinEnd) if use_stdin && stdin_once => {
+                    point.write_stdin(&client, id, Bytes::new(), true).await;
+                }
+                Some(Input::Resize(size)) if request.tty => {
+                    resize(&mut client, target.clone(), size).await;
+                }
+                Some(_) => {}
+                None => {
+                    if use_stdin && stdin_once {
+                        point.write_stdin(&client, id, Bytes::new(), true).await;
+                    }
+                    return Err(StreamingError::Disconnected);
+                }
+            },
+        }
+    }
+    // As kubelet's attach: the container's end is the session's success,
+    // whatever its exit code (ContainerStatus has that).
+    Ok(0)
 }

@@ -1,4 +1,4 @@
-//! The streaming server's HTTP side: `/{exec,portforward}/TOKEN`,
+//! The streaming server's HTTP side: `/{exec,attach,portforward}/TOKEN`,
 //! the token's request checked, the upgrade to WebSocket or SPDY/3.1
 //! negotiated; every failure is a plain-text HTTP error.
 
@@ -12,7 +12,6 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as cri;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -158,7 +157,7 @@ impl Streaming {
                 format!("no such path: /{path}"),
             ));
         };
-        if !matches!(kind, "exec" | "portforward") {
+        if !matches!(kind, "exec" | "attach" | "portforward") {
             return Err(Refusal(
                 StatusCode::NOT_FOUND,
                 format!("no such path: /{path}"),
@@ -182,6 +181,10 @@ impl Streaming {
         match &request {
             Request::Exec(r) => {
                 self.manager.running_container(&r.container_id).await?;
+            }
+            Request::Attach(r) => {
+                self.manager.running_container(&r.container_id).await?;
+                self.manager.attach_point(&r.container_id)?;
             }
             Request::PortForward(r) => {
                 portforward::netns_pid(&self.manager, &r.pod_sandbox_id)?;
@@ -248,6 +251,9 @@ impl Streaming {
         let span = match &request {
             Request::Exec(r) => {
                 info_span!("exec", container = %r.container_id, tty = r.tty, %protocol)
+            }
+            Request::Attach(r) => {
+                info_span!("attach", container = %r.container_id, tty = r.tty, %protocol)
             }
             Request::PortForward(r) => {
                 info_span!("portforward", pod = %r.pod_sandbox_id, %protocol)
@@ -378,12 +384,12 @@ async fn serve_websocket(
 ) -> Result<(), StreamingError> {
     let framing = Framing::of(protocol);
     match request {
-        Request::Exec(r) => {
+        Request::Exec(_) | Request::Attach(_) => {
             let (sink, stream) = socket.split();
             let (input_tx, input) = mpsc::channel(16);
             let (output, output_rx) = mpsc::channel(16);
             let reader = tokio::spawn(websocket::read_input(stream, framing, input_tx));
-            let command = remotecommand::exec(manager, r, input, output);
+            let command = remotecommand::run(manager, request, input, output);
             remotecommand::drive(websocket::Wire { sink, framing }, output_rx, command).await;
             reader.abort();
             Ok(())
@@ -403,8 +409,8 @@ async fn serve_spdy(
     protocol: &str,
 ) -> Result<(), StreamingError> {
     match request {
-        Request::Exec(r) => {
-            let wanted = exec_streams(&r, protocol);
+        Request::Exec(_) | Request::Attach(_) => {
+            let wanted = remote_command_streams(&request, protocol);
             let mut early = Vec::new();
             let ids = tokio::time::timeout(
                 STREAM_CREATION_TIMEOUT,
@@ -433,7 +439,7 @@ async fn serve_spdy(
                 error: ids.get("error").copied(),
                 json_status: protocol == "v4.channel.k8s.io",
             };
-            let command = remotecommand::exec(manager, r, input, output);
+            let command = remotecommand::run(manager, request, input, output);
             remotecommand::drive(wire, output_rx, command).await;
             reader.abort();
             Ok(())
@@ -447,18 +453,23 @@ async fn serve_spdy(
 }
 
 /// The streams a remote-command client opens for this request.
-fn exec_streams(r: &cri::ExecRequest, protocol: &str) -> Vec<&'static str> {
+fn remote_command_streams(request: &Request, protocol: &str) -> Vec<&'static str> {
+    let (stdin, stdout, stderr, tty) = match request {
+        Request::Exec(r) => (r.stdin, r.stdout, r.stderr, r.tty),
+        Request::Attach(r) => (r.stdin, r.stdout, r.stderr, r.tty),
+        Request::PortForward(_) => return Vec::new(),
+    };
     let mut wanted = vec!["error"];
-    if r.stdin {
+    if stdin {
         wanted.push("stdin");
     }
-    if r.stdout {
+    if stdout {
         wanted.push("stdout");
     }
-    if r.stderr && !r.tty {
+    if stderr && !tty {
         wanted.push("stderr");
     }
-    if r.tty && matches!(protocol, "v3.channel.k8s.io" | "v4.channel.k8s.io") {
+    if tty && matches!(protocol, "v3.channel.k8s.io" | "v4.channel.k8s.io") {
         wanted.push("resize");
     }
     wanted

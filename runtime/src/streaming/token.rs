@@ -13,6 +13,7 @@ use crate::manager::{new_id, CriError};
 #[derive(Debug, Clone)]
 pub enum Request {
     Exec(cri::ExecRequest),
+    Attach(cri::AttachRequest),
     PortForward(cri::PortForwardRequest),
 }
 
@@ -21,6 +22,7 @@ impl Request {
     pub fn kind(&self) -> &'static str {
         match self {
             Request::Exec(_) => "exec",
+            Request::Attach(_) => "attach",
             Request::PortForward(_) => "portforward",
         }
     }
