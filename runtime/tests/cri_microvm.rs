@@ -15,14 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
-use support::{busybox_layer, image_config, push_image, Registry};
+use support::{busybox_layer, connect, container_config, image_config, push_image, Registry};
 
 const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
 /// Container steps in a PVM guest take seconds each.
@@ -116,39 +114,6 @@ async fn spawn_huskd(args: &[OsString], socket: &Path) -> Huskd {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     huskd
-}
-
-async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connect to huskd")
-}
-
-fn container_config(
-    name: &str,
-    image: &str,
-    command: &[&str],
-    log_path: &str,
-) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        log_path: log_path.into(),
-        ..Default::default()
-    }
 }
 
 /// Pids of husk-vmm processes whose command line names `dir`.
