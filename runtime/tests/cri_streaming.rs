@@ -182,7 +182,11 @@ async fn ws_collect(ws: &mut Ws, base64: bool) -> HashMap<u8, Vec<u8>> {
                     .decode(&t.as_bytes()[1..])
                     .expect("base64"),
             ),
-            Message::Close(_) => break,
+            // Go clients take any status but 1000 as an error.
+            Message::Close(frame) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1000));
+                break;
+            }
             other => panic!("unexpected message {other:?}"),
         };
         got.entry(channel).or_default().extend(data);

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
 use super::spdy::{Event, Session};
-use super::websocket::{Framing, Socket};
+use super::websocket::{normal_close, Framing, Socket};
 use crate::manager::{CriError, Manager};
 use crate::state::PodState;
 
@@ -153,7 +153,7 @@ pub async fn over_websocket(socket: Socket, framing: Framing, pid: u32, ports: V
             }
         }
     }
-    let _ = sink.send(Message::Close(None)).await;
+    let _ = sink.send(normal_close()).await;
     let _ = sink.close().await;
 }
 

@@ -10,6 +10,8 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
@@ -87,6 +89,15 @@ impl Framing {
     }
 }
 
+/// A Close with status 1000: Go clients (gorilla/websocket) take any other
+/// status, or none, as an error in the middle of the session.
+pub fn normal_close() -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }))
+}
+
 /// Reads the client's messages as a command's input until it goes away;
 /// dropping `input` then tells the command.
 pub async fn read_input(
@@ -137,7 +148,7 @@ impl OutputWire for Wire {
         if let Some(message) = outcome.error_message(self.framing.json_status) {
             let _ = self.sink.send(self.framing.encode(ERROR, &message)).await;
         }
-        let _ = self.sink.send(Message::Close(None)).await;
+        let _ = self.sink.send(normal_close()).await;
         let _ = self.sink.close().await;
     }
 }
