@@ -552,19 +552,15 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     assert_eq!(got.get(&1).map(Vec::as_slice), Some(&b"to cat\n"[..]));
     assert_eq!(exit_code_of(&got[&3]), 0);
 
-    // A tty over WebSocket: the resize channel reaches the terminal.
+    // A tty over WebSocket: the size sent first is the terminal's from its
+    // start.
     let url = p
-        .exec_url(
-            &["sh", "-c", "read go; busybox stty size; exit 4"],
-            true,
-            true,
-        )
+        .exec_url(&["sh", "-c", "busybox stty size; exit 4"], true, true)
         .await;
     let mut ws = ws_connect(&url, "v4.channel.k8s.io").await;
     ws.send(ws_frame(false, 4, br#"{"Width":123,"Height":45}"#))
         .await
         .expect("resize");
-    ws.send(ws_frame(false, 0, b"go\n")).await.expect("stdin");
     let got = ws_collect(&mut ws, false).await;
     let screen = String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default());
     assert!(screen.contains("45 123"), "{screen:?}");
@@ -581,10 +577,15 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     assert_eq!(got.get(&stderr).map(Vec::as_slice), Some(&b"err\n"[..]));
     assert_eq!(exit_code_of(&got[&error]), 3);
 
-    // A tty over SPDY with stdin and resize.
+    // A tty over SPDY with stdin and resize: the first size from the
+    // start, a later one when the program looks again.
     let url = p
         .exec_url(
-            &["sh", "-c", "read go; busybox stty size; exit 5"],
+            &[
+                "sh",
+                "-c",
+                "busybox stty size; read go; busybox stty size; exit 5",
+            ],
             true,
             true,
         )
@@ -596,10 +597,20 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     let resize = spdy.open(&[("streamType", "resize")]).await;
     spdy.send(resize, br#"{"Width":81,"Height":19}"#, false)
         .await;
+    let mut screen = Vec::new();
+    while !screen.ends_with(b"19 81\r\n") {
+        match spdy.next().await.expect("a frame") {
+            SpdyFrame::Data(id, data, _) if id == stdout => screen.extend(data),
+            SpdyFrame::Data(..) | SpdyFrame::Reply | SpdyFrame::Other => {}
+            other => panic!("unexpected {other:?} before the first size"),
+        }
+    }
+    spdy.send(resize, br#"{"Width":100,"Height":40}"#, false)
+        .await;
     spdy.send(stdin, b"go\n", false).await;
     let got = spdy.collect().await;
     let screen = String::from_utf8_lossy(got.get(&stdout).map(Vec::as_slice).unwrap_or_default());
-    assert!(screen.contains("19 81"), "{screen:?}");
+    assert!(screen.contains("40 100"), "{screen:?}");
     assert_eq!(exit_code_of(&got[&error]), 5);
 
     // An older protocol: a text error on failure.

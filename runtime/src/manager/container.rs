@@ -34,6 +34,8 @@ pub struct ExecOutput {
 pub struct ExecIo {
     pub tty: bool,
     pub stdin: bool,
+    /// The terminal's size at the start, as (rows, columns).
+    pub console: Option<(u16, u16)>,
 }
 
 /// The agent's name for a container's main process (`exec` empty) or an exec.
@@ -861,7 +863,10 @@ impl Manager {
         let (_, pod) = self.running_container(id).await?;
         let mut client = self.agent(&pod).await?;
         let exec_id = new_id()?[..16].to_owned();
-        let process = serde_json::json!({ "args": cmd, "terminal": io.tty });
+        let mut process = serde_json::json!({ "args": cmd, "terminal": io.tty });
+        if let Some((rows, cols)) = io.console.filter(|_| io.tty) {
+            process["consoleSize"] = serde_json::json!({ "height": rows, "width": cols });
+        }
         client
             .exec_process(agent::ExecProcessRequest {
                 container_id: id.to_owned(),

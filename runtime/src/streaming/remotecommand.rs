@@ -92,6 +92,19 @@ async fn pump(
     Ok(())
 }
 
+/// How long a tty exec waits for the client's terminal size before it
+/// starts without one.
+const INITIAL_SIZE_WAIT: Duration = Duration::from_millis(500);
+
+/// Input that arrived before the process started, then the client's.
+async fn next_input(early: &mut Vec<Input>, input: &mut mpsc::Receiver<Input>) -> Option<Input> {
+    if early.is_empty() {
+        input.recv().await
+    } else {
+        Some(early.remove(0))
+    }
+}
+
 /// Sets a process's terminal size; a failure only costs the client its
 /// layout.
 async fn resize(
@@ -141,9 +154,28 @@ async fn run_exec(
     output: mpsc::Sender<Output>,
 ) -> Result<i32, StreamingError> {
     let id = request.container_id.as_str();
+    // A tty program may look at its window size first thing: the client's
+    // first size (sent as soon as it connects) goes into the process's
+    // start, what comes meanwhile waits.
+    let mut early = Vec::new();
+    let mut console = None;
+    if request.tty {
+        let deadline = tokio::time::Instant::now() + INITIAL_SIZE_WAIT;
+        while let Ok(message) = tokio::time::timeout_at(deadline, input.recv()).await {
+            match message {
+                Some(Input::Resize(size)) => {
+                    console = Some((size.height, size.width));
+                    break;
+                }
+                Some(other) => early.push(other),
+                None => return Err(StreamingError::Disconnected),
+            }
+        }
+    }
     let io = ExecIo {
         tty: request.tty,
         stdin: request.stdin,
+        console,
     };
     let (mut client, exec_id) = manager.start_exec(id, &request.cmd, io, 0).await?;
     debug!(exec = %exec_id, "exec started");
@@ -190,7 +222,7 @@ async fn run_exec(
     let exit = loop {
         tokio::select! {
             waited = &mut wait => break waited,
-            message = input.recv() => match message {
+            message = next_input(&mut early, &mut input) => match message {
                 Some(Input::Stdin(data)) => {
                     if let Some(tx) = &stdin {
                         let chunk = agent::StdinChunk { data: data.into(), ..Default::default() };
