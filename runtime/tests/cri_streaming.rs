@@ -834,7 +834,16 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
         .await
         .expect_err("port-forward into an unknown pod");
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
-    // A container gone between the URL and the connection.
+    // Stopping the container ends its exec sessions (the exec is killed
+    // with it), and a URL issued before the stop is refused after it.
+    let sleeper = ["sleep", "4243"];
+    let url = p.exec_url(&sleeper, false, false).await;
+    let mut ws = ws_connect(&url, "v4.channel.k8s.io").await;
+    let deadline = Instant::now() + PATIENCE;
+    while processes(&sleeper) == 0 {
+        assert!(Instant::now() < deadline, "the exec did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let url = p.exec_url(&["echo"], false, false).await;
     rt.stop_container(cri::StopContainerRequest {
         container_id: container.clone(),
@@ -842,6 +851,8 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     })
     .await
     .expect("stop");
+    let got = ws_collect(&mut ws, false).await;
+    assert_eq!(exit_code_of(&got[&3]), 128 + 9);
     let (_, status, _, body) = http_request(&url, "GET", &ws_headers).await;
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("not running"), "{body}");
