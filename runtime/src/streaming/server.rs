@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -27,6 +27,8 @@ use crate::manager::{CriError, Manager};
 
 /// SPDY streams must all arrive within this long of the upgrade.
 const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that has not sent its request head by then is dropped.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The SPDY header naming the remote-command subprotocols.
 const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 const WEBSOCKET_PORTFORWARD_PROTOCOLS: &[&str] = &[
@@ -125,6 +127,8 @@ impl Streaming {
                     async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
                 });
                 let served = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(tcp), service)
                     .with_upgrades()
                     .await;
