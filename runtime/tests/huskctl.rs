@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -79,6 +80,22 @@ impl Ctl {
             String::from_utf8_lossy(&out.stderr)
         );
         out
+    }
+
+    /// One huskctl run with `input` on its stdin.
+    fn output_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = Command::new(HUSKCTL)
+            .env("HUSK_SOCKET", &self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run huskctl");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input).expect("write stdin");
+        drop(stdin);
+        child.wait_with_output().expect("huskctl output")
     }
 
     /// Runs huskctl, which must succeed; its stdout.
@@ -326,6 +343,37 @@ async fn huskctl_drives_huskd() {
     assert_eq!(text(&exec.stdout), "out\n");
     assert_eq!(text(&exec.stderr), "err\n");
     assert_eq!(ctl.ok(&["exec", &sleeper, "--", "id", "-u"]), "1000\n");
+
+    // exec -i and --tty go through huskd's streaming server.
+    let exec = ctl.output_with_stdin(
+        &[
+            "exec",
+            "-i",
+            &sleeper,
+            "--",
+            "sh",
+            "-c",
+            "cat; echo err >&2; exit 5",
+        ],
+        b"piped in\n",
+    );
+    assert_eq!(exec.status.code(), Some(5), "{}", text(&exec.stderr));
+    assert_eq!(text(&exec.stdout), "piped in\n");
+    assert_eq!(text(&exec.stderr), "err\n");
+    let tty = ctl.output(&["exec", "--tty", &sleeper, "--", "busybox", "tty"]);
+    assert!(tty.status.success(), "{}", text(&tty.stderr));
+    assert!(
+        text(&tty.stdout).starts_with("/dev/pts/"),
+        "{}",
+        text(&tty.stdout)
+    );
+    let attach = ctl.output(&["attach", "-i", &sleeper]);
+    assert_eq!(attach.status.code(), Some(1));
+    assert!(
+        text(&attach.stderr).contains("without stdin"),
+        "{}",
+        text(&attach.stderr)
+    );
 
     // logs: the lines without the CRI prefix, on the container's streams.
     let deadline = Instant::now() + PATIENCE;

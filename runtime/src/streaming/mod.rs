@@ -23,6 +23,7 @@ use serde::Deserialize;
 pub use portforward::netns_pid;
 pub use server::Streaming;
 pub use token::{Request, TokenError, Tokens};
+pub use websocket::{channel, Framing};
 
 /// How long a streaming URL stays usable, as kubelet's default.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);

@@ -30,13 +30,16 @@ pub const PROTOCOLS: &[&str] = &[
     "base64.channel.k8s.io",
 ];
 
-pub const STDIN: u8 = 0;
-pub const STDOUT: u8 = 1;
-pub const STDERR: u8 = 2;
-pub const ERROR: u8 = 3;
-pub const RESIZE: u8 = 4;
-/// v5: the client closes one channel (its number is the payload).
-const CLOSE: u8 = 255;
+/// The remote-command channels.
+pub mod channel {
+    pub const STDIN: u8 = 0;
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    pub const ERROR: u8 = 3;
+    pub const RESIZE: u8 = 4;
+    /// v5: the client closes one channel (its number is the payload).
+    pub const CLOSE: u8 = 255;
+}
 
 /// One negotiated subprotocol's framing.
 #[derive(Debug, Clone, Copy)]
@@ -115,9 +118,9 @@ pub async fn read_input(
             continue;
         };
         let inputs = match channel {
-            STDIN if !data.is_empty() => vec![Input::Stdin(data)],
-            RESIZE => resize.push(&data).into_iter().map(Input::Resize).collect(),
-            CLOSE if data.first() == Some(&STDIN) => vec![Input::StdinEnd],
+            channel::STDIN if !data.is_empty() => vec![Input::Stdin(data)],
+            channel::RESIZE => resize.push(&data).into_iter().map(Input::Resize).collect(),
+            channel::CLOSE if data.first() == Some(&channel::STDIN) => vec![Input::StdinEnd],
             _ => Vec::new(),
         };
         for i in inputs {
@@ -138,15 +141,18 @@ pub struct Wire {
 impl OutputWire for Wire {
     async fn send(&mut self, output: Output) -> bool {
         let message = match output {
-            Output::Stdout(data) => self.framing.encode(STDOUT, &data),
-            Output::Stderr(data) => self.framing.encode(STDERR, &data),
+            Output::Stdout(data) => self.framing.encode(channel::STDOUT, &data),
+            Output::Stderr(data) => self.framing.encode(channel::STDERR, &data),
         };
         self.sink.send(message).await.is_ok()
     }
 
     async fn finish(mut self, outcome: Outcome) {
         if let Some(message) = outcome.error_message(self.framing.json_status) {
-            let _ = self.sink.send(self.framing.encode(ERROR, &message)).await;
+            let _ = self
+                .sink
+                .send(self.framing.encode(channel::ERROR, &message))
+                .await;
         }
         let _ = self.sink.send(normal_close()).await;
         let _ = self.sink.close().await;
