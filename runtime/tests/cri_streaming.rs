@@ -426,6 +426,19 @@ impl Pod {
     }
 }
 
+/// Waits until `count` processes run `args`.
+async fn await_processes(args: &[&str], count: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    while processes(args) != count {
+        assert!(
+            Instant::now() < deadline,
+            "{args:?}: {} processes, not {count}",
+            processes(args)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Creates and starts a container in `pod`.
 async fn run_container(
     rt: &mut RuntimeServiceClient<Channel>,
@@ -747,20 +760,21 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     let got = spdy.collect().await;
     assert_eq!(exit_code_of(&got[&error]), 0);
 
-    // A client that goes away takes its exec with it.
+    // A client that goes away takes its exec with it, on either wire.
     let sleeper = ["sleep", "4242"];
     let url = p.exec_url(&sleeper, false, false).await;
     let ws = ws_connect(&url, "v4.channel.k8s.io").await;
-    let deadline = Instant::now() + PATIENCE;
-    while processes(&sleeper) == 0 {
-        assert!(Instant::now() < deadline, "the exec did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_processes(&sleeper, 1).await;
     drop(ws);
-    while processes(&sleeper) != 0 {
-        assert!(Instant::now() < deadline, "the exec outlived its client");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    await_processes(&sleeper, 0).await;
+    let url = p.exec_url(&sleeper, false, false).await;
+    let mut spdy = Spdy::connect(&url, "v4.channel.k8s.io").await;
+    for kind in ["error", "stdout", "stderr"] {
+        spdy.open(&[("streamType", kind)]).await;
     }
+    await_processes(&sleeper, 1).await;
+    drop(spdy);
+    await_processes(&sleeper, 0).await;
 
     // Bad input: each a clear HTTP error.
     let ws_headers = [
@@ -839,11 +853,7 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     let sleeper = ["sleep", "4243"];
     let url = p.exec_url(&sleeper, false, false).await;
     let mut ws = ws_connect(&url, "v4.channel.k8s.io").await;
-    let deadline = Instant::now() + PATIENCE;
-    while processes(&sleeper) == 0 {
-        assert!(Instant::now() < deadline, "the exec did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_processes(&sleeper, 1).await;
     let url = p.exec_url(&["echo"], false, false).await;
     rt.stop_container(cri::StopContainerRequest {
         container_id: container.clone(),
