@@ -375,6 +375,47 @@ async fn huskctl_drives_huskd() {
         text(&attach.stderr)
     );
 
+    // port-forward: busybox httpd in the pod (the pod shares the host's
+    // network on the host driver), reached through a local port.
+    let http_port = support::free_port();
+    ctl.ok(&[
+        "exec",
+        &sleeper,
+        "--",
+        "busybox",
+        "httpd",
+        "-p",
+        &format!("127.0.0.1:{http_port}"),
+        "-h",
+        "/etc",
+    ]);
+    let local = support::free_port();
+    let mut forward = Command::new(HUSKCTL)
+        .env("HUSK_SOCKET", &ctl.socket)
+        .args(["port-forward", &pod[..13], &format!("{local}:{http_port}")])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("huskctl port-forward");
+    let deadline = Instant::now() + PATIENCE;
+    let mut tcp = loop {
+        if let Ok(tcp) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+            break tcp;
+        }
+        assert!(Instant::now() < deadline, "port-forward did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    tcp.write_all(b"GET /passwd HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut tcp, &mut response).expect("response");
+    assert!(response.contains("husk:x:1000"), "{response}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(forward.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT port-forward");
+    assert_eq!(forward.wait().expect("wait").code(), Some(130));
+
     // logs: the lines without the CRI prefix, on the container's streams.
     let deadline = Instant::now() + PATIENCE;
     let log = loop {

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod config;
+mod forward;
 pub mod logs;
 pub mod output;
 mod stream;
@@ -130,6 +131,13 @@ pub enum Command {
         /// The container runs on a terminal.
         #[arg(long)]
         tty: bool,
+    },
+    /// Forward local ports to ports in a pod (host-driver pods), until Ctrl-C.
+    PortForward {
+        pod: String,
+        /// LOCAL:REMOTE, or PORT for the same on both sides.
+        #[arg(required = true, value_parser = forward::parse_mapping, value_name = "[LOCAL:]REMOTE")]
+        ports: Vec<(u16, u16)>,
     },
     /// Print a container's logs.
     Logs {
@@ -505,6 +513,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 return stream::run(&url, interactive, tty).await;
             }
             return exec(&mut h, &container, timeout, cmd).await;
+        }
+        Command::PortForward { pod, ports } => {
+            drop(out);
+            let id = resolve_pod(&mut h, &pod).await?;
+            return forward::run(&h, &id, &ports).await;
         }
         Command::Attach {
             container,
