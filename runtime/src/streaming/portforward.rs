@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
@@ -100,6 +101,8 @@ pub async fn over_websocket(socket: Socket, framing: Framing, pid: u32, ports: V
     let (mut sink, mut stream) = socket.split();
     let (from_pod, mut to_client) = mpsc::channel::<(usize, Bytes)>(16);
     let mut writers: HashMap<usize, OwnedWriteHalf> = HashMap::new();
+    // Dropped at the end, which stops readers whose pod side stays open.
+    let mut pumps = JoinSet::new();
     for (i, &port) in ports.iter().enumerate() {
         // Each channel first carries its port, little-endian.
         let data = (2 * i) as u8;
@@ -113,7 +116,7 @@ pub async fn over_websocket(socket: Socket, framing: Framing, pid: u32, ports: V
             Ok(tcp) => {
                 let (read, write) = tcp.into_split();
                 writers.insert(i, write);
-                tokio::spawn(pump_from_pod(read, i, from_pod.clone()));
+                pumps.spawn(pump_from_pod(read, i, from_pod.clone()));
             }
             Err(e) => {
                 let message = connect_error(port, e);
@@ -174,6 +177,7 @@ pub async fn over_spdy(mut session: Session, pid: u32) {
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     // Data stream id → request id.
     let mut requests: HashMap<u32, String> = HashMap::new();
+    let mut pumps = JoinSet::new();
     loop {
         tokio::select! {
             piece = to_client.recv() => {
@@ -214,7 +218,7 @@ pub async fn over_spdy(mut session: Session, pid: u32) {
                             Ok(tcp) => {
                                 let (read, write) = tcp.into_split();
                                 pair.to_pod = Some(write);
-                                tokio::spawn(pump_from_pod(read, data, from_pod.clone()));
+                                pumps.spawn(pump_from_pod(read, data, from_pod.clone()));
                             }
                             Err(e) => {
                                 let message = connect_error(port, e);
