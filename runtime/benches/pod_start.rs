@@ -1,61 +1,48 @@
-//! Pod start to first container output on the `microvm` driver, over CRI as
-//! kubelet drives it: RunPodSandbox (boot the guest to its agent) →
-//! CreateContainer (attach the image disk, mount it) → StartContainer → the
-//! container's first line in its CRI log file. Figures are printed; nothing
-//! is asserted about time.
+//! Pod start to first container output, over CRI as kubelet drives it:
+//! RunPodSandbox → CreateContainer → StartContainer → the container's first
+//! line in its CRI log file; then ExecSync round trips into that container.
+//! On the `microvm` driver (a guest boots to its agent, the image is a disk)
+//! or the `host` driver (the agent on the host, the image a directory).
+//! Figures are printed; nothing is asserted about time.
 //!
 //! ```sh
-//! bash guest-image/build.sh
-//! cargo build --release -p husk-vmm
-//! cargo bench -p husk-runtime --bench pod_start      # as root, on /dev/kvm
+//! cargo build --release --workspace --bins
+//! # as root:
+//! HUSK_POD_BENCH_HANDLER=host cargo bench -p husk-runtime --bench pod_start
+//! bash guest-image/build.sh && cargo bench -p husk-runtime --bench pod_start  # microvm, /dev/kvm
 //! ```
 //!
+//! HUSK_POD_BENCH_HANDLER is `microvm` (default) or `host`.
 //! HUSK_POD_BENCH_RUNS (default 3) pods are started one after the other;
-//! HUSK_VMM, HUSK_GUEST_KERNEL and HUSK_GUEST_INITRD override where the parts
-//! are (default: husk-vmm next to huskd, the guest image in target/guest).
+//! HUSK_EXEC_BENCH_RUNS ExecSyncs of `true` (default 200 on host, 5 on
+//! microvm) run in the first pod's container. HUSK_VMM, HUSK_GUEST_KERNEL and
+//! HUSK_GUEST_INITRD override where the microvm parts are (default: husk-vmm
+//! next to huskd, the guest image in target/guest); HUSK_AGENT where the host
+//! driver's agent is (default: next to huskd).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::Channel;
 
-use support::{busybox_layer, image_config, push_image, Registry};
+use support::{push_busybox, AgentSweeper, Huskd, Registry};
 
-const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
-
-fn path_from(var: &str, default: PathBuf) -> PathBuf {
-    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
-    assert!(
-        path.is_file(),
-        "{} is missing (set {var}, or build it: see this bench's header)",
-        path.display()
-    );
-    path
-}
-
-struct Huskd(Child);
-
-impl Drop for Huskd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn env_number(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "the microvm driver needs /dev/kvm and mounts: run this as root"
+        "both drivers need namespaces and mounts (and microvm /dev/kvm): run this as root"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -66,95 +53,42 @@ fn main() {
 }
 
 async fn bench() {
-    let root_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let vmm = path_from("HUSK_VMM", Path::new(HUSKD).with_file_name("husk-vmm"));
-    let kernel = path_from("HUSK_GUEST_KERNEL", root_dir.join("target/guest/vmlinux"));
-    let initrd = path_from(
-        "HUSK_GUEST_INITRD",
-        root_dir.join("target/guest/initramfs.cpio.gz"),
-    );
-    let runs: usize = std::env::var("HUSK_POD_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let handler = std::env::var("HUSK_POD_BENCH_HANDLER").unwrap_or_else(|_| "microvm".into());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (args, exec_runs_default) = match handler.as_str() {
+        "host" => {
+            let mut args = Huskd::host_args(dir.path());
+            args.extend(["--log-level".into(), "warn".into()]);
+            (args, 200)
+        }
+        "microvm" => (
+            Huskd::microvm_args(
+                dir.path(),
+                "log_level = \"warn\"\nguest_boot_timeout_secs = 600\n",
+            ),
+            5,
+        ),
+        other => panic!("HUSK_POD_BENCH_HANDLER={other:?}: the handlers are microvm and host"),
+    };
+    let runs = env_number("HUSK_POD_BENCH_RUNS", 3);
+    let exec_runs = env_number("HUSK_EXEC_BENCH_RUNS", exec_runs_default);
 
     let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "", &["sh"]),
-    )
-    .await;
+    let image = push_busybox(&registry, "").await;
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("husk.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        "log_level = \"warn\"\nguest_boot_timeout_secs = 600\n",
-    )
-    .expect("config");
-    let args: Vec<OsString> = vec![
-        "--listen".into(),
-        format!("unix://{}", socket.display()).into(),
-        "--root".into(),
-        dir.path().join("root").into(),
-        "--state".into(),
-        dir.path().join("state").into(),
-        "--husk-vmm".into(),
-        vmm.into(),
-        "--guest-kernel".into(),
-        kernel.into(),
-        "--guest-initrd".into(),
-        initrd.into(),
-        "--config".into(),
-        config.into(),
-    ];
-    let mut huskd = Huskd(
-        Command::new(HUSKD)
-            .args(&args)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn huskd"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        if let Ok(Some(status)) = huskd.0.try_wait() {
-            panic!("huskd exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "huskd did not create its socket");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let socket_path = socket.clone();
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket_path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connect to huskd");
+    // Declared before huskd, so that it drops after it: host agents outlive huskd.
+    let _agents = AgentSweeper::new(dir.path());
+    let huskd = Huskd::spawn(&dir.path().join("husk.sock"), &args);
+    let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut img = ImageServiceClient::new(channel);
-    img.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("pull");
+    support::pull(&mut img, &image).await;
 
     println!(
-        "pod start on the microvm driver, {runs} run(s); times from the RunPodSandbox call (s)"
+        "pod start on the {handler} driver, {runs} run(s); times from the RunPodSandbox call (ms)"
     );
     println!("run  RunPodSandbox  +CreateContainer  +StartContainer  first output  (stop+remove)");
+    let mut exec_figures = String::new();
     for run in 0..runs {
         let pod_logs = dir.path().join(format!("logs/pod{run}"));
         let pod_config = cri::PodSandboxConfig {
@@ -171,7 +105,7 @@ async fn bench() {
         let pod = rt
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(pod_config.clone()),
-                runtime_handler: "microvm".into(),
+                runtime_handler: handler.clone(),
             })
             .await
             .unwrap_or_else(|e| panic!("RunPodSandbox: {}", e.message()))
@@ -190,7 +124,12 @@ async fn bench() {
                         image: image.clone(),
                         ..Default::default()
                     }),
-                    command: vec!["sh".into(), "-c".into(), "echo first-output".into()],
+                    // It stays up for ExecSync.
+                    command: vec![
+                        "sh".into(),
+                        "-c".into(),
+                        "echo first-output; exec sleep 3600".into(),
+                    ],
                     log_path: "first/0.log".into(),
                     ..Default::default()
                 }),
@@ -202,7 +141,7 @@ async fn bench() {
             .container_id;
         let created = t0.elapsed();
         rt.start_container(cri::StartContainerRequest {
-            container_id: container,
+            container_id: container.clone(),
         })
         .await
         .unwrap_or_else(|e| panic!("StartContainer: {}", e.message()));
@@ -217,8 +156,11 @@ async fn bench() {
                 break t0.elapsed();
             }
             assert!(Instant::now() < deadline, "no output in {}", log.display());
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         };
+        if run == 0 {
+            exec_figures = exec_round_trips(&mut rt, &container, exec_runs).await;
+        }
         let t1 = Instant::now();
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
             pod_sandbox_id: pod.clone(),
@@ -231,14 +173,56 @@ async fn bench() {
         .await
         .expect("remove pod");
         let teardown = t1.elapsed();
-        let s = |d: Duration| d.as_secs_f64();
         println!(
-            "{run:>3}  {:>13.2}  {:>16.2}  {:>15.2}  {:>12.2}  ({:.2})",
-            s(ready),
-            s(created),
-            s(started),
-            s(output),
-            s(teardown)
+            "{run:>3}  {:>13.1}  {:>16.1}  {:>15.1}  {:>12.1}  ({:.1})",
+            ms(ready),
+            ms(created),
+            ms(started),
+            ms(output),
+            ms(teardown)
         );
     }
+    println!("{exec_figures}");
+}
+
+/// ExecSync of `true` `runs` times into a running container, as kubelet's
+/// exec probes do; says how the round trips spread.
+async fn exec_round_trips(
+    rt: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    runs: usize,
+) -> String {
+    if runs == 0 {
+        return "no ExecSync runs".into();
+    }
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let exec = rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: container.into(),
+                cmd: vec!["true".into()],
+                timeout: 60,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync: {}", e.message()))
+            .into_inner();
+        samples.push(t.elapsed());
+        assert_eq!(exec.exit_code, 0, "ExecSync true: {exec:?}");
+    }
+    samples.sort();
+    let quantile = |q: f64| ms(samples[((samples.len() - 1) as f64 * q).round() as usize]);
+    let mean = ms(samples.iter().sum::<Duration>()) / runs as f64;
+    format!(
+        "ExecSync `true` over CRI, {runs} runs (ms): min {:.2}  median {:.2}  p90 {:.2}  max {:.2}  mean {:.2}",
+        quantile(0.0),
+        quantile(0.5),
+        quantile(0.9),
+        quantile(1.0),
+        mean
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

@@ -106,8 +106,16 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     let streaming_listen = config.streaming_listen;
     let token_ttl = config.streaming_token_ttl;
     let manager = Manager::new(config, images, state, host, microvm);
-    // Without its streaming server huskd still serves CRI; Exec and
-    // PortForward then say why they cannot.
+    tokio::spawn(manager.clone().watch_sandboxes());
+    // Containers that ran on while huskd was away get their logs back.
+    let recovering = manager.clone();
+    tokio::spawn(async move {
+        if let Err(e) = recovering.reattach_running().await {
+            warn!("re-attaching running containers' output: {e}");
+        }
+    });
+    // Without its streaming server huskd still serves CRI; Exec, Attach
+    // and PortForward then say why they cannot.
     let (streaming, streaming_task) =
         match Streaming::bind(streaming_listen, manager.clone(), token_ttl).await {
             Ok((streaming, listener)) => {

@@ -9,8 +9,8 @@
 mod support;
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
@@ -19,77 +19,9 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use support::{connect, container_config, husk_agent, push_busybox, require_root, Registry, HUSKD};
+use support::{container_status, mounts_below, Huskd, Registry};
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-struct Huskd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Huskd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct HuskdArgs {
-    socket: PathBuf,
-    root: PathBuf,
-    state: PathBuf,
-    agent: PathBuf,
-    config: PathBuf,
-}
-
-impl HuskdArgs {
-    /// Starts huskd and waits for its socket.
-    async fn spawn(&self) -> Huskd {
-        let _ = std::fs::remove_file(&self.socket);
-        let child = Command::new(HUSKD)
-            .arg("--listen")
-            .arg(format!("unix://{}", self.socket.display()))
-            .arg("--root")
-            .arg(&self.root)
-            .arg("--state")
-            .arg(&self.state)
-            .arg("--husk-agent")
-            .arg(&self.agent)
-            .arg("--config")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn huskd");
-        let mut huskd = Huskd {
-            child,
-            socket: self.socket.clone(),
-        };
-        let deadline = Instant::now() + PATIENCE;
-        while !self.socket.exists() {
-            if let Ok(Some(status)) = huskd.child.try_wait() {
-                panic!("huskd exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "huskd did not create its socket");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        huskd
-    }
-}
-
-impl Huskd {
-    /// SIGTERM, and huskd must end cleanly, taking its socket away.
-    fn terminate(&mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM huskd");
-        let exit = self.child.wait().expect("wait huskd");
-        assert!(exit.success(), "huskd: {exit}");
-        assert!(!self.socket.exists());
-    }
-}
 
 fn metadata(name: &str) -> cri::PodSandboxMetadata {
     cri::PodSandboxMetadata {
@@ -100,14 +32,16 @@ fn metadata(name: &str) -> cri::PodSandboxMetadata {
     }
 }
 
-fn mounts_below(dir: &Path) -> Vec<String> {
-    let dir = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
-        .filter(|mount_point| mount_point.starts_with(&dir))
-        .collect()
+fn container_config(
+    name: &str,
+    image: &str,
+    command: &[&str],
+    log_path: &str,
+) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        ..support::container_config(name, image, command, log_path)
+    }
 }
 
 /// Checks one kubelet log record: `<RFC3339Nano> <stream> F <content>`.
@@ -125,19 +59,22 @@ fn check_record(line: &str, stream: &str, content: &str) {
     assert_eq!(parts.next(), Some(content), "{line:?}");
 }
 
+async fn sandbox_status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::PodSandboxStatus {
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("pod status")
+    .into_inner()
+    .status
+    .expect("status")
+}
+
 async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let status = rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .expect("container status")
-            .into_inner()
-            .status
-            .expect("status");
+        let status = container_status(rt, id).await;
         if status.state == cri::ContainerState::ContainerExited as i32 {
             return status;
         }
@@ -149,33 +86,206 @@ async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::C
     }
 }
 
+/// huskd on the host driver in a temporary directory, a registry on
+/// loopback holding the busybox image (not pulled yet), and CRI clients.
+struct Fixture {
+    huskd: Huskd,
+    rt: RuntimeServiceClient<Channel>,
+    img: ImageServiceClient<Channel>,
+    /// huskd's socket and arguments, to start it again.
+    socket: PathBuf,
+    args: Vec<OsString>,
+    image: String,
+    registry: Registry,
+    /// When huskd was started.
+    started: Instant,
+    /// Dropped after huskd: ends the agents a failing test leaves.
+    _agents: support::AgentSweeper,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
+        );
+        let (registry, image) = support::busybox_registry("1000").await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agents = support::AgentSweeper::new(dir.path());
+        let socket = dir.path().join("husk.sock");
+        let args = Huskd::host_args(dir.path());
+        let started = Instant::now();
+        let huskd = Huskd::spawn(&socket, &args);
+        let channel = huskd.connect().await;
+        Fixture {
+            huskd,
+            rt: RuntimeServiceClient::new(channel.clone()),
+            img: ImageServiceClient::new(channel),
+            socket,
+            args,
+            image,
+            registry,
+            started,
+            _agents: agents,
+            dir,
+        }
+    }
+
+    /// A fixture with the image pulled and the pod `name` running; returns
+    /// it with the pod's id and config.
+    async fn with_pod(name: &str) -> (Fixture, String, cri::PodSandboxConfig) {
+        let mut f = Fixture::start().await;
+        f.pull().await;
+        let config = f.pod_config(name);
+        let pod = f.run_pod(&config).await;
+        (f, pod, config)
+    }
+
+    /// Starts huskd again after `self.huskd.terminate()` and reconnects
+    /// the clients.
+    async fn respawn_huskd(&mut self) {
+        self.huskd = Huskd::spawn(&self.socket, &self.args);
+        let channel = self.huskd.connect().await;
+        self.rt = RuntimeServiceClient::new(channel.clone());
+        self.img = ImageServiceClient::new(channel);
+    }
+
+    /// Where pods' logs go: `logs/<namespace>_<name>_<uid>`.
+    fn pod_logs(&self, name: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("logs")
+            .join(format!("default_{name}_uid-{name}"))
+    }
+
+    /// A host-network pod labelled tier=test, logging below `pod_logs`.
+    fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(metadata(name)),
+            hostname: name.into(),
+            log_directory: self.pod_logs(name).display().to_string(),
+            labels: HashMap::from([("tier".to_string(), "test".to_string())]),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn pull(&mut self) {
+        support::pull(&mut self.img, &self.image).await;
+    }
+
+    /// Runs `config` on the host driver; returns the pod's id.
+    async fn run_pod(&mut self, config: &cri::PodSandboxConfig) -> String {
+        self.rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: "host".into(),
+            })
+            .await
+            .expect("run pod")
+            .into_inner()
+            .pod_sandbox_id
+    }
+
+    /// Creates and starts container `name` of the busybox image running
+    /// `command`, logging to `<name>/0.log`; returns its id.
+    async fn run_container(
+        &mut self,
+        pod: &str,
+        pod_config: &cri::PodSandboxConfig,
+        name: &str,
+        command: &[&str],
+    ) -> String {
+        let id = self
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(container_config(
+                    name,
+                    &self.image,
+                    command,
+                    &format!("{name}/0.log"),
+                )),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
+            .into_inner()
+            .container_id;
+        self.rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("start {name}: {e:?}"));
+        id
+    }
+
+    /// Stops and removes a pod.
+    async fn remove_pod(&mut self, pod: &str) {
+        self.rt
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+            .expect("stop pod");
+        self.rt
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+            .expect("remove pod");
+    }
+}
+
+/// A shell loop printing `tick 0`, `tick 1`… every 0.2 s.
+const TICKER: &[&str] = &[
+    "sh",
+    "-c",
+    "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+];
+
+/// The numbers of the `tick N` records in a log file.
+fn ticks_in(log: &Path) -> Vec<u32> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.rsplit_once(" stdout F tick ")?.1.parse().ok())
+        .collect()
+}
+
+/// The ticks in a log file, once one of them is `n` or more.
+async fn ticks_until(log: &Path, n: u32) -> Vec<u32> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ticks = ticks_in(log);
+        if ticks.iter().any(|&t| t >= n) {
+            return ticks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no tick {n} in {}: {ticks:?}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
-    require_root();
-    let agent = husk_agent();
-    let registry = Registry::start();
-    let image = push_busybox(&registry, "1000").await;
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _agents = support::AgentSweeper::new(dir.path());
-    let root = dir.path().join("root");
-    let state = dir.path().join("state");
-    let logs = dir.path().join("logs");
-    let socket = dir.path().join("husk.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, "log_level = \"info\"\n").expect("config");
-    let args = HuskdArgs {
-        socket: socket.clone(),
-        root: root.clone(),
-        state: state.clone(),
-        agent: agent.clone(),
-        config: config.clone(),
-    };
-    let started = Instant::now();
-    let mut huskd = args.spawn().await;
-    let channel = connect(&socket).await;
-    let mut rt = RuntimeServiceClient::new(channel.clone());
-    let mut img = ImageServiceClient::new(channel);
+    let mut f = Fixture::start().await;
+    let (mut rt, mut img) = (f.rt.clone(), f.img.clone());
+    let (image, registry) = (f.image.clone(), f.registry.host());
 
     // Version and Status, as crictl info/version ask.
     let version = rt
@@ -185,7 +295,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .await
         .expect("version")
         .into_inner();
-    eprintln!("huskd answering: {:?}", started.elapsed());
+    eprintln!("huskd answering: {:?}", f.started.elapsed());
     assert_eq!(version.runtime_name, "husk");
     assert_eq!(version.runtime_api_version, "v1");
     let status = rt
@@ -207,6 +317,15 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let network = condition("NetworkReady");
     assert!(!network.status);
     assert_eq!(network.reason, "NoCNIConfig");
+    let runtime_config = rt
+        .runtime_config(cri::RuntimeConfigRequest {})
+        .await
+        .expect("runtime config")
+        .into_inner();
+    assert_eq!(
+        runtime_config.linux.map(|l| l.cgroup_driver),
+        Some(cri::CgroupDriver::Cgroupfs as i32)
+    );
 
     // Images.
     let t = Instant::now();
@@ -263,7 +382,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let missing = img
         .pull_image(cri::PullImageRequest {
             image: Some(cri::ImageSpec {
-                image: format!("{}/husk/nothing:here", registry.host()),
+                image: format!("{}/husk/nothing:here", registry),
                 ..Default::default()
             }),
             ..Default::default()
@@ -273,45 +392,12 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
 
     // A pod on the host driver.
-    let pod_logs = logs.join("default_p1_uid-p1");
-    let pod_config = cri::PodSandboxConfig {
-        metadata: Some(metadata("p1")),
-        hostname: "p1".into(),
-        log_directory: pod_logs.display().to_string(),
-        labels: HashMap::from([("tier".to_string(), "test".to_string())]),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let pod_logs = f.pod_logs("p1");
+    let pod_config = f.pod_config("p1");
     let t = Instant::now();
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: "host".into(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = f.run_pod(&pod_config).await;
     eprintln!("RunPodSandbox: {:?}", t.elapsed());
-    let pod_status = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("pod status")
-        .into_inner()
-        .status
-        .expect("status");
+    let pod_status = sandbox_status(&mut rt, &pod).await;
     assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
     assert_eq!(pod_status.metadata, Some(metadata("p1")));
     let by_label = rt
@@ -372,7 +458,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     assert!(status.finished_at >= status.started_at, "{status:?}");
     assert_eq!(
         status.image_ref,
-        format!("{}/husk/busybox@{}", registry.host(), {
+        format!("{}/husk/busybox@{}", registry, {
             // The manifest digest the registry served.
             listed[0].repo_digests[0]
                 .rsplit('@')
@@ -400,26 +486,9 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     check_record(lines[1], "stderr", "oops");
 
     // A long-running container: exec into it, read its stats, stop it.
-    let sleeper = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container_config(
-                "sleeper",
-                &image,
-                &["sleep", "1000"],
-                "sleeper/0.log",
-            )),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("create sleeper")
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: sleeper.clone(),
-    })
-    .await
-    .expect("start sleeper");
+    let sleeper = f
+        .run_container(&pod, &pod_config, "sleeper", &["sleep", "1000"])
+        .await;
     let t = Instant::now();
     let exec = rt
         .exec_sync(cri::ExecSyncRequest {
@@ -468,14 +537,20 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .and_then(|c| c.usage_core_nano_seconds.as_ref())
         .is_some());
 
-    // A restarted huskd finds the pod and its running container in its
-    // state and reaches the agent again.
-    huskd.terminate();
+    // A container that writes a line every 0.2 s, through a huskd restart.
+    let ticker = f.run_container(&pod, &pod_config, "ticker", TICKER).await;
+    let ticker_log = pod_logs.join("ticker/0.log");
+    ticks_until(&ticker_log, 3).await;
+
+    // A restarted huskd finds the pod and its running containers in its
+    // state, reaches the agent again and copies the ticker's output into
+    // its log again: what it wrote while huskd was down, and after.
+    f.huskd.terminate();
+    let last_before = ticks_in(&ticker_log).into_iter().max().expect("ticks");
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let t = Instant::now();
-    huskd = args.spawn().await;
-    let channel = connect(&socket).await;
-    rt = RuntimeServiceClient::new(channel.clone());
-    img = ImageServiceClient::new(channel);
+    f.respawn_huskd().await;
+    (rt, img) = (f.rt.clone(), f.img.clone());
     let exec = rt
         .exec_sync(cri::ExecSyncRequest {
             container_id: sleeper.clone(),
@@ -487,6 +562,18 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .into_inner();
     eprintln!("huskd restart to ExecSync: {:?}", t.elapsed());
     assert_eq!(String::from_utf8_lossy(&exec.stdout), "again\n");
+    let ticks = ticks_until(&ticker_log, last_before + 10).await;
+    // About five ticks came while huskd was down. The agent's reader for
+    // the huskd that left drops the one chunk it holds when it finds that
+    // reader gone, so one tick at most is missing.
+    let missing: Vec<u32> = (0..=last_before + 10)
+        .filter(|n| !ticks.contains(n))
+        .collect();
+    assert!(missing.len() <= 1, "missing ticks {missing:?} of {ticks:?}");
+    assert!(
+        ticks.contains(&(last_before + 3)),
+        "a tick from while huskd was down: {ticks:?}"
+    );
 
     let running = rt
         .list_containers(cri::ListContainersRequest {
@@ -501,8 +588,11 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .expect("list")
         .into_inner()
         .containers;
-    assert_eq!(running.len(), 1);
-    assert_eq!(running[0].id, sleeper);
+    let mut running: Vec<String> = running.into_iter().map(|c| c.id).collect();
+    running.sort();
+    let mut want = vec![sleeper.clone(), ticker.clone()];
+    want.sort();
+    assert_eq!(running, want);
 
     // An image in use stays.
     let in_use = img
@@ -605,16 +695,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .expect("stop pod");
     }
     eprintln!("StopPodSandbox: {:?}", t.elapsed());
-    let pod_status = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("pod status")
-        .into_inner()
-        .status
-        .expect("status");
+    let pod_status = sandbox_status(&mut rt, &pod).await;
     assert_eq!(
         pod_status.state,
         cri::PodSandboxState::SandboxNotready as i32
@@ -640,14 +721,14 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .into_inner()
         .containers;
     assert!(containers.is_empty(), "{containers:?}");
-    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+    let left: Vec<_> = std::fs::read_dir(f.dir.path().join("state").join("sandboxes"))
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left under the state dir: {left:?}");
     assert!(
-        mounts_below(dir.path()).is_empty(),
+        mounts_below(f.dir.path()).is_empty(),
         "{:?}",
-        mounts_below(dir.path())
+        mounts_below(f.dir.path())
     );
 
     // The image can go now.
@@ -661,5 +742,332 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     .expect("remove image");
 
     // SIGTERM ends huskd cleanly and takes its socket away.
-    huskd.terminate();
+    f.huskd.terminate();
+}
+
+/// The directory of a pod's cgroup in the hierarchy holding `v1_controller`
+/// (the agent puts its containers below `husk/<pod>`): the one directory on
+/// cgroup v2.
+fn pod_cgroup(pod: &str, v1_controller: &str) -> PathBuf {
+    let root = Path::new("/sys/fs/cgroup");
+    let hierarchy = if root.join("cgroup.controllers").exists() {
+        root.to_path_buf()
+    } else {
+        root.join(v1_controller)
+    };
+    hierarchy.join("husk").join(pod)
+}
+
+fn read_trimmed(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+/// The host pids in a pod's cgroups.
+fn pod_pids(pod: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let mut pending = vec![pod_cgroup(pod, "pids")];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                pending.push(entry.path());
+            }
+        }
+        pids.extend(
+            std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok()),
+        );
+    }
+    pids
+}
+
+/// Whether a process runs (a zombie does not).
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// `call` answers NotFound for an unknown container and
+/// FailedPrecondition for the `exited` one.
+async fn refused_for_unknown_and_exited<T, Call, Answer>(exited: &str, call: Call)
+where
+    T: std::fmt::Debug,
+    Call: Fn(&str) -> Answer,
+    Answer: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    for (id, code) in [
+        ("0123456789abcdef", Code::NotFound),
+        (exited, Code::FailedPrecondition),
+    ] {
+        let err = call(id).await.expect_err("refused");
+        assert_eq!(err.code(), code, "{id}: {err:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_container_resources_reaches_the_cgroup() {
+    let (mut f, pod, config) = Fixture::with_pod("u1").await;
+    let busy = f
+        .run_container(&pod, &config, "busy", &["sleep", "1000"])
+        .await;
+    let done = f
+        .run_container(&pod, &config, "done", &["sh", "-c", "exit 0"])
+        .await;
+    wait_exited(&mut f.rt, &done).await;
+
+    // UpdateContainerResources reaches the container's cgroup, and its
+    // status reports what was asked.
+    let resources = cri::LinuxContainerResources {
+        memory_limit_in_bytes: 64 << 20,
+        cpu_period: 100_000,
+        cpu_quota: 50_000,
+        ..Default::default()
+    };
+    let rt = f.rt.clone();
+    let update = |id: &str| {
+        let mut rt = rt.clone();
+        let request = cri::UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(resources.clone()),
+            ..Default::default()
+        };
+        async move { rt.update_container_resources(request).await }
+    };
+    update(&busy).await.expect("update resources");
+    let memory = pod_cgroup(&pod, "memory").join(&busy);
+    let cpu = pod_cgroup(&pod, "cpu").join(&busy);
+    if memory.join("memory.max").exists() {
+        assert_eq!(read_trimmed(&memory.join("memory.max")), "67108864");
+        assert_eq!(read_trimmed(&cpu.join("cpu.max")), "50000 100000");
+    } else {
+        assert_eq!(
+            read_trimmed(&memory.join("memory.limit_in_bytes")),
+            "67108864"
+        );
+        assert_eq!(read_trimmed(&cpu.join("cpu.cfs_quota_us")), "50000");
+        assert_eq!(read_trimmed(&cpu.join("cpu.cfs_period_us")), "100000");
+    }
+    let status = container_status(&mut f.rt, &busy).await;
+    assert_eq!(
+        status.resources.and_then(|r| r.linux),
+        Some(resources.clone())
+    );
+    refused_for_unknown_and_exited(&done, update).await;
+
+    f.remove_pod(&pod).await;
+    f.huskd.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_stats_are_the_sums_of_the_containers() {
+    let (mut f, pod, config) = Fixture::with_pod("s1").await;
+    let busy = f
+        .run_container(
+            &pod,
+            &config,
+            "busy",
+            &["sh", "-c", "while true; do :; done"],
+        )
+        .await;
+    let ticker = f.run_container(&pod, &config, "ticker", TICKER).await;
+    let mut other_config = f.pod_config("s2");
+    other_config.labels = HashMap::from([("tier".to_string(), "other".to_string())]);
+    let other = f.run_pod(&other_config).await;
+
+    // Pod stats: the sums of the running containers', with theirs inside.
+    let deadline = Instant::now() + PATIENCE;
+    let stats = loop {
+        let stats =
+            f.rt.pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("pod stats")
+            .into_inner()
+            .stats
+            .expect("stats");
+        let cpu = stats
+            .linux
+            .as_ref()
+            .and_then(|l| l.cpu.as_ref())
+            .and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .map_or(0, |v| v.value);
+        if cpu > 10_000_000 {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "no CPU use: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        stats.attributes.as_ref().map(|a| a.id.as_str()),
+        Some(pod.as_str())
+    );
+    let linux = stats.linux.expect("linux stats");
+    let value = |v: Option<&cri::UInt64Value>| v.map_or(0, |v| v.value);
+    let memory = linux.memory.as_ref().expect("memory");
+    assert!(value(memory.working_set_bytes.as_ref()) > 0, "{memory:?}");
+    assert!(value(memory.usage_bytes.as_ref()) > 0, "{memory:?}");
+    let processes = linux.process.as_ref().expect("process");
+    // The busy shell; the ticker's shell and its sleep, now and then.
+    assert!(
+        value(processes.process_count.as_ref()) >= 2,
+        "{processes:?}"
+    );
+    let mut ids: Vec<&str> = linux
+        .containers
+        .iter()
+        .filter_map(|c| c.attributes.as_ref().map(|a| a.id.as_str()))
+        .collect();
+    ids.sort();
+    let mut want = vec![busy.as_str(), ticker.as_str()];
+    want.sort();
+    assert_eq!(ids, want, "the running containers");
+    let list = |filter: Option<cri::PodSandboxStatsFilter>| {
+        let mut rt = f.rt.clone();
+        async move {
+            let mut ids: Vec<String> = rt
+                .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter })
+                .await
+                .expect("list pod stats")
+                .into_inner()
+                .stats
+                .into_iter()
+                .filter_map(|s| s.attributes.map(|a| a.id))
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let mut both = vec![pod.clone(), other.clone()];
+    both.sort();
+    assert_eq!(list(None).await, both);
+    let by_label = cri::PodSandboxStatsFilter {
+        label_selector: HashMap::from([("tier".to_string(), "other".to_string())]),
+        ..Default::default()
+    };
+    assert_eq!(list(Some(by_label)).await, vec![other.clone()]);
+    let by_id = cri::PodSandboxStatsFilter {
+        id: pod[..12].to_string(),
+        ..Default::default()
+    };
+    assert_eq!(list(Some(by_id)).await, vec![pod.clone()]);
+    let err =
+        f.rt.pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: "0123456789abcdef".into(),
+        })
+        .await
+        .expect_err("unknown pod");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    f.remove_pod(&pod).await;
+    f.remove_pod(&other).await;
+    f.huskd.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_log_is_reopened_at_its_path() {
+    let (mut f, pod, config) = Fixture::with_pod("l1").await;
+    let ticker = f.run_container(&pod, &config, "ticker", TICKER).await;
+    let done = f
+        .run_container(&pod, &config, "done", &["sh", "-c", "exit 0"])
+        .await;
+    wait_exited(&mut f.rt, &done).await;
+
+    // Log rotation as kubelet does it: rename, then ReopenContainerLog;
+    // later lines go to a new file at the log path.
+    let log = f.pod_logs("l1").join("ticker/0.log");
+    ticks_until(&log, 2).await;
+    let rotated = log.with_extension("log.20250101-000000");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    let rt = f.rt.clone();
+    let reopen = |id: &str| {
+        let mut rt = rt.clone();
+        let request = cri::ReopenContainerLogRequest {
+            container_id: id.into(),
+        };
+        async move { rt.reopen_container_log(request).await }
+    };
+    reopen(&ticker).await.expect("reopen log");
+    let old = ticks_in(&rotated);
+    let last_old = *old.iter().max().expect("ticks before the rotation");
+    let new = ticks_until(&log, last_old + 3).await;
+    assert_eq!(
+        new.first(),
+        Some(&(last_old + 1)),
+        "the new file goes on where the old one ends: {old:?} {new:?}"
+    );
+    refused_for_unknown_and_exited(&done, reopen).await;
+
+    f.remove_pod(&pod).await;
+    f.huskd.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_host_agent_takes_its_containers_with_it() {
+    let (mut f, pod, config) = Fixture::with_pod("k1").await;
+    let sleeper = f
+        .run_container(&pod, &config, "sleeper", &["sleep", "1000"])
+        .await;
+    let forker = f
+        .run_container(
+            &pod,
+            &config,
+            "forker",
+            &["sh", "-c", "sleep 1000 & sleep 1000"],
+        )
+        .await;
+    // The sleeper, and the forker's two sleeps (its shell execs the last).
+    let deadline = Instant::now() + PATIENCE;
+    let pids = loop {
+        let pids = pod_pids(&pod);
+        if pids.len() >= 3 {
+            break pids;
+        }
+        assert!(Instant::now() < deadline, "pod processes: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let agents = support::agent_pids(&f.dir.path().join("state").join("sandboxes").join(&pod));
+    assert_eq!(agents.len(), 1, "the pod's agent: {agents:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL the agent");
+
+    // huskd notices by itself: no CRI call until the processes are gone.
+    let deadline = Instant::now() + PATIENCE;
+    while pids.iter().any(|&pid| runs(pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "still running after the agent died: {:?}",
+            pids.iter().filter(|&&pid| runs(pid)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = sandbox_status(&mut f.rt, &pod).await;
+    assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
+    for id in [&sleeper, &forker] {
+        let status = wait_exited(&mut f.rt, id).await;
+        assert_eq!((status.exit_code, status.reason.as_str()), (137, "Error"));
+        assert!(status.message.contains("ended unexpectedly"), "{status:?}");
+    }
+    assert!(
+        !pod_cgroup(&pod, "pids").exists(),
+        "the pod's cgroup is gone"
+    );
+    f.remove_pod(&pod).await;
+    f.huskd.terminate();
 }

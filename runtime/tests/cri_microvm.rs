@@ -10,111 +10,19 @@
 
 mod support;
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use husk_e2e::microvm::boot_timeout;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use support::{busybox_layer, connect, container_config, image_config, push_image, Registry};
+use support::{container_config, Huskd};
 
-const HUSKD: &str = env!("CARGO_BIN_EXE_huskd");
 /// Container steps in a PVM guest take seconds each.
 const PATIENCE: Duration = Duration::from_secs(300);
-
-fn boot_timeout() -> Duration {
-    let secs = std::env::var("HUSK_BOOT_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    Duration::from_secs(secs)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// The guest kernel and initramfs; fails naming the command that builds them.
-fn guest_image() -> (PathBuf, PathBuf) {
-    let pick = |var: &str, default: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join(default))
-    };
-    let kernel = pick("HUSK_GUEST_KERNEL", "target/guest/vmlinux");
-    let initrd = pick("HUSK_GUEST_INITRD", "target/guest/initramfs.cpio.gz");
-    for path in [&kernel, &initrd] {
-        assert!(
-            path.is_file(),
-            "{} is missing: build the guest image first with `bash guest-image/build.sh` \
-             (or set HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD)",
-            path.display()
-        );
-    }
-    (kernel, initrd)
-}
-
-/// husk-vmm from HUSK_VMM, or next to huskd in the target directory.
-fn husk_vmm() -> PathBuf {
-    let path = std::env::var_os("HUSK_VMM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(HUSKD).with_file_name("husk-vmm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first with `cargo build -p husk-vmm` (or set HUSK_VMM)",
-        path.display()
-    );
-    path
-}
-
-struct Huskd {
-    child: Child,
-}
-
-impl Drop for Huskd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Huskd {
-    fn terminate(&mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM huskd");
-        let exit = self.child.wait().expect("wait huskd");
-        assert!(exit.success(), "huskd: {exit}");
-    }
-}
-
-async fn spawn_huskd(args: &[OsString], socket: &Path) -> Huskd {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(HUSKD)
-        .args(args)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn huskd");
-    let mut huskd = Huskd { child };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        if let Ok(Some(status)) = huskd.child.try_wait() {
-            panic!("huskd exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "huskd did not create its socket");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    huskd
-}
 
 /// Pids of husk-vmm processes whose command line names `dir`.
 fn vmms_under(dir: &Path) -> Vec<u32> {
@@ -177,16 +85,7 @@ async fn wait_exited(
 ) -> cri::ContainerStatus {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let status = rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .expect("container status")
-            .into_inner()
-            .status
-            .expect("status");
+        let status = support::container_status(rt, id).await;
         if status.state == cri::ContainerState::ContainerExited as i32 {
             return status;
         }
@@ -224,52 +123,21 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         nix::unistd::geteuid().is_root(),
         "the microvm driver needs /dev/kvm and mounts: run this as root"
     );
-    let (kernel, initrd) = guest_image();
-    let vmm = husk_vmm();
-    let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "", &["sh"]),
-    )
-    .await;
+    let (_registry, image) = support::busybox_registry("").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
     let state = dir.path().join("state");
     let logs = dir.path().join("logs");
     let _reaper = VmReaper(state.clone());
     let socket = dir.path().join("husk.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "log_level = \"info\"\nguest_boot_timeout_secs = {}\n\
-             guest_cmdline = \"console=ttyS0 reboot=k panic=-1 loglevel=7 print-fatal-signals=1\"\n",
-            boot_timeout().as_secs()
-        ),
-    )
-    .expect("config");
-    let args: Vec<OsString> = vec![
-        "--listen".into(),
-        format!("unix://{}", socket.display()).into(),
-        "--root".into(),
-        root.into(),
-        "--state".into(),
-        state.clone().into(),
-        "--husk-vmm".into(),
-        vmm.into(),
-        "--guest-kernel".into(),
-        kernel.into(),
-        "--guest-initrd".into(),
-        initrd.into(),
-        "--config".into(),
-        config.into(),
-    ];
-    let mut huskd = spawn_huskd(&args, &socket).await;
-    let channel = connect(&socket).await;
+    let config = format!(
+        "log_level = \"info\"\nguest_boot_timeout_secs = {}\n\
+         guest_cmdline = \"console=ttyS0 reboot=k panic=-1 loglevel=7 print-fatal-signals=1\"\n",
+        boot_timeout().as_secs()
+    );
+    let args = Huskd::microvm_args(dir.path(), &config);
+    let mut huskd = Huskd::spawn(&socket, &args);
+    let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut img = ImageServiceClient::new(channel);
 
@@ -281,15 +149,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         .runtime_handlers;
     assert!(handlers.iter().any(|h| h.name == "microvm"), "{handlers:?}");
 
-    img.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("pull");
+    support::pull(&mut img, &image).await;
 
     // A pod with the default handler: a microVM.
     let pod_logs = logs.join("default_vm1_uid-vm1");
@@ -501,8 +361,8 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     huskd.terminate();
     assert_eq!(vmms_under(&sandbox_dir), vmm_pids, "the VM outlives huskd");
     let t = Instant::now();
-    let _huskd = spawn_huskd(&args, &socket).await;
-    let channel = connect(&socket).await;
+    let huskd = Huskd::spawn(&socket, &args);
+    let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel);
     let out = exec_sync(&mut rt, &sleeper, &["echo", "again"]).await;
     assert_eq!(out.stdout, b"again\n", "{out:?}");
@@ -541,6 +401,80 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         .expect("remove container");
     }
     assert!(!disks().contains("sha256:"), "{}", disks());
+
+    // The VM dies under a running container: the pod reads NOTREADY and the
+    // container EXITED, and stop/remove still clean everything up.
+    let last = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config(
+                "last",
+                &image,
+                &["sleep", "600"],
+                "last/0.log",
+            )),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "CreateContainer last: {}\n{}",
+                e.message(),
+                guest_diagnostics(&state)
+            )
+        })
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: last.clone(),
+    })
+    .await
+    .expect("start last");
+    for pid in vmms_under(&sandbox_dir) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill husk-vmm");
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let pod_state = rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("pod status")
+            .into_inner()
+            .status
+            .expect("pod status")
+            .state;
+        if pod_state == cri::PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a pod whose VM died still reads READY"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = wait_exited(&mut rt, &last, &state).await;
+    assert!(
+        status.exit_code != 0 && !status.message.is_empty(),
+        "a container whose VM died: {status:?}"
+    );
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: last.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("stop a container whose VM died");
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: last.clone(),
+    })
+    .await
+    .expect("remove a container whose VM died");
 
     let t = Instant::now();
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {

@@ -12,8 +12,8 @@
 mod support;
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
@@ -27,50 +27,28 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::Channel;
 
-use support::{
-    connect, container_config, free_port, husk_agent, push_busybox, require_root, Registry, HUSKD,
-};
+use support::{busybox_registry, container_config, free_port, pull, Huskd};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 /// huskd runs with short-lived tokens so that expiry can be seen.
 const TOKEN_TTL_SECS: u64 = 3;
 
-struct Huskd(Child);
-
-impl Drop for Huskd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// huskd on the host driver with short-lived streaming tokens.
 async fn start_huskd(dir: &Path) -> (Huskd, Channel) {
-    let socket = dir.join("husk.sock");
-    let config = dir.join("config.toml");
-    std::fs::write(&config, "log_level = \"info,husk_runtime=debug\"\n").expect("config");
-    let child = Command::new(HUSKD)
-        .arg("--listen")
-        .arg(format!("unix://{}", socket.display()))
-        .args(["--root", &dir.join("root").display().to_string()])
-        .args(["--state", &dir.join("state").display().to_string()])
-        .args(["--husk-agent", &husk_agent().display().to_string()])
-        .args(["--config", &config.display().to_string()])
-        .args(["--default-runtime", "host"])
-        .args(["--streaming-listen", "127.0.0.1:0"])
-        .args(["--streaming-token-ttl-secs", &TOKEN_TTL_SECS.to_string()])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn huskd");
-    let mut huskd = Huskd(child);
-    let deadline = Instant::now() + PATIENCE;
-    while !socket.exists() {
-        if let Ok(Some(status)) = huskd.0.try_wait() {
-            panic!("huskd exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "huskd did not create its socket");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let channel = connect(&socket).await;
+    let mut args = Huskd::host_args(dir);
+    args.extend(
+        [
+            "--default-runtime",
+            "host",
+            "--streaming-listen",
+            "127.0.0.1:0",
+            "--streaming-token-ttl-secs",
+            &TOKEN_TTL_SECS.to_string(),
+        ]
+        .map(OsString::from),
+    );
+    let huskd = Huskd::spawn(&dir.join("husk.sock"), &args);
+    let channel = huskd.connect().await;
     (huskd, channel)
 }
 
@@ -483,23 +461,16 @@ fn processes(args: &[&str]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_and_port_forward_over_websocket_and_spdy() {
-    require_root();
-    let registry = Registry::start();
-    let image = push_busybox(&registry, "0").await;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
+    );
+    let (_registry, image) = busybox_registry("0").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let _agents = support::AgentSweeper::new(dir.path());
     let (_huskd, channel) = start_huskd(dir.path()).await;
     let mut rt = RuntimeServiceClient::new(channel.clone());
-    ImageServiceClient::new(channel)
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("pull");
+    pull(&mut ImageServiceClient::new(channel), &image).await;
 
     // A host-network pod on the host driver, a web server in it.
     let http_port = free_port();

@@ -9,57 +9,14 @@ mod support;
 
 use std::io::Write;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{busybox_layer, husk_agent, image_config, push_image, Registry, HUSKD};
+use support::{busybox_registry, husk_agent, Huskd};
 
 const HUSKCTL: &str = env!("CARGO_BIN_EXE_huskctl");
 const PATIENCE: Duration = Duration::from_secs(30);
 
-struct Huskd {
-    child: Child,
-}
-
-impl Drop for Huskd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts huskd with everything under `dir` and waits for its socket.
-fn start_huskd(dir: &Path, socket: &Path) -> Huskd {
-    let config = dir.join("config.toml");
-    std::fs::write(&config, "log_level = \"info\"\n").expect("config");
-    let child = Command::new(HUSKD)
-        .arg("--listen")
-        .arg(format!("unix://{}", socket.display()))
-        .arg("--root")
-        .arg(dir.join("root"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .arg("--husk-agent")
-        .arg(husk_agent())
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn huskd");
-    let mut huskd = Huskd { child };
-    let deadline = Instant::now() + PATIENCE;
-    while !socket.exists() {
-        if let Ok(Some(status)) = huskd.child.try_wait() {
-            panic!("huskd exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "huskd did not create its socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    huskd
-}
-
-/// One huskctl run against `socket`.
 struct Ctl {
     socket: String,
 }
@@ -134,20 +91,12 @@ async fn huskctl_drives_huskd() {
         "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
     );
     husk_agent();
-    let registry = Registry::start();
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, "1000", &["sh"]),
-    )
-    .await;
+    let (registry, image) = busybox_registry("1000").await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let _agents = support::AgentSweeper::new(dir.path());
     let socket = dir.path().join("husk.sock");
-    let _huskd = start_huskd(dir.path(), &socket);
+    let _huskd = Huskd::spawn(&socket, &Huskd::host_args(dir.path()));
     let ctl = Ctl {
         socket: format!("unix://{}", socket.display()),
     };

@@ -86,6 +86,11 @@ pub enum BlobError {
     },
 }
 
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BlobError {
+    let path = path.to_owned();
+    move |source| BlobError::Io { path, source }
+}
+
 /// The blobs directory.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -166,13 +171,20 @@ impl BlobStore {
         w.commit()
     }
 
-    /// Removes a blob; a missing one is fine.
-    pub fn remove(&self, digest: &Digest) -> Result<(), BlobError> {
-        let path = self.path(digest);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(BlobError::Io { path, source: e }),
-            _ => Ok(()),
+    /// Removes every file in the blobs directory whose name `keep` refuses:
+    /// blobs and temp files alike. Only while no blob is being written.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Result<(), BlobError> {
+        for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            if !entry.file_name().to_str().is_some_and(&keep) {
+                let path = entry.path();
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&path)(e)),
+                    _ => {}
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -188,10 +200,6 @@ pub struct BlobWriter {
 impl BlobWriter {
     /// Verifies the digest and moves the blob into place.
     pub fn commit(mut self) -> Result<PathBuf, BlobError> {
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| BlobError::Io { path, source }
-        };
         self.tmp.flush().map_err(io_err(&self.dest))?;
         let actual = Digest(format!("sha256:{}", hex::encode(self.hasher.finalize())));
         if actual != self.expected {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::blobs::{BlobError, BlobStore, Digest};
 use super::fsimage::{ensure_erofs, FsImageError};
@@ -38,11 +38,13 @@ pub enum StoreError {
     Pull(#[from] PullError),
     #[error(transparent)]
     Blob(#[from] BlobError),
-    #[error("unpacking image {image}: {source}")]
+    #[error("unpacking {name} (image {image}): {source}")]
     Unpack {
+        /// The tag or digest reference it arrived by, else its id.
+        name: String,
         image: ImageId,
         #[source]
-        source: UnpackError,
+        source: Box<UnpackError>,
     },
     #[error("image {image}: {source}")]
     FsImage {
@@ -189,17 +191,22 @@ impl ImageStore {
         config: &RegistryConfig,
     ) -> Result<ImageRecord, StoreError> {
         let reference = ImageReference::parse(reference)?;
-        let _shared = self.inner.gc.read().await;
-        let fetched = fetch(&reference, credentials, config, &self.inner.blobs).await?;
-        let names = Names {
-            repo_tag: reference.repo_tag(),
-            repo_digest: Some(reference.repo_digest(fetched.resolved_digest.as_str())),
-        };
-        let store = self.clone();
-        let record =
-            tokio::task::spawn_blocking(move || store.materialise(&fetched, names)).await??;
-        info!(id = %record.id, size = record.size, "image ready");
-        Ok(record)
+        let pulled = async {
+            let _shared = self.inner.gc.read().await;
+            let fetched = fetch(&reference, credentials, config, &self.inner.blobs).await?;
+            let names = Names {
+                repo_tag: reference.repo_tag(),
+                repo_digest: Some(reference.repo_digest(fetched.resolved_digest.as_str())),
+            };
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || store.materialise(&fetched, names)).await?
+        }
+        .await;
+        match &pulled {
+            Ok(record) => info!(id = %record.id, size = record.size, "image ready"),
+            Err(_) => self.collect_garbage_later(),
+        }
+        pulled
     }
 
     /// Every image.
@@ -268,25 +275,39 @@ impl ImageStore {
             }
         })?;
         if let Removed::Deleted(record) = &outcome {
-            self.delete_files(record)?;
+            self.sweep()?;
+            info!(id = %record.id, "image deleted");
         }
         Ok(outcome)
     }
 
-    /// Deletes a removed image's directory and the blobs no remaining image holds.
-    fn delete_files(&self, removed: &ImageRecord) -> Result<(), StoreError> {
-        let dir = self.image_dir(&removed.id);
-        // std's remove_dir_all never follows symlinks.
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&dir)(e)),
-            _ => {}
+    /// Deletes every image directory and blob that no image record holds:
+    /// a removed image's, and whatever failed pulls and imports (or a crash)
+    /// left. The caller holds the store exclusively, so nothing is half way.
+    fn sweep(&self) -> Result<(), StoreError> {
+        let records = self.read_all()?;
+        let held: HashSet<&str> = records
+            .iter()
+            .flat_map(|r| r.blobs())
+            .map(Digest::hex)
+            .collect();
+        self.inner.blobs.retain(|name| held.contains(name))?;
+        let images = self.inner.root.join("images");
+        let ids: HashSet<&str> = records.iter().map(|r| r.id.hex()).collect();
+        for entry in fs::read_dir(&images).map_err(io_err(&images))? {
+            let dir = entry.map_err(io_err(&images))?.path();
+            let held = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| ids.contains(n));
+            if !held {
+                // std's remove_dir_all never follows symlinks.
+                match fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&dir)(e)),
+                    _ => {}
+                }
+            }
         }
-        let remaining = self.read_all()?;
-        let held: HashSet<&Digest> = remaining.iter().flat_map(|r| r.blobs()).collect();
-        for blob in removed.blobs().filter(|b| !held.contains(b)) {
-            self.inner.blobs.remove(blob)?;
-        }
-        info!(id = %removed.id, "image deleted");
         Ok(())
     }
 
@@ -326,10 +347,34 @@ impl ImageStore {
     /// Imports an OCI image layout tarball or a `docker save` archive
     /// (plain or gzip); returns the images it held.
     pub async fn import(&self, tarball: &Path) -> Result<Vec<ImageRecord>, StoreError> {
-        let _shared = self.inner.gc.read().await;
+        let imported = async {
+            let _shared = self.inner.gc.read().await;
+            let store = self.clone();
+            let tarball = tarball.to_owned();
+            tokio::task::spawn_blocking(move || super::import::import(&store, &tarball)).await?
+        }
+        .await;
+        if imported.is_err() {
+            self.collect_garbage_later();
+        }
+        imported
+    }
+
+    /// After a failed pull or import, which may have stored blobs and an
+    /// unpack directory that no image holds: sweeps them in the background
+    /// (as containerd's GC does once a pull's lease ends), since the sweep
+    /// waits until no other pull or import is half way.
+    fn collect_garbage_later(&self) {
         let store = self.clone();
-        let tarball = tarball.to_owned();
-        tokio::task::spawn_blocking(move || super::import::import(&store, &tarball)).await?
+        tokio::spawn(async move {
+            let _exclusive = store.inner.gc.write().await;
+            let sweeper = store.clone();
+            match tokio::task::spawn_blocking(move || sweeper.sweep()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("collecting what a failed pull left: {e}"),
+                Err(e) => warn!("collecting what a failed pull left: {e}"),
+            }
+        });
     }
 
     /// Unpacks, builds the filesystem image and records an image whose blobs
@@ -346,7 +391,12 @@ impl ImageStore {
                 image: id.clone(),
                 source,
             })?;
-        self.ensure_rootfs(&id, &fetched.layers)?;
+        let name = names
+            .repo_tag
+            .as_ref()
+            .or(names.repo_digest.as_ref())
+            .map_or_else(|| id.to_string(), String::clone);
+        self.ensure_rootfs(&id, &name, &fetched.layers)?;
         ensure_erofs(&self.rootfs_dir(&id), &self.erofs_path(&id)).map_err(|source| {
             StoreError::FsImage {
                 image: id.clone(),
@@ -409,7 +459,12 @@ impl ImageStore {
     /// Unpacks the layers into `images/<id>/rootfs` unless that exists. The
     /// unpack goes to a temp dir renamed into place, so a rootfs that exists
     /// is complete.
-    fn ensure_rootfs(&self, id: &ImageId, layers: &[LayerRecord]) -> Result<(), StoreError> {
+    fn ensure_rootfs(
+        &self,
+        id: &ImageId,
+        name: &str,
+        layers: &[LayerRecord],
+    ) -> Result<(), StoreError> {
         let dest = self.rootfs_dir(id);
         if dest.is_dir() {
             return Ok(());
@@ -432,8 +487,9 @@ impl ImageStore {
             paths.iter().map(|(d, p)| (d.as_str(), p.as_path())),
         )
         .map_err(|source| StoreError::Unpack {
+            name: name.to_owned(),
             image: id.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let tmp = tmp.keep();
         if let Err(e) = fs::rename(&tmp, &dest) {

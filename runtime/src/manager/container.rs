@@ -11,8 +11,6 @@ use k8s_cri::v1 as cri;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use super::attach::AttachPoint;
-use super::logs::{copy_stream, LogFile};
 use super::spec::{self, SpecInput};
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
 use crate::sandbox::{ImageFiles, RootfsPlan};
@@ -47,7 +45,7 @@ pub fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
 }
 
 /// The agent's exit status laid onto a record.
-fn apply_exit(record: &mut ContainerRecord, exit: &agent::ExitStatus) {
+pub(super) fn apply_exit(record: &mut ContainerRecord, exit: &agent::ExitStatus) {
     record.state = ContainerState::Exited;
     record.exit_code = exit.exit_code;
     record.reason = if exit.reason.is_empty() {
@@ -368,8 +366,8 @@ async fn copy_mounts(
 
 impl Manager {
     /// The running pod's record, for calls that need its agent.
-    fn ready_pod(&self, id: &str) -> Result<PodRecord> {
-        let pod = self.live_pod(id)?;
+    pub(super) async fn ready_pod(&self, id: &str) -> Result<PodRecord> {
+        let pod = self.live_pod(id).await?;
         if pod.state != PodState::Ready {
             return Err(CriError::FailedPrecondition(format!(
                 "pod sandbox {id} is not ready"
@@ -391,7 +389,7 @@ impl Manager {
                 "the container metadata needs a name".into(),
             ));
         }
-        let pod = self.ready_pod(pod_id)?;
+        let pod = self.ready_pod(pod_id).await?;
         let lock = self.pod_lock(pod_id);
         let _guard = lock.lock().await;
         for c in self.state.containers()? {
@@ -528,46 +526,10 @@ impl Manager {
                 record.state
             )));
         }
-        let pod = self.ready_pod(&record.pod_id)?;
+        let pod = self.ready_pod(&record.pod_id).await?;
         let mut client = self.agent(&pod).await?;
-        let log = match &record.log_path {
-            Some(path) => Some(LogFile::open(path).map_err(|source| CriError::Io {
-                what: format!("opening the log file {}", path.display()),
-                source,
-            })?),
-            None => None,
-        };
         // Readers first, so no output is lost and the pipes never fill.
-        let streams: &[(agent::OutputStream, &'static str)] = if record.config.tty {
-            &[(agent::OutputStream::Stdout, "stdout")]
-        } else {
-            &[
-                (agent::OutputStream::Stdout, "stdout"),
-                (agent::OutputStream::Stderr, "stderr"),
-            ]
-        };
-        let point = Arc::new(AttachPoint::default());
-        self.attach
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), point.clone());
-        for &(stream, name) in streams {
-            let chunks = client
-                .read_output(agent::ReadOutputRequest {
-                    process: process(id, ""),
-                    stream: stream.into(),
-                })
-                .await
-                .map_err(agent_err(format!("reading the {name} of container {id}")))?
-                .into_inner();
-            tokio::spawn(copy_stream(
-                chunks,
-                name,
-                log.clone(),
-                point.publisher(),
-                id.to_owned(),
-            ));
-        }
+        self.attach_output(&mut client, &record).await?;
         let starting = now_ns();
         let started = client
             .start_container(agent::StartContainerRequest {
@@ -593,27 +555,7 @@ impl Manager {
                 r.started_at = starting;
             }
         })?;
-        // Record the exit as soon as it happens.
-        let manager = self.clone();
-        let container = id.to_owned();
-        tokio::spawn(async move {
-            let waited = client
-                .wait_process(agent::WaitProcessRequest {
-                    process: process(&container, ""),
-                })
-                .await;
-            if let Ok(response) = waited {
-                if let Some(exit) = response.into_inner().status {
-                    let _ = manager.update_container(&container, |r| {
-                        if r.state != ContainerState::Exited {
-                            apply_exit(r, &exit);
-                        }
-                    });
-                    info!(container, exit_code = exit.exit_code, "container exited");
-                }
-            }
-            manager.forget_attach_point(&container);
-        });
+        self.watch_exit(client, id.to_owned());
         info!(container = %id, "container started");
         Ok(())
     }
@@ -687,7 +629,7 @@ impl Manager {
         if record.state == ContainerState::Exited {
             return Ok(());
         }
-        let pod = self.live_pod(&record.pod_id)?;
+        let pod = self.live_pod(&record.pod_id).await?;
         if pod.state != PodState::Ready {
             // Its agent is gone, and the container with it.
             self.update_container(id, |r| {
@@ -710,7 +652,7 @@ impl Manager {
         let Some(record) = self.state.container(id)? else {
             return Ok(());
         };
-        let pod = self.live_pod(&record.pod_id)?;
+        let pod = self.live_pod(&record.pod_id).await?;
         if pod.state == PodState::Ready {
             let mut client = self.agent(&pod).await?;
             match client
@@ -750,14 +692,14 @@ impl Manager {
     }
 
     /// The record, brought up to date from the agent if it may have changed.
-    async fn refreshed(&self, record: ContainerRecord) -> Result<ContainerRecord> {
+    pub(super) async fn refreshed(&self, record: ContainerRecord) -> Result<ContainerRecord> {
         if !matches!(
             record.state,
             ContainerState::Created | ContainerState::Running
         ) {
             return Ok(record);
         }
-        let pod = self.live_pod(&record.pod_id)?;
+        let pod = self.live_pod(&record.pod_id).await?;
         if pod.state != PodState::Ready {
             return Ok(record);
         }
@@ -845,7 +787,7 @@ impl Manager {
                 "container {id} is not running"
             )));
         }
-        let pod = self.ready_pod(&record.pod_id)?;
+        let pod = self.ready_pod(&record.pod_id).await?;
         Ok((record, pod))
     }
 
@@ -936,69 +878,6 @@ impl Manager {
             exit_code: exit.exit_code,
         })
     }
-
-    /// Stats of running containers matching the filter.
-    pub async fn container_stats(
-        &self,
-        filter: Option<cri::ContainerStatsFilter>,
-    ) -> Result<Vec<cri::ContainerStats>> {
-        let mut by_pod: std::collections::BTreeMap<String, Vec<ContainerRecord>> =
-            Default::default();
-        for record in self.state.containers()? {
-            if record.state != ContainerState::Running {
-                continue;
-            }
-            if let Some(f) = &filter {
-                if (!f.id.is_empty() && !record.id.starts_with(&f.id))
-                    || (!f.pod_sandbox_id.is_empty()
-                        && !record.pod_id.starts_with(&f.pod_sandbox_id))
-                    || !labels_match(&f.label_selector, &record.config.labels)
-                {
-                    continue;
-                }
-            }
-            by_pod
-                .entry(record.pod_id.clone())
-                .or_default()
-                .push(record);
-        }
-        let mut out = Vec::new();
-        for (pod_id, records) in by_pod {
-            let Ok(pod) = self.ready_pod(&pod_id) else {
-                continue;
-            };
-            let mut client = self.agent(&pod).await?;
-            let stats = client
-                .stats(agent::StatsRequest {
-                    container_ids: records.iter().map(|r| r.id.clone()).collect(),
-                })
-                .await
-                .map_err(agent_err(format!("stats of pod {pod_id}")))?
-                .into_inner()
-                .stats;
-            for s in stats {
-                let Some(record) = records.iter().find(|r| r.id == s.container_id) else {
-                    continue;
-                };
-                out.push(cri_stats(record, &s, &pod.dir));
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn one_container_stats(&self, id: &str) -> Result<cri::ContainerStats> {
-        self.container(id)?;
-        let stats = self
-            .container_stats(Some(cri::ContainerStatsFilter {
-                id: id.to_owned(),
-                ..Default::default()
-            }))
-            .await?;
-        stats
-            .into_iter()
-            .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == id))
-            .ok_or_else(|| CriError::FailedPrecondition(format!("container {id} is not running")))
-    }
 }
 
 pub fn cri_state(state: ContainerState) -> cri::ContainerState {
@@ -1032,43 +911,15 @@ fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
         image_id: r.image_id.clone(),
-        ..Default::default()
-    }
-}
-
-fn cri_stats(
-    r: &ContainerRecord,
-    s: &agent::ContainerStats,
-    sandbox_dir: &Path,
-) -> cri::ContainerStats {
-    let u = |value: u64| Some(cri::UInt64Value { value });
-    cri::ContainerStats {
-        attributes: Some(cri::ContainerAttributes {
-            id: r.id.clone(),
-            metadata: r.config.metadata.clone(),
-            labels: r.config.labels.clone(),
-            annotations: r.config.annotations.clone(),
-        }),
-        cpu: Some(cri::CpuUsage {
-            timestamp: s.timestamp_ns,
-            usage_core_nano_seconds: u(s.cpu_usage_ns),
-            usage_nano_cores: None,
-        }),
-        memory: Some(cri::MemoryUsage {
-            timestamp: s.timestamp_ns,
-            working_set_bytes: u(s.memory_working_set_bytes),
-            usage_bytes: u(s.memory_usage_bytes),
-            rss_bytes: u(s.memory_rss_bytes),
-            ..Default::default()
-        }),
-        writable_layer: Some(cri::FilesystemUsage {
-            timestamp: s.timestamp_ns,
-            fs_id: Some(cri::FilesystemIdentifier {
-                mountpoint: sandbox_dir.display().to_string(),
+        resources: r
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.clone())
+            .map(|linux| cri::ContainerResources {
+                linux: Some(linux),
+                windows: None,
             }),
-            used_bytes: u(s.writable_layer_bytes),
-            inodes_used: None,
-        }),
-        swap: None,
+        ..Default::default()
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -22,18 +22,38 @@ pub const MAX_LINE: usize = 16 * 1024;
 
 /// One container's log file, shared by its stdout and stderr copiers.
 pub struct LogFile {
+    path: PathBuf,
     file: Mutex<File>,
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path)
 }
 
 impl LogFile {
     pub fn open(path: &Path) -> io::Result<Arc<LogFile>> {
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(Arc::new(LogFile {
-            file: Mutex::new(file),
+            path: path.to_owned(),
+            file: Mutex::new(open_append(path)?),
         }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes the file and opens its path again: kubelet rotates a log by
+    /// renaming it, and the records after this go to a new file there.
+    pub fn reopen(&self) -> io::Result<()> {
+        let file = open_append(&self.path)?;
+        *self
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("log file lock poisoned"))? = file;
+        Ok(())
     }
 
     /// Writes one record with a single write, so records of both streams never interleave.
@@ -175,5 +195,27 @@ mod tests {
         assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{time}");
         assert_eq!(rest, "stdout F hello");
         assert!(lines[1].ends_with(" stderr P oops"));
+    }
+
+    #[test]
+    fn a_reopened_log_writes_to_a_new_file_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let log = LogFile::open(&path).unwrap();
+        log.record("stdout", false, b"before").unwrap();
+        let rotated = dir.path().join("0.log.1");
+        fs::rename(&path, &rotated).unwrap();
+        log.reopen().unwrap();
+        log.record("stdout", false, b"after").unwrap();
+        let old = fs::read_to_string(&rotated).unwrap();
+        let new = fs::read_to_string(&path).unwrap();
+        assert!(
+            old.ends_with(" stdout F before\n") && old.lines().count() == 1,
+            "{old}"
+        );
+        assert!(
+            new.ends_with(" stdout F after\n") && new.lines().count() == 1,
+            "{new}"
+        );
     }
 }

@@ -5,13 +5,17 @@
 pub mod attach;
 mod container;
 pub mod logs;
+mod output;
 mod pod;
+mod resources;
 pub mod spec;
+mod stats;
+mod watch;
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use husk_proto::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
@@ -74,8 +78,16 @@ impl From<CriError> for tonic::Status {
             CriError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             CriError::Image(StoreError::Reference(_)) => Status::invalid_argument(message),
             CriError::Image(StoreError::InUse { .. }) => Status::failed_precondition(message),
-            CriError::Image(StoreError::Pull(crate::image::PullError::NotFound { .. })) => {
-                Status::not_found(message)
+            // No manifest for this platform is not found, as containerd says.
+            CriError::Image(StoreError::Pull(
+                crate::image::PullError::NotFound { .. }
+                | crate::image::PullError::NoMatchingPlatform { .. },
+            )) => Status::not_found(message),
+            // A layer that would write outside its rootfs: the image is refused.
+            CriError::Image(StoreError::Unpack { source, .. })
+                if matches!(**source, crate::image::unpack::UnpackError::Unsafe { .. }) =>
+            {
+                Status::invalid_argument(message)
             }
             CriError::Image(StoreError::Pull(crate::image::PullError::Unauthorized { .. })) => {
                 Status::permission_denied(message)
@@ -128,6 +140,8 @@ pub struct Manager {
     agents: Mutex<HashMap<String, AgentClient<Channel>>>,
     /// Running containers' output and stdin for Attach.
     attach: Mutex<HashMap<String, Arc<AttachPoint>>>,
+    /// Containers' open log files, for ReopenContainerLog.
+    logs: Mutex<HashMap<String, Weak<logs::LogFile>>>,
     /// Serialises read-modify-write of records.
     records: Mutex<()>,
     /// One lock per pod: its lifecycle calls do not overlap.
@@ -150,6 +164,7 @@ impl Manager {
             microvm,
             agents: Mutex::new(HashMap::new()),
             attach: Mutex::new(HashMap::new()),
+            logs: Mutex::new(HashMap::new()),
             records: Mutex::new(()),
             pod_locks: Mutex::new(HashMap::new()),
         })
@@ -232,7 +247,8 @@ impl Manager {
         Ok(client)
     }
 
-    /// The attach point of a container this huskd started.
+    /// The attach point of a running container whose output huskd copies
+    /// (since it started it, or since it found it running at startup).
     pub fn attach_point(&self, id: &str) -> Result<Arc<AttachPoint>> {
         self.attach
             .lock()
@@ -241,8 +257,8 @@ impl Manager {
             .cloned()
             .ok_or_else(|| {
                 CriError::FailedPrecondition(format!(
-                    "container {id} cannot be attached to: it was started before huskd last \
-                     restarted, and its output goes only to its log"
+                    "container {id} cannot be attached to: huskd is not copying its output \
+                     (it has exited, or its pod's agent could not be reached at startup)"
                 ))
             })
     }

@@ -66,14 +66,6 @@ impl Manager {
             info!(pod = %meta.name, requested, "a hostNetwork pod runs on the host driver");
             driver = self.driver("host")?;
         }
-        for pod in self.state.pods()? {
-            if pod.config.metadata.as_ref() == Some(meta) {
-                return Err(CriError::AlreadyExists(format!(
-                    "pod {}/{} (uid {}, attempt {}) already exists as sandbox {}",
-                    meta.namespace, meta.name, meta.uid, meta.attempt, pod.id
-                )));
-            }
-        }
         if !host_network {
             if driver.runs_in_vm() {
                 warn!(
@@ -103,8 +95,27 @@ impl Manager {
             pid: 0,
             shared_dir: String::new(),
         };
-        // Recorded before anything starts, so a crash leaves something to clean up.
-        self.state.put_pod(&record)?;
+        // Recorded before anything starts, so a crash leaves something to
+        // clean up; checked and recorded under one lock, so that two calls
+        // with the same metadata cannot both start a pod.
+        let reserved = {
+            let _records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            match self.state.pods().map(|pods| {
+                pods.into_iter()
+                    .find(|p| p.config.metadata.as_ref() == Some(meta))
+            }) {
+                Ok(Some(pod)) => Err(CriError::AlreadyExists(format!(
+                    "pod {}/{} (uid {}, attempt {}) already exists as sandbox {}",
+                    meta.namespace, meta.name, meta.uid, meta.attempt, pod.id
+                ))),
+                Ok(None) => self.state.put_pod(&record).map_err(CriError::from),
+                Err(e) => Err(e.into()),
+            }
+        };
+        if let Err(err) = reserved {
+            self.forget_pod_lock(&id);
+            return Err(err);
+        }
         let spec = SandboxSpec {
             id: id.clone(),
             dir: dir.clone(),
@@ -198,21 +209,11 @@ impl Manager {
             driver.stop(id, pod.pid, &pod.dir, AGENT_EXIT_GRACE).await?;
         }
         self.forget_agent(id);
+        // Whatever the agent did not end (it died, or did not stop in time)
+        // ends now: a stopped pod runs nothing.
+        driver.kill_leftovers(id).await?;
         // Whatever did not report an exit is gone with the agent.
-        for c in &containers {
-            if matches!(c.state, ContainerState::Created | ContainerState::Running) {
-                let now = now_ns();
-                self.update_container(&c.id, |r| {
-                    if matches!(r.state, ContainerState::Created | ContainerState::Running) {
-                        r.state = ContainerState::Exited;
-                        r.finished_at = now;
-                        r.exit_code = 137;
-                        r.reason = "Error".into();
-                        r.message = "the pod sandbox was stopped".into();
-                    }
-                })?;
-            }
-        }
+        self.end_containers(id, "the pod sandbox was stopped")?;
         self.update_pod(id, |p| {
             p.state = PodState::NotReady;
             p.pid = 0;
@@ -251,53 +252,67 @@ impl Manager {
         Ok(())
     }
 
-    /// The pod's record with its state checked against its process.
-    pub fn live_pod(&self, id: &str) -> Result<PodRecord> {
-        let pod = self.pod(id)?;
-        if pod.state == PodState::Ready {
-            let driver = self.driver(&pod.driver)?;
-            if !driver.alive(pod.pid, &pod.dir) {
-                warn!(sandbox = id, pid = pod.pid, "the sandbox's process is gone");
-                self.forget_agent(id);
-                // Its containers died with it.
-                for c in self.state.containers()? {
-                    if c.pod_id == id
-                        && matches!(c.state, ContainerState::Created | ContainerState::Running)
-                    {
-                        let now = now_ns();
-                        self.update_container(&c.id, |r| {
-                            if matches!(r.state, ContainerState::Created | ContainerState::Running)
-                            {
-                                r.state = ContainerState::Exited;
-                                r.finished_at = now;
-                                r.exit_code = 137;
-                                r.reason = "Error".into();
-                                r.message = format!(
-                                    "the pod sandbox's {} process ended unexpectedly",
-                                    pod.driver
-                                );
-                            }
-                        })?;
+    /// Marks the pod's created and running containers exited, killed
+    /// (code 137), with `message`.
+    fn end_containers(&self, pod_id: &str, message: &str) -> Result<()> {
+        for c in self.state.containers()? {
+            if c.pod_id == pod_id
+                && matches!(c.state, ContainerState::Created | ContainerState::Running)
+            {
+                let now = now_ns();
+                self.update_container(&c.id, |r| {
+                    if matches!(r.state, ContainerState::Created | ContainerState::Running) {
+                        r.state = ContainerState::Exited;
+                        r.finished_at = now;
+                        r.exit_code = 137;
+                        r.reason = "Error".into();
+                        r.message = message.to_owned();
                     }
-                }
-                return self.update_pod(id, |p| p.state = PodState::NotReady);
+                })?;
             }
         }
-        Ok(pod)
+        Ok(())
     }
 
-    pub fn pod_sandbox_status(&self, id: &str) -> Result<cri::PodSandboxStatus> {
-        let pod = self.live_pod(id)?;
+    /// The pod's record with its state checked against its process. A
+    /// ready pod whose process died has what it left killed first, then is
+    /// NOTREADY with its containers EXITED.
+    pub async fn live_pod(&self, id: &str) -> Result<PodRecord> {
+        let pod = self.pod(id)?;
+        if pod.state != PodState::Ready {
+            return Ok(pod);
+        }
+        let driver = self.driver(&pod.driver)?;
+        if driver.alive(pod.pid, &pod.dir) {
+            return Ok(pod);
+        }
+        warn!(sandbox = id, pid = pod.pid, "the sandbox's process is gone");
+        self.forget_agent(id);
+        // Until this succeeds the pod stays READY, and the next look retries.
+        driver.kill_leftovers(id).await?;
+        self.end_containers(
+            id,
+            &format!(
+                "the pod sandbox's {} process (pid {}) ended unexpectedly; \
+                 what was left of the container was killed",
+                pod.driver, pod.pid
+            ),
+        )?;
+        self.update_pod(id, |p| p.state = PodState::NotReady)
+    }
+
+    pub async fn pod_sandbox_status(&self, id: &str) -> Result<cri::PodSandboxStatus> {
+        let pod = self.live_pod(id).await?;
         Ok(pod_status(&pod))
     }
 
-    pub fn list_pod_sandbox(
+    pub async fn list_pod_sandbox(
         &self,
         filter: Option<cri::PodSandboxFilter>,
     ) -> Result<Vec<cri::PodSandbox>> {
         let mut out = Vec::new();
         for pod in self.state.pods()? {
-            let pod = self.live_pod(&pod.id)?;
+            let pod = self.live_pod(&pod.id).await?;
             if let Some(f) = &filter {
                 if !f.id.is_empty() && !pod.id.starts_with(&f.id) {
                     continue;

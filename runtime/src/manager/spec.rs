@@ -337,7 +337,9 @@ fn seccomp(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<Option<Val
     })))
 }
 
-fn resources(r: &cri::LinuxContainerResources) -> Value {
+/// OCI `linux.resources` from CRI's. Fields left 0 or empty are not set:
+/// at creation the cgroup's defaults stand, in an update its current values.
+pub fn resources(r: &cri::LinuxContainerResources) -> Value {
     let mut out = serde_json::Map::new();
     let mut cpu = serde_json::Map::new();
     if r.cpu_shares > 0 {

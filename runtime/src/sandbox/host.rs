@@ -13,8 +13,10 @@ use husk_proto::v1::PingRequest;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::warn;
 
+use super::host_cgroup::{kill_pod_cgroups, CGROUP_ROOT};
+use super::startup::{Attempt, Spawned};
 use super::{BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started, AGENT_READY_TIMEOUT};
 
 pub struct HostDriver {
@@ -108,58 +110,40 @@ impl SandboxDriver for HostDriver {
                     Ok(())
                 });
             }
-            let mut child = command
+            let child = command
                 .spawn()
                 .map_err(io_err(id, format!("starting {}", self.agent.display())))?;
-            let pid = child.id().unwrap_or(0);
-            info!(sandbox = id, pid, "husk-agent started");
-            // Reap it whenever it ends; liveness is read from /proc.
-            let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
-            let sandbox = id.to_owned();
-            tokio::spawn(async move {
-                let status = child.wait().await;
-                info!(sandbox, ?status, "husk-agent exited");
-                let _ = exited_tx.send(());
-            });
-
-            let deadline = Instant::now() + AGENT_READY_TIMEOUT;
-            let mut last_error = String::from("no attempt yet");
-            loop {
-                if exited.try_recv().is_ok() {
-                    return Err(SandboxError::NotReady {
-                        id: id.to_owned(),
-                        timeout: AGENT_READY_TIMEOUT,
-                        detail: format!("husk-agent exited early: {}", log_tail(&spec.dir)),
-                    });
-                }
-                if socket.exists() {
+            let spawned = Spawned::reap(child, id, "husk-agent");
+            let pid = spawned.pid;
+            let attempt = || {
+                let socket = socket.clone();
+                async move {
+                    if !socket.exists() {
+                        return Attempt::NotYet("its socket is not there yet".into());
+                    }
                     match connect_unix(&socket).await {
                         Ok(mut client) => match client.ping(PingRequest {}).await {
-                            Ok(_) => {
-                                return Ok(Started {
-                                    agent_socket: socket,
-                                    pid,
-                                    client,
-                                })
-                            }
-                            Err(status) => last_error = status.to_string(),
+                            Ok(_) => Attempt::Answered(Started {
+                                agent_socket: socket,
+                                pid,
+                                client,
+                            }),
+                            Err(status) => Attempt::NotYet(status.to_string()),
                         },
-                        Err(e) => last_error = e.to_string(),
+                        Err(e) => Attempt::NotYet(e.to_string()),
                     }
                 }
-                if Instant::now() >= deadline {
-                    // Leave nothing running behind a failed start.
-                    if pid != 0 {
-                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    }
-                    return Err(SandboxError::NotReady {
-                        id: id.to_owned(),
-                        timeout: AGENT_READY_TIMEOUT,
-                        detail: format!("{last_error}; log: {}", log_tail(&spec.dir)),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            };
+            let describe = |why: String| format!("husk-agent: {why}; log: {}", log_tail(&spec.dir));
+            spawned
+                .wait_for_agent(
+                    id,
+                    AGENT_READY_TIMEOUT,
+                    Duration::from_millis(10),
+                    attempt,
+                    describe,
+                )
+                .await
         })
     }
 
@@ -216,5 +200,16 @@ impl SandboxDriver for HostDriver {
 
     fn alive(&self, pid: u32, dir: &Path) -> bool {
         is_our_agent(pid, dir)
+    }
+
+    /// The containers are host processes: a dead agent leaves them running.
+    fn kill_leftovers<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(async move {
+            let killed = kill_pod_cgroups(id, Path::new(CGROUP_ROOT)).await?;
+            if killed > 0 {
+                warn!(sandbox = id, killed, "killed the processes the agent left");
+            }
+            Ok(())
+        })
     }
 }

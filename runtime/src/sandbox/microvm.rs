@@ -38,6 +38,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::transport::Channel;
 use tracing::{info, info_span, warn, Instrument};
 
+use super::startup::{Attempt, Spawned};
 use super::{
     is_our_process, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver, SandboxError, SandboxSpec,
     Started,
@@ -286,80 +287,53 @@ impl MicroVmDriver {
             .stderr(log2)
             // Its own group: a signal to huskd's group (Ctrl-C) leaves pods running.
             .process_group(0);
-        let spawned = Instant::now();
-        let mut child = command.spawn().map_err(io_err(
+        let started_at = Instant::now();
+        let child = command.spawn().map_err(io_err(
             id,
             format!("starting {}", self.config.vmm.display()),
         ))?;
-        let pid = child.id().unwrap_or(0);
-        info!(pid, "husk-vmm started");
-        // Reap it whenever it ends; liveness is read from /proc.
-        let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
-        let sandbox = id.to_owned();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            info!(sandbox, ?status, "husk-vmm exited");
-            let _ = exited_tx.send(status.map(|s| s.to_string()).unwrap_or_default());
-        });
-
-        let timeout = self.config.boot_timeout;
-        let deadline = spawned + timeout;
-        let mut last_error = String::from("the vsock socket never appeared");
-        loop {
-            if let Ok(status) = exited.try_recv() {
-                return Err(SandboxError::NotReady {
-                    id: id.to_owned(),
-                    timeout,
-                    detail: format!(
-                        "husk-vmm exited ({status}) before the agent answered{}",
-                        diagnostics(dir)
-                    ),
-                });
-            }
-            if vsock.exists() {
-                match connect_hybrid_vsock(&vsock, AGENT_VSOCK_PORT).await {
-                    Ok(mut client) => match check_version(&mut client).await {
-                        Ok(version) => {
-                            info!(
-                                protocol = version,
-                                elapsed_ms = spawned.elapsed().as_millis() as u64,
-                                "the guest's agent answered"
-                            );
-                            return Ok(Started {
-                                agent_socket: vsock,
-                                pid,
-                                client,
-                            });
-                        }
-                        Err(e @ VersionError::TooOld { .. }) => {
-                            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                            return Err(SandboxError::NotReady {
-                                id: id.to_owned(),
-                                timeout,
-                                detail: format!("the guest's agent cannot serve huskd: {e}"),
-                            });
-                        }
-                        Err(e) => last_error = e.to_string(),
-                    },
-                    Err(e) => last_error = e.to_string(),
+        let spawned = Spawned::reap(child, id, "husk-vmm");
+        let pid = spawned.pid;
+        let attempt = || {
+            let vsock = vsock.clone();
+            async move {
+                if !vsock.exists() {
+                    return Attempt::NotYet("the vsock socket is not there yet".into());
+                }
+                let mut client = match connect_hybrid_vsock(&vsock, AGENT_VSOCK_PORT).await {
+                    Ok(client) => client,
+                    Err(e) => return Attempt::NotYet(e.to_string()),
+                };
+                match check_version(&mut client).await {
+                    Ok(version) => {
+                        info!(
+                            protocol = version,
+                            elapsed_ms = started_at.elapsed().as_millis() as u64,
+                            "the guest's agent answered"
+                        );
+                        Attempt::Answered(Started {
+                            agent_socket: vsock,
+                            pid,
+                            client,
+                        })
+                    }
+                    Err(e @ VersionError::TooOld { .. }) => {
+                        Attempt::Refused(format!("the guest's agent cannot serve huskd: {e}"))
+                    }
+                    Err(e) => Attempt::NotYet(e.to_string()),
                 }
             }
-            if Instant::now() >= deadline {
-                // Leave nothing running behind a failed start.
-                if pid != 0 {
-                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                }
-                return Err(SandboxError::NotReady {
-                    id: id.to_owned(),
-                    timeout,
-                    detail: format!(
-                        "the guest did not boot to its agent (last attempt: {last_error}){}",
-                        diagnostics(dir)
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
+        let describe = |why: String| format!("husk-vmm: {why}{}", diagnostics(dir));
+        spawned
+            .wait_for_agent(
+                id,
+                self.config.boot_timeout,
+                Duration::from_millis(100),
+                attempt,
+                describe,
+            )
+            .await
     }
 }
 

@@ -3,7 +3,9 @@
 //! huskd talks to either through the same agent protocol.
 
 pub mod host;
+mod host_cgroup;
 pub mod microvm;
+mod startup;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +57,12 @@ pub enum SandboxError {
     },
     #[error("sandbox {id}: {detail}")]
     NoDiskSlot { id: String, detail: String },
+    #[error("sandbox {id}: processes {pids:?} of cgroup {} outlived SIGKILL", cgroup.display())]
+    Survivors {
+        id: String,
+        cgroup: PathBuf,
+        pids: Vec<i32>,
+    },
 }
 
 /// Where a container's image root filesystem comes from, as the agent sees it.
@@ -136,6 +144,12 @@ pub trait SandboxDriver: Send + Sync {
     ) -> BoxFuture<'a, Result<(), SandboxError>>;
     /// Whether the sandbox's process still runs.
     fn alive(&self, pid: u32, dir: &Path) -> bool;
+
+    /// Ends what of the sandbox outlives its process, once that was stopped
+    /// or died. Idempotent. A VM's processes end with it: nothing to do.
+    fn kill_leftovers<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Whether the pod is its own machine (its own kernel, hostname and,
     /// later, network), rather than a group of host processes.

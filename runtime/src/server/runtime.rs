@@ -106,7 +106,7 @@ impl RuntimeService for Runtime {
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
         let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
-        let status = self.manager.pod_sandbox_status(id)?;
+        let status = self.manager.pod_sandbox_status(id).await?;
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(status),
             ..Default::default()
@@ -117,7 +117,10 @@ impl RuntimeService for Runtime {
         &self,
         request: Request<cri::ListPodSandboxRequest>,
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
-        let items = self.manager.list_pod_sandbox(request.into_inner().filter)?;
+        let items = self
+            .manager
+            .list_pod_sandbox(request.into_inner().filter)
+            .await?;
         Ok(Response::new(cri::ListPodSandboxResponse { items }))
     }
 
@@ -192,16 +195,24 @@ impl RuntimeService for Runtime {
 
     async fn update_container_resources(
         &self,
-        _request: Request<cri::UpdateContainerResourcesRequest>,
+        request: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(unimplemented("UpdateContainerResources"))
+        let request = request.into_inner();
+        let id = required(&request.container_id, "container_id")?;
+        self.manager
+            .update_container_resources(id, request.linux)
+            .await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(
         &self,
-        _request: Request<cri::ReopenContainerLogRequest>,
+        request: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
-        Err(unimplemented("ReopenContainerLog (log rotation)"))
+        let request = request.into_inner();
+        let id = required(&request.container_id, "container_id")?;
+        self.manager.reopen_container_log(id).await?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
     async fn exec_sync(
@@ -303,16 +314,25 @@ impl RuntimeService for Runtime {
 
     async fn pod_sandbox_stats(
         &self,
-        _request: Request<cri::PodSandboxStatsRequest>,
+        request: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
-        Err(unimplemented("PodSandboxStats"))
+        let request = request.into_inner();
+        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
+        let stats = self.manager.pod_sandbox_stats(id).await?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _request: Request<cri::ListPodSandboxStatsRequest>,
+        request: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        Err(unimplemented("ListPodSandboxStats"))
+        let stats = self
+            .manager
+            .list_pod_sandbox_stats(request.into_inner().filter)
+            .await?;
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
 
     async fn update_runtime_config(
@@ -389,6 +409,12 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<cri::RuntimeConfigRequest>,
     ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
-        Err(unimplemented("RuntimeConfig (cgroup driver reporting)"))
+        // kubelet builds its pod cgroup hierarchy to match: husk places pods
+        // by cgroup path (husk/<pod>/<container>), not through systemd units.
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs.into(),
+            }),
+        }))
     }
 }

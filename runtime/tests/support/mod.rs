@@ -4,7 +4,7 @@
 //! `busybox-static`, pushed with oci-client.
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as cri;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{self as mt, OciImageIndex, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
@@ -132,7 +131,7 @@ pub fn busybox_layer() -> Vec<u8> {
     h.set_mtime(1_700_000_000);
     tar.append_data(&mut h, "bin/busybox", busybox.as_slice())
         .unwrap();
-    for applet in ["sh", "ls", "echo", "cat", "sleep", "id"] {
+    for applet in ["sh", "ls", "echo", "cat", "sleep", "id", "true"] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
@@ -147,20 +146,34 @@ pub fn busybox_layer() -> Vec<u8> {
     h.set_size(passwd.len() as u64);
     h.set_mtime(1_700_000_000);
     tar.append_data(&mut h, "etc/passwd", &passwd[..]).unwrap();
-    let tar = tar.into_inner().unwrap();
+    gzip(&tar.into_inner().unwrap())
+}
+
+/// `data` gzip-compressed, as layers are pushed.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
+    gz.write_all(data).unwrap();
     gz.finish().unwrap()
 }
 
 /// An image config for `arch` with the busybox layer's diff id.
 pub fn image_config(arch: &str, layer_tar_gz: &[u8], user: &str, cmd: &[&str]) -> Vec<u8> {
+    layers_config(arch, &[layer_tar_gz], user, cmd)
+}
+
+/// An image config for `arch` with the diff ids of `layers` (gzip tars).
+pub fn layers_config(arch: &str, layers: &[&[u8]], user: &str, cmd: &[&str]) -> Vec<u8> {
     use sha2::Digest as _;
-    let mut tar = Vec::new();
-    flate2::read::GzDecoder::new(layer_tar_gz)
-        .read_to_end(&mut tar)
-        .unwrap();
-    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar)));
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|gz| {
+            let mut tar = Vec::new();
+            flate2::read::GzDecoder::new(*gz)
+                .read_to_end(&mut tar)
+                .unwrap();
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar)))
+        })
+        .collect();
     serde_json::to_vec(&serde_json::json!({
         "architecture": arch,
         "os": "linux",
@@ -170,7 +183,7 @@ pub fn image_config(arch: &str, layer_tar_gz: &[u8], user: &str, cmd: &[&str]) -
             "Env": ["PATH=/bin"],
             "WorkingDir": "/home/husk",
         },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
     }))
     .unwrap()
 }
@@ -188,12 +201,17 @@ fn client() -> Client {
 /// Pushes an image made of `layer` (gzip tar) and `config`; returns the
 /// manifest's digest.
 pub async fn push_image(reference: &str, layer: Vec<u8>, config: Vec<u8>) -> String {
+    push_layers(reference, vec![layer], config).await
+}
+
+/// Pushes an image made of `layers` (gzip tars, lowest first) and `config`;
+/// returns the manifest's digest.
+pub async fn push_layers(reference: &str, layers: Vec<Vec<u8>>, config: Vec<u8>) -> String {
     let reference: Reference = reference.parse().expect("reference");
-    let layers = vec![ImageLayer::new(
-        layer,
-        mt::IMAGE_LAYER_GZIP_MEDIA_TYPE.into(),
-        None,
-    )];
+    let layers: Vec<ImageLayer> = layers
+        .into_iter()
+        .map(|layer| ImageLayer::new(layer, mt::IMAGE_LAYER_GZIP_MEDIA_TYPE.into(), None))
+        .collect();
     let config = Config::new(config, mt::IMAGE_CONFIG_MEDIA_TYPE.into(), None);
     let manifest = OciImageManifest::build(&layers, &config, None);
     let client = client();
@@ -211,6 +229,29 @@ pub async fn push_image(reference: &str, layer: Vec<u8>, config: Vec<u8>) -> Str
         .fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
         .await
         .expect("manifest digest")
+}
+
+/// A registry holding the busybox image as `husk/busybox:latest`, run as
+/// `user` with `sh` as its command; returns the registry and the image's
+/// reference.
+pub async fn busybox_registry(user: &str) -> (Registry, String) {
+    let registry = Registry::start();
+    let image = push_busybox(&registry, user).await;
+    (registry, image)
+}
+
+/// Pushes the busybox image (`sh` as its command, `user` as its user) to
+/// `registry` as `husk/busybox:latest`; returns that reference.
+pub async fn push_busybox(registry: &Registry, user: &str) -> String {
+    let layer = busybox_layer();
+    let image = format!("{}/husk/busybox:latest", registry.host());
+    push_image(
+        &image,
+        layer.clone(),
+        image_config("amd64", &layer, user, &["sh"]),
+    )
+    .await;
+    image
 }
 
 /// Pushes an image index at `reference` whose only manifest is the
@@ -246,6 +287,71 @@ pub async fn push_single_platform_index(
         .push_manifest_list(&reference, &RegistryAuth::Anonymous, index)
         .await
         .expect("push index");
+}
+
+/// Pulls `image` through huskd's image service, which must succeed.
+pub async fn pull(
+    img: &mut k8s_cri::v1::image_service_client::ImageServiceClient<Channel>,
+    image: &str,
+) {
+    img.pull_image(k8s_cri::v1::PullImageRequest {
+        image: Some(k8s_cri::v1::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("pull");
+}
+
+/// A container config as kubelet sends it: name, image, command, log path.
+pub fn container_config(
+    name: &str,
+    image: &str,
+    command: &[&str],
+    log_path: &str,
+) -> k8s_cri::v1::ContainerConfig {
+    k8s_cri::v1::ContainerConfig {
+        metadata: Some(k8s_cri::v1::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(k8s_cri::v1::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: log_path.into(),
+        ..Default::default()
+    }
+}
+
+/// A container's CRI status, which must be there.
+pub async fn container_status(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> k8s_cri::v1::ContainerStatus {
+    rt.container_status(k8s_cri::v1::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("container status")
+    .into_inner()
+    .status
+    .expect("status")
+}
+
+/// The mount points below `dir` in this process's mount namespace.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
+        .filter(|mount_point| mount_point.starts_with(&dir))
+        .collect()
 }
 
 /// Runs a program and returns its stdout, panicking with stderr on failure.
@@ -291,28 +397,44 @@ impl AgentSweeper {
         }
     }
 
-    fn agents(&self) -> Vec<i32> {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                cmdline.contains("husk-agent") && cmdline.contains(&self.dir)
-            })
-            .collect()
+    /// The husk-agents running for its directory.
+    pub fn agents(&self) -> Vec<(i32, String)> {
+        agents_under(&self.dir)
     }
+}
+
+/// The husk-agents whose command line names `dir`: pid and command line
+/// (NUL-separated).
+pub fn agents_under(dir: &str) -> Vec<(i32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+            // huskd's own command line names husk-agent too, as an argument.
+            let program = cmdline.split('\0').next().unwrap_or_default();
+            (program.ends_with("husk-agent") && cmdline.contains(dir)).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+/// The pids of the husk-agents whose command line names `dir`.
+pub fn agent_pids(dir: &Path) -> Vec<i32> {
+    agents_under(&dir.display().to_string())
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 impl Drop for AgentSweeper {
     fn drop(&mut self) {
-        let agents = self.agents();
-        for pid in &agents {
+        for (pid, _) in self.agents() {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
+                nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
@@ -323,60 +445,124 @@ impl Drop for AgentSweeper {
     }
 }
 
-/// The host driver creates namespaces, mounts and cgroups.
-pub fn require_root() {
+/// husk-vmm from HUSK_VMM, or next to huskd in the target directory.
+pub fn husk_vmm() -> PathBuf {
+    let path = std::env::var_os("HUSK_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(HUSKD).with_file_name("husk-vmm"));
     assert!(
-        nix::unistd::geteuid().is_root(),
-        "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
+        path.is_file(),
+        "{} is missing: build it first with `cargo build -p husk-vmm` (or set HUSK_VMM)",
+        path.display()
     );
+    path
 }
 
-/// Pushes the busybox image, run as `user`, to `registry` as
-/// `husk/busybox:latest`; returns its reference.
-pub async fn push_busybox(registry: &Registry, user: &str) -> String {
-    let layer = busybox_layer();
-    let image = format!("{}/husk/busybox:latest", registry.host());
-    push_image(
-        &image,
-        layer.clone(),
-        image_config("amd64", &layer, user, &["sh"]),
-    )
-    .await;
-    image
+/// A huskd started by a test or benchmark on its own socket; killed when
+/// dropped.
+pub struct Huskd {
+    child: Child,
+    socket: PathBuf,
 }
 
-/// A CRI client on huskd's unix socket.
-pub async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connect to huskd")
+impl Huskd {
+    /// Starts huskd listening on `socket`, with `args` after `--listen`, and
+    /// waits until the socket is there.
+    pub fn spawn(socket: &Path, args: &[OsString]) -> Huskd {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(HUSKD)
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn huskd");
+        let mut huskd = Huskd {
+            child,
+            socket: socket.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Ok(Some(status)) = huskd.child.try_wait() {
+                panic!("huskd exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "huskd did not create its socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        huskd
+    }
+
+    /// `--root`, `--state` and `--config` below `dir`, and the host driver's
+    /// husk-agent: what a test on the `host` handler passes to `spawn`.
+    pub fn host_args(dir: &Path) -> Vec<OsString> {
+        let config = dir.join("config.toml");
+        std::fs::write(&config, "log_level = \"info\"\n").expect("config");
+        vec![
+            "--root".into(),
+            dir.join("root").into(),
+            "--state".into(),
+            dir.join("state").into(),
+            "--husk-agent".into(),
+            husk_agent().into(),
+            "--config".into(),
+            config.into(),
+        ]
+    }
+
+    /// `--root`, `--state` and `--config` below `dir`, husk-vmm and husk's
+    /// guest image: what a test on the `microvm` handler passes to `spawn`.
+    /// `config` is the config file's text.
+    pub fn microvm_args(dir: &Path, config: &str) -> Vec<OsString> {
+        let (kernel, initrd) = husk_e2e::guest_image();
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).expect("config");
+        vec![
+            "--root".into(),
+            dir.join("root").into(),
+            "--state".into(),
+            dir.join("state").into(),
+            "--husk-vmm".into(),
+            husk_vmm().into(),
+            "--guest-kernel".into(),
+            kernel.into(),
+            "--guest-initrd".into(),
+            initrd.into(),
+            "--config".into(),
+            config_path.into(),
+        ]
+    }
+
+    /// SIGTERM, and huskd must end cleanly, taking its socket away.
+    pub fn terminate(&mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM huskd");
+        let exit = self.child.wait().expect("wait huskd");
+        assert!(exit.success(), "huskd: {exit}");
+        assert!(!self.socket.exists(), "huskd left its socket behind");
+    }
+
+    /// A gRPC channel over the socket, as kubelet opens one.
+    pub async fn connect(&self) -> Channel {
+        let socket = self.socket.clone();
+        Endpoint::try_from("http://[::]:50051")
+            .expect("endpoint")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
+                }
+            }))
+            .await
+            .expect("connect to huskd")
+    }
 }
 
-/// A container config as kubelet sends it, labelled `app=NAME`.
-pub fn container_config(
-    name: &str,
-    image: &str,
-    command: &[&str],
-    log_path: &str,
-) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        log_path: log_path.into(),
-        labels: HashMap::from([("app".to_string(), name.to_string())]),
-        ..Default::default()
+impl Drop for Huskd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

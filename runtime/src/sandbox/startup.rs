@@ -1,0 +1,86 @@
+//! The part of starting a sandbox both drivers share: the spawned process
+//! (husk-agent or husk-vmm) is reaped in the background, and huskd tries to
+//! reach its agent until it answers, the process exits, or time is up. A
+//! start that fails leaves nothing running.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::sync::oneshot;
+use tracing::info;
+
+use super::{SandboxError, Started};
+
+/// What one attempt to reach a starting sandbox's agent came to.
+pub enum Attempt {
+    Answered(Started),
+    /// Not yet; why, for the error if time runs out.
+    NotYet(String),
+    /// It answered, but can never serve huskd.
+    Refused(String),
+}
+
+/// A spawned sandbox process, reaped in the background whenever it ends
+/// (its liveness is read from /proc later).
+pub struct Spawned {
+    pub pid: u32,
+    exited: oneshot::Receiver<String>,
+}
+
+impl Spawned {
+    pub fn reap(mut child: Child, sandbox: &str, program: &'static str) -> Self {
+        let pid = child.id().unwrap_or(0);
+        info!(sandbox, pid, "{program} started");
+        let (exited_tx, exited) = oneshot::channel();
+        let sandbox = sandbox.to_owned();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            info!(sandbox, ?status, "{program} exited");
+            let _ = exited_tx.send(status.map(|s| s.to_string()).unwrap_or_default());
+        });
+        Self { pid, exited }
+    }
+
+    /// Calls `attempt` every `poll` until the agent answers. On an exit,
+    /// a refusal or the deadline, the process is killed and the error's
+    /// detail is `describe(why)`, where `why` says which.
+    pub async fn wait_for_agent<F, Fut>(
+        mut self,
+        id: &str,
+        timeout: Duration,
+        poll: Duration,
+        mut attempt: F,
+        describe: impl Fn(String) -> String,
+    ) -> Result<Started, SandboxError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Attempt>,
+    {
+        let deadline = Instant::now() + timeout;
+        let why = loop {
+            if let Ok(status) = self.exited.try_recv() {
+                break format!("it exited ({status}) before the agent answered");
+            }
+            let last_error = match attempt().await {
+                Attempt::Answered(started) => return Ok(started),
+                Attempt::NotYet(why) => why,
+                Attempt::Refused(why) => break why,
+            };
+            if Instant::now() >= deadline {
+                break format!("no answer in time (last attempt: {last_error})");
+            }
+            tokio::time::sleep(poll).await;
+        };
+        if self.pid != 0 {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+        Err(SandboxError::NotReady {
+            id: id.to_owned(),
+            timeout,
+            detail: describe(why),
+        })
+    }
+}
