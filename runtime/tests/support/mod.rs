@@ -4,6 +4,8 @@
 //! `busybox-static`, pushed with oci-client.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod streaming;
+
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
