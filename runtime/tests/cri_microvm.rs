@@ -10,6 +10,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
+use support::streaming::{exec_url, exit_code_of, ws_collect, ws_connect, ws_read_until, Ws};
 use support::{container_config, Huskd};
 
 /// Container steps in a PVM guest take seconds each.
@@ -115,6 +117,64 @@ async fn exec_sync(
         .into_inner();
     eprintln!("ExecSync {cmd:?}: {:?}", t.elapsed());
     out
+}
+
+/// A WebSocket attached to the container's stdout and stderr.
+async fn attach(rt: &mut RuntimeServiceClient<Channel>, container: &str) -> Ws {
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: container.into(),
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    ws_connect(&url, "v4.channel.k8s.io").await
+}
+
+/// Writes `WORD N` to the container's stdout (through /proc/1/fd/1 from an
+/// exec) every half second until the attached client has read one: after
+/// a huskd restart the agent hands the output to the new huskd only once
+/// the old reader found itself gone, which costs a chunk.
+async fn write_to_stdout_until_attached(
+    rt: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    attached: &mut Ws,
+    word: &str,
+) {
+    let deadline = Instant::now() + PATIENCE;
+    let mut got = HashMap::new();
+    for n in 0.. {
+        let line = format!("{word} {n}");
+        let out = exec_sync(
+            rt,
+            container,
+            &["sh", "-c", &format!("echo {line} > /proc/1/fd/1")],
+        )
+        .await;
+        assert_eq!(out.exit_code, 0, "{out:?}");
+        let read = tokio::time::timeout(
+            Duration::from_millis(500),
+            ws_read_until(attached, &mut got, |got| {
+                String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default())
+                    .contains(word)
+            }),
+        )
+        .await;
+        if read.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing attached read of {word:?}: {got:?}"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&got[&1]).into_owned();
+    assert!(stdout.starts_with(word), "{stdout:?}");
+    assert!(!got.contains_key(&3), "the attach ended: {got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,6 +417,38 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         "{out:?}"
     );
 
+    // Exec and Attach through huskd's streaming server, which reaches the
+    // agent in the guest over vsock. Exec over WebSocket: both streams and
+    // the exit code.
+    let t = Instant::now();
+    let url = exec_url(
+        &mut rt,
+        &sleeper,
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+        false,
+        false,
+    )
+    .await;
+    let mut ws = ws_connect(&url, "v4.channel.k8s.io").await;
+    let got = ws_collect(&mut ws, false).await;
+    eprintln!("streaming exec (URL to exit status): {:?}", t.elapsed());
+    assert_eq!(
+        got.get(&1).map(Vec::as_slice),
+        Some(&b"out\n"[..]),
+        "{got:?}"
+    );
+    assert_eq!(
+        got.get(&2).map(Vec::as_slice),
+        Some(&b"err\n"[..]),
+        "{got:?}"
+    );
+    assert_eq!(exit_code_of(&got[&3]), 3);
+    // Attach: what the container writes (here an exec writing to its PID
+    // 1's stdout) reaches the attached client.
+    let mut attached = attach(&mut rt, &sleeper).await;
+    write_to_stdout_until_attached(&mut rt, &sleeper, &mut attached, "before").await;
+    drop(attached);
+
     // huskd restarts; the pod's VM keeps running and huskd finds it again.
     huskd.terminate();
     assert_eq!(vmms_under(&sandbox_dir), vmm_pids, "the VM outlives huskd");
@@ -367,6 +459,13 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let out = exec_sync(&mut rt, &sleeper, &["echo", "again"]).await;
     assert_eq!(out.stdout, b"again\n", "{out:?}");
     eprintln!("huskd restart to ExecSync: {:?}", t.elapsed());
+    // The restarted huskd copies the running container's output again, to
+    // attached clients as well as to its log.
+    let t = Instant::now();
+    let mut attached = attach(&mut rt, &sleeper).await;
+    write_to_stdout_until_attached(&mut rt, &sleeper, &mut attached, "after").await;
+    drop(attached);
+    eprintln!("attach after the restart: {:?}", t.elapsed());
 
     let status = rt
         .container_status(cri::ContainerStatusRequest {

@@ -22,7 +22,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::Channel;
 
 use support::streaming::{
-    exec_url, exit_code_of, http_request, ws_collect, ws_connect, ws_frame, Spdy, SpdyFrame,
+    exec_url, exit_code_of, http_request, ws_collect, ws_connect, ws_frame, ws_read_until, Spdy,
+    SpdyFrame,
 };
 use support::{busybox_registry, container_config, free_port, pull, Huskd};
 
@@ -363,18 +364,11 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     let mut ws = ws_connect(&url, "v4.channel.k8s.io").await;
     ws.send(ws_frame(false, 0, b"one\n")).await.expect("stdin");
     let mut got: HashMap<u8, Vec<u8>> = HashMap::new();
-    while got.get(&1).map(Vec::as_slice) != Some(b"got one\n")
-        || got.get(&2).map(Vec::as_slice) != Some(b"err one\n")
-    {
-        let message = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("attached output in time")
-            .expect("a message")
-            .expect("message");
-        if let Message::Binary(b) = message {
-            got.entry(b[0]).or_default().extend(&b[1..]);
-        }
-    }
+    ws_read_until(&mut ws, &mut got, |got| {
+        got.get(&1).map(Vec::as_slice) == Some(b"got one\n")
+            && got.get(&2).map(Vec::as_slice) == Some(b"err one\n")
+    })
+    .await;
     drop(ws);
     let url = attach_url(&mut rt).await;
     let mut spdy = Spdy::connect(&url, "v4.channel.k8s.io").await;

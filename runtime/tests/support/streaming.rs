@@ -162,6 +162,27 @@ pub async fn ws_collect(ws: &mut Ws, base64: bool) -> HashMap<u8, Vec<u8>> {
     got
 }
 
+/// Reads messages (binary protocols) into `got` per channel until `done`
+/// holds of it; for sessions that stay open, such as an attach.
+pub async fn ws_read_until(
+    ws: &mut Ws,
+    got: &mut HashMap<u8, Vec<u8>>,
+    done: impl Fn(&HashMap<u8, Vec<u8>>) -> bool,
+) {
+    while !done(got) {
+        let message = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no message in {PATIENCE:?}; so far {got:?}"))
+            .expect("a message")
+            .expect("message");
+        if let Message::Binary(b) = message {
+            if let Some((&channel, data)) = b.split_first() {
+                got.entry(channel).or_default().extend(data);
+            }
+        }
+    }
+}
+
 // ---- SPDY/3: frames, header blocks compressed with the draft's dictionary. ----
 
 /// SPDY draft 3 §2.6.10.1: these words, each after its 32-bit length, then
