@@ -19,6 +19,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use support::streaming::{ws_connect, ws_read_until};
 use support::{container_status, mounts_below, Huskd, Registry};
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -574,6 +575,25 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         ticks.contains(&(last_before + 3)),
         "a tick from while huskd was down: {ticks:?}"
     );
+    // The output is also there for clients attaching after the restart.
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: ticker.clone(),
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .await
+        .expect("attach after a restart")
+        .into_inner()
+        .url;
+    let mut attached = ws_connect(&url, "v4.channel.k8s.io").await;
+    let mut got = HashMap::new();
+    ws_read_until(&mut attached, &mut got, |got| {
+        String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default())
+            .contains("\ntick ")
+    })
+    .await;
 
     let running = rt
         .list_containers(cri::ListContainersRequest {
