@@ -129,18 +129,7 @@ impl Env {
     }
 
     async fn remove_pod(&mut self, id: &str) {
-        self.rt
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            })
-            .await
-            .expect("stop pod");
-        self.rt
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            })
-            .await
-            .expect("remove pod");
+        support::remove_pod(&mut self.rt, id).await;
     }
 
     /// huskd answers, and nothing is left of what failed: waits up to

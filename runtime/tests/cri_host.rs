@@ -19,7 +19,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use support::streaming::{ws_connect, ws_read_until};
+use support::streaming::{attach_output, ws_read_until};
 use support::{container_status, mounts_below, Huskd, Registry};
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -207,45 +207,13 @@ impl Fixture {
         name: &str,
         command: &[&str],
     ) -> String {
-        let id = self
-            .rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(container_config(
-                    name,
-                    &self.image,
-                    command,
-                    &format!("{name}/0.log"),
-                )),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
-            .into_inner()
-            .container_id;
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("start {name}: {e:?}"));
-        id
+        let config = container_config(name, &self.image, command, &format!("{name}/0.log"));
+        support::run_container(&mut self.rt, pod, config, Some(pod_config.clone())).await
     }
 
     /// Stops and removes a pod.
     async fn remove_pod(&mut self, pod: &str) {
-        self.rt
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("stop pod");
-        self.rt
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("remove pod");
+        support::remove_pod(&mut self.rt, pod).await;
     }
 }
 
@@ -576,18 +544,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         "a tick from while huskd was down: {ticks:?}"
     );
     // The output is also there for clients attaching after the restart.
-    let url = rt
-        .attach(cri::AttachRequest {
-            container_id: ticker.clone(),
-            stdout: true,
-            stderr: true,
-            ..Default::default()
-        })
-        .await
-        .expect("attach after a restart")
-        .into_inner()
-        .url;
-    let mut attached = ws_connect(&url, "v4.channel.k8s.io").await;
+    let mut attached = attach_output(&mut rt, &ticker).await;
     let mut got = HashMap::new();
     ws_read_until(&mut attached, &mut got, |got| {
         String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default())

@@ -20,7 +20,9 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use support::streaming::{exec_url, exit_code_of, ws_collect, ws_connect, ws_read_until, Ws};
+use support::streaming::{
+    attach_output, exec_url, exit_code_of, ws_collect, ws_connect, ws_read_until, Ws,
+};
 use support::{container_config, Huskd};
 
 /// Container steps in a PVM guest take seconds each.
@@ -117,22 +119,6 @@ async fn exec_sync(
         .into_inner();
     eprintln!("ExecSync {cmd:?}: {:?}", t.elapsed());
     out
-}
-
-/// A WebSocket attached to the container's stdout and stderr.
-async fn attach(rt: &mut RuntimeServiceClient<Channel>, container: &str) -> Ws {
-    let url = rt
-        .attach(cri::AttachRequest {
-            container_id: container.into(),
-            stdout: true,
-            stderr: true,
-            ..Default::default()
-        })
-        .await
-        .expect("Attach")
-        .into_inner()
-        .url;
-    ws_connect(&url, "v4.channel.k8s.io").await
 }
 
 /// Writes `WORD N` to the container's stdout (through /proc/1/fd/1 from an
@@ -445,7 +431,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     assert_eq!(exit_code_of(&got[&3]), 3);
     // Attach: what the container writes (here an exec writing to its PID
     // 1's stdout) reaches the attached client.
-    let mut attached = attach(&mut rt, &sleeper).await;
+    let mut attached = attach_output(&mut rt, &sleeper).await;
     write_to_stdout_until_attached(&mut rt, &sleeper, &mut attached, "before").await;
     drop(attached);
 
@@ -462,7 +448,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     // The restarted huskd copies the running container's output again, to
     // attached clients as well as to its log.
     let t = Instant::now();
-    let mut attached = attach(&mut rt, &sleeper).await;
+    let mut attached = attach_output(&mut rt, &sleeper).await;
     write_to_stdout_until_attached(&mut rt, &sleeper, &mut attached, "after").await;
     drop(attached);
     eprintln!("attach after the restart: {:?}", t.elapsed());

@@ -25,7 +25,9 @@ use support::streaming::{
     exec_url, exit_code_of, http_request, ws_collect, ws_connect, ws_frame, ws_read_until, Spdy,
     SpdyFrame,
 };
-use support::{busybox_registry, container_config, free_port, pull, Huskd};
+use support::{
+    busybox_registry, container_config, free_port, pull, remove_pod, run_container, Huskd,
+};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 /// huskd runs with short-lived tokens so that expiry can be seen.
@@ -87,30 +89,6 @@ async fn await_processes(args: &[&str], count: usize) {
     }
 }
 
-/// Creates and starts a container in `pod`.
-async fn run_container(
-    rt: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    config: cri::ContainerConfig,
-) -> String {
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.to_owned(),
-            config: Some(config),
-            sandbox_config: None,
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("start");
-    id
-}
-
 /// Processes on this machine whose command line is exactly `args`.
 fn processes(args: &[&str]) -> usize {
     let wanted: Vec<u8> = args
@@ -169,7 +147,7 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
          exec busybox httpd -f -p 127.0.0.1:{http_port} -h /tmp/www"
     );
     let web = container_config("web", &image, &["sh", "-c", &serve], "web/0.log");
-    let container = run_container(&mut rt, &pod, web).await;
+    let container = run_container(&mut rt, &pod, web, None).await;
     let mut pod_ = Pod {
         rt: rt.clone(),
         container: container.clone(),
@@ -348,7 +326,7 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
         "echoer/0.log",
     );
     config.stdin = true;
-    let echoer = run_container(&mut rt, &pod, config).await;
+    let echoer = run_container(&mut rt, &pod, config, None).await;
     let attach_url = |rt: &mut RuntimeServiceClient<Channel>| {
         let request = cri::AttachRequest {
             container_id: echoer.clone(),
@@ -501,14 +479,5 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("not running"), "{body}");
 
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("stop pod");
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await
-    .expect("remove pod");
+    remove_pod(&mut rt, &pod).await;
 }

@@ -42,6 +42,22 @@ pub async fn exec_url(
     .url
 }
 
+/// A WebSocket (v4) attached to the container's stdout and stderr.
+pub async fn attach_output(rt: &mut RuntimeServiceClient<Channel>, container: &str) -> Ws {
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: container.to_owned(),
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    ws_connect(&url, "v4.channel.k8s.io").await
+}
+
 /// `http://host:port/path` → ("host:port", "/path").
 pub fn split_url(url: &str) -> (String, String) {
     let rest = url.strip_prefix("http://").expect("an http:// URL");
