@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use futures_util::SinkExt;
 use husk_e2e::microvm::boot_timeout;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
@@ -21,7 +22,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
 use support::streaming::{
-    attach_output, exec_url, exit_code_of, ws_collect, ws_connect, ws_read_until, Ws,
+    attach_output, exec_url, exit_code_of, ws_collect, ws_connect, ws_forward, ws_frame,
+    ws_read_until, Ws,
 };
 use support::{container_config, Huskd};
 
@@ -344,6 +346,16 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     std::os::unix::fs::symlink("sub/key", host_files.join("dir/link")).expect("symlink");
     let mut sleeper_config =
         container_config("sleeper", &image, &["sleep", "600"], "sleeper/0.log");
+    sleeper_config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                add_capabilities: vec!["NET_ADMIN".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     sleeper_config.mounts = vec![
         cri::Mount {
             container_path: "/etc/hosts".into(),
@@ -434,6 +446,44 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let mut attached = attach_output(&mut rt, &sleeper).await;
     write_to_stdout_until_attached(&mut rt, &sleeper, &mut attached, "before").await;
     drop(attached);
+    // Port-forward: the agent connects to busybox httpd on the guest's
+    // loopback. Nothing brings the guest's lo up before pod networking
+    // does, so the sleeper (with CAP_NET_ADMIN for this) does it first.
+    let out = exec_sync(
+        &mut rt,
+        &sleeper,
+        &["busybox", "ip", "link", "set", "lo", "up"],
+    )
+    .await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let out = exec_sync(
+        &mut rt,
+        &sleeper,
+        &["busybox", "httpd", "-p", "127.0.0.1:8080", "-h", "/etc"],
+    )
+    .await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let t = Instant::now();
+    let mut ws = ws_forward(&mut rt, &pod, 8080).await;
+    ws.send(ws_frame(false, 0, b"GET /hosts HTTP/1.0\r\n\r\n"))
+        .await
+        .expect("send");
+    let got = ws_collect(&mut ws, false).await;
+    eprintln!("port-forward, one HTTP request: {:?}", t.elapsed());
+    let response = String::from_utf8_lossy(got.get(&0).map(Vec::as_slice).unwrap_or_default());
+    assert!(
+        response.starts_with("HTTP/1.") && response.ends_with("10.0.0.1 husk-test\n"),
+        "{response:?} {got:?}"
+    );
+    assert!(!got.contains_key(&1), "error channel: {got:?}");
+    // Nothing listens on 8081: the error channel says so.
+    let mut ws = ws_forward(&mut rt, &pod, 8081).await;
+    let got = ws_collect(&mut ws, false).await;
+    let error = String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default());
+    assert!(
+        error.contains("8081") && error.contains("refused"),
+        "{error:?} {got:?}"
+    );
 
     // huskd restarts; the pod's VM keeps running and huskd finds it again.
     huskd.terminate();

@@ -14,16 +14,15 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::Channel;
 
 use support::streaming::{
-    exec_url, exit_code_of, http_request, ws_collect, ws_connect, ws_frame, ws_read_until, Spdy,
-    SpdyFrame,
+    exec_url, exit_code_of, forward_url, http_request, ws_collect, ws_connect, ws_forward,
+    ws_frame, ws_read_until, Spdy, SpdyFrame,
 };
 use support::{
     busybox_registry, container_config, free_port, pull, remove_pod, run_container, Huskd,
@@ -61,18 +60,6 @@ struct Pod {
 impl Pod {
     async fn exec_url(&mut self, cmd: &[&str], stdin: bool, tty: bool) -> String {
         exec_url(&mut self.rt, &self.container, cmd, stdin, tty).await
-    }
-
-    async fn forward_url(&mut self, pod: &str, port: u16) -> String {
-        self.rt
-            .port_forward(cri::PortForwardRequest {
-                pod_sandbox_id: pod.to_owned(),
-                port: vec![port.into()],
-            })
-            .await
-            .expect("PortForward")
-            .into_inner()
-            .url
     }
 }
 
@@ -257,7 +244,7 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
 
     // Port-forward over SPDY: a data and an error stream per connection.
     let request = "GET /index.html HTTP/1.0\r\nHost: pod\r\n\r\n";
-    let url = p.forward_url(&pod, http_port).await;
+    let url = forward_url(&mut rt, &pod, http_port).await;
     let mut spdy = Spdy::connect(&url, "portforward.k8s.io").await;
     let port = http_port.to_string();
     let error = spdy
@@ -293,17 +280,7 @@ async fn exec_and_port_forward_over_websocket_and_spdy() {
 
     // Port-forward over WebSocket: ?port=, channel 0 data, 1 error, each
     // first carrying the port.
-    let url = p.forward_url(&pod, http_port).await;
-    let mut ws = ws_connect(&format!("{url}?port={http_port}"), "portforward.k8s.io").await;
-    for channel in [0u8, 1] {
-        match ws.next().await.expect("a message").expect("message") {
-            Message::Binary(b) => {
-                assert_eq!(b[0], channel);
-                assert_eq!(u16::from_le_bytes([b[1], b[2]]), http_port);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let mut ws = ws_forward(&mut rt, &pod, http_port).await;
     ws.send(ws_frame(false, 0, request.as_bytes()))
         .await
         .expect("send");

@@ -132,7 +132,7 @@ pub enum Command {
         #[arg(long)]
         tty: bool,
     },
-    /// Forward local ports to ports in a pod (host-driver pods), until Ctrl-C.
+    /// Forward local ports to ports on a pod's loopback, until Ctrl-C.
     PortForward {
         pod: String,
         /// LOCAL:REMOTE, or PORT for the same on both sides.

@@ -9,7 +9,7 @@ use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
 use crate::manager::Manager;
-use crate::streaming::{netns_pid, Request as StreamRequest, Streaming};
+use crate::streaming::{forwardable_pod, Request as StreamRequest, Streaming};
 
 /// The CRI API version huskd serves.
 pub const CRI_API_VERSION: &str = "v1";
@@ -284,7 +284,7 @@ impl RuntimeService for Runtime {
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
         let request = request.into_inner();
         let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
-        netns_pid(&self.manager, id)?;
+        forwardable_pod(&self.manager, id)?;
         let url = self.streaming()?.url(StreamRequest::PortForward(request))?;
         Ok(Response::new(cri::PortForwardResponse { url }))
     }

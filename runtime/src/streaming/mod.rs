@@ -6,7 +6,8 @@
 //! - `server`: HTTP, tokens, upgrade negotiation.
 //! - `websocket`, `spdy`: the two wire protocols.
 //! - `remotecommand`: exec and attach over either wire.
-//! - `portforward`: TCP into the pod's network namespace over either wire.
+//! - `portforward`: TCP into the pod's network over either wire (a host
+//!   pod's namespace entered, a microVM pod's agent asked to connect).
 
 mod portforward;
 mod remotecommand;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 
-pub use portforward::netns_pid;
+pub use portforward::{forwardable_pod, PodNetwork};
 pub use server::Streaming;
 pub use token::{Request, TokenError, Tokens};
 pub use websocket::{channel, Framing};

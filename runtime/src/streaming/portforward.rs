@@ -1,7 +1,9 @@
-//! Port forwarding: TCP connections to localhost in the pod's network
-//! namespace, carried over WebSocket (a data and an error channel per
-//! port) or SPDY (a data and an error stream per connection, paired by
-//! `requestID`).
+//! Port forwarding: TCP connections to localhost in the pod's network,
+//! carried over WebSocket (a data and an error channel per port) or SPDY (a
+//! data and an error stream per connection, paired by `requestID`). A host
+//! pod's network namespace is entered from a short-lived thread; a microVM
+//! pod's agent connects inside the guest (its PortForward RPC) and carries
+//! the bytes over vsock.
 
 use std::collections::HashMap;
 use std::io;
@@ -10,44 +12,161 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use husk_proto::v1 as agent;
+use husk_proto::v1::agent_client::AgentClient;
 use nix::sched::CloneFlags;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
+use tonic::transport::Channel;
 use tracing::debug;
 
 use super::spdy::{Event, Session};
 use super::websocket::{normal_close, Framing, Socket};
 use crate::manager::{CriError, Manager};
-use crate::state::PodState;
+use crate::state::{PodRecord, PodState};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from the pod's side at a time.
+const CHUNK: usize = 32 << 10;
 
-/// The process whose network namespace is the pod's.
-pub fn netns_pid(manager: &Manager, pod_id: &str) -> Result<u32, CriError> {
+/// The ready pod whose ports are to be forwarded.
+pub fn forwardable_pod(manager: &Manager, pod_id: &str) -> Result<PodRecord, CriError> {
     let pod = manager.pod(pod_id)?;
     if pod.state != PodState::Ready {
         return Err(CriError::FailedPrecondition(format!(
             "pod sandbox {pod_id} is not ready"
         )));
     }
-    if pod.driver != "host" {
-        return Err(CriError::Unimplemented(format!(
-            "port-forward into {} pods is not implemented: the pod's network is inside its VM, \
-             and husk-agent has no RPC yet to proxy TCP over vsock",
-            pod.driver
-        )));
+    Ok(pod)
+}
+
+/// How the pod's ports are reached.
+#[derive(Clone)]
+pub enum PodNetwork {
+    /// A host pod: the network namespace of this process (its agent).
+    Netns(u32),
+    /// A microVM pod: its agent, which connects inside the guest.
+    Agent(AgentClient<Channel>),
+}
+
+impl PodNetwork {
+    pub async fn of(manager: &Manager, pod_id: &str) -> Result<PodNetwork, CriError> {
+        let pod = forwardable_pod(manager, pod_id)?;
+        if pod.driver == "host" {
+            return Ok(PodNetwork::Netns(pod.pid));
+        }
+        Ok(PodNetwork::Agent(manager.agent(&pod).await?))
     }
-    Ok(pod.pid)
+
+    /// Connects to `127.0.0.1:port` in the pod's network.
+    async fn connect(&self, port: u16) -> io::Result<(FromPod, ToPod)> {
+        match self {
+            PodNetwork::Netns(pid) => {
+                let (read, write) = connect(*pid, port).await?.into_split();
+                Ok((FromPod::Tcp(read), ToPod::Tcp(write)))
+            }
+            PodNetwork::Agent(client) => connect_through_agent(client.clone(), port).await,
+        }
+    }
+}
+
+/// The pod's side of a forwarded connection, read.
+enum FromPod {
+    Tcp(OwnedReadHalf),
+    Agent(Box<tonic::Streaming<agent::PortForwardData>>),
+}
+
+impl FromPod {
+    /// The next bytes; None at the end (or a broken connection).
+    async fn next(&mut self, buf: &mut [u8]) -> Option<Bytes> {
+        match self {
+            FromPod::Tcp(read) => match read.read(buf).await {
+                Ok(0) | Err(_) => None,
+                Ok(n) => Some(Bytes::copy_from_slice(&buf[..n])),
+            },
+            FromPod::Agent(stream) => loop {
+                match stream.next().await {
+                    Some(Ok(piece)) if piece.data.is_empty() => continue,
+                    Some(Ok(piece)) => return Some(piece.data.into()),
+                    Some(Err(status)) => {
+                        debug!("port-forward through the agent: {}", status.message());
+                        return None;
+                    }
+                    None => return None,
+                }
+            },
+        }
+    }
+}
+
+/// The pod's side of a forwarded connection, written. Dropping it closes
+/// the connection's write side; the reader keeps it open for reading.
+enum ToPod {
+    Tcp(OwnedWriteHalf),
+    Agent(mpsc::Sender<agent::PortForwardRequest>),
+}
+
+impl ToPod {
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            ToPod::Tcp(write) => write.write_all(data).await,
+            ToPod::Agent(sender) => sender
+                .send(agent::PortForwardRequest {
+                    port: 0,
+                    data: data.to_vec(),
+                })
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe)),
+        }
+    }
+
+    /// Half-closes the connection: the end of the agent's request stream,
+    /// or a TCP shutdown.
+    async fn shutdown(self) {
+        if let ToPod::Tcp(mut write) = self {
+            let _ = write.shutdown().await;
+        }
+    }
+}
+
+/// Asks the agent to connect to `port` in the guest; the connection is its
+/// PortForward call (the agent refuses it at once if nothing listens).
+async fn connect_through_agent(
+    mut client: AgentClient<Channel>,
+    port: u16,
+) -> io::Result<(FromPod, ToPod)> {
+    let (sender, receiver) = mpsc::channel(16);
+    sender
+        .send(agent::PortForwardRequest {
+            port: port.into(),
+            data: Vec::new(),
+        })
+        .await
+        .map_err(|_| io::Error::other("the agent's request stream closed"))?;
+    let response = client
+        .port_forward(ReceiverStream::new(receiver))
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::Unimplemented => io::Error::other(
+                "the pod's agent cannot forward ports: its guest image predates PortForward",
+            ),
+            _ => io::Error::other(status.message().to_owned()),
+        })?;
+    Ok((
+        FromPod::Agent(Box::new(response.into_inner())),
+        ToPod::Agent(sender),
+    ))
 }
 
 /// Connects to `127.0.0.1:port` in the network namespace of `pid`, from a
 /// thread of its own that enters the namespace and ends (setns changes only
 /// the calling thread, which must not go back to a pool).
-pub async fn connect(pid: u32, port: u16) -> io::Result<TcpStream> {
+async fn connect(pid: u32, port: u16) -> io::Result<TcpStream> {
     let (tx, rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("husk-netns".into())
@@ -74,33 +193,29 @@ fn connect_error(port: u16, e: io::Error) -> String {
 /// Copies what the pod's side sends to `out` as `(key, data)`, then an
 /// empty piece for its end.
 async fn pump_from_pod<K: Copy + Send + 'static>(
-    mut read: tokio::net::tcp::OwnedReadHalf,
+    mut read: FromPod,
     key: K,
     out: mpsc::Sender<(K, Bytes)>,
 ) {
-    let mut buf = vec![0u8; 32 << 10];
-    loop {
-        match read.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if out
-                    .send((key, Bytes::copy_from_slice(&buf[..n])))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
+    let mut buf = vec![0u8; CHUNK];
+    while let Some(data) = read.next(&mut buf).await {
+        if out.send((key, data)).await.is_err() {
+            return;
         }
     }
     let _ = out.send((key, Bytes::new())).await;
 }
 
 /// WebSocket: one connection per requested port, opened at once.
-pub async fn over_websocket(socket: Socket, framing: Framing, pid: u32, ports: Vec<u16>) {
+pub async fn over_websocket(
+    socket: Socket,
+    framing: Framing,
+    network: PodNetwork,
+    ports: Vec<u16>,
+) {
     let (mut sink, mut stream) = socket.split();
     let (from_pod, mut to_client) = mpsc::channel::<(usize, Bytes)>(16);
-    let mut writers: HashMap<usize, OwnedWriteHalf> = HashMap::new();
+    let mut writers: HashMap<usize, ToPod> = HashMap::new();
     // Dropped at the end, which stops readers whose pod side stays open.
     let mut pumps = JoinSet::new();
     for (i, &port) in ports.iter().enumerate() {
@@ -112,9 +227,8 @@ pub async fn over_websocket(socket: Socket, framing: Framing, pid: u32, ports: V
                 .send(framing.encode(channel, &port.to_le_bytes()))
                 .await;
         }
-        match connect(pid, port).await {
-            Ok(tcp) => {
-                let (read, write) = tcp.into_split();
+        match network.connect(port).await {
+            Ok((read, write)) => {
                 writers.insert(i, write);
                 pumps.spawn(pump_from_pod(read, i, from_pod.clone()));
             }
@@ -167,11 +281,11 @@ struct Pair {
     error: Option<u32>,
     port: u16,
     /// Set once connected.
-    to_pod: Option<OwnedWriteHalf>,
+    to_pod: Option<ToPod>,
 }
 
 /// SPDY: a connection for each data/error stream pair the client opens.
-pub async fn over_spdy(mut session: Session, pid: u32) {
+pub async fn over_spdy(mut session: Session, network: PodNetwork) {
     let writer = session.writer.clone();
     let (from_pod, mut to_client) = mpsc::channel::<(u32, Bytes)>(16);
     let mut pairs: HashMap<String, Pair> = HashMap::new();
@@ -214,9 +328,8 @@ pub async fn over_spdy(mut session: Session, pid: u32) {
                             pair.error = Some(id);
                         }
                         let (Some(data), Some(error)) = (pair.data, pair.error) else { continue };
-                        match connect(pid, port).await {
-                            Ok(tcp) => {
-                                let (read, write) = tcp.into_split();
+                        match network.connect(port).await {
+                            Ok((read, write)) => {
                                 pair.to_pod = Some(write);
                                 pumps.spawn(pump_from_pod(read, data, from_pod.clone()));
                             }
@@ -233,8 +346,9 @@ pub async fn over_spdy(mut session: Session, pid: u32) {
                         };
                         if let Some(w) = &mut pair.to_pod {
                             if w.write_all(&data).await.is_err() || fin {
-                                let _ = w.shutdown().await;
-                                pair.to_pod = None;
+                                if let Some(w) = pair.to_pod.take() {
+                                    w.shutdown().await;
+                                }
                             }
                         }
                     }

@@ -19,10 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::portforward::{self, PodNetwork};
 use super::spdy::{self, Session};
 use super::token::{Request, TokenError, Tokens};
 use super::websocket::{self, Framing};
-use super::{portforward, remotecommand, StreamingError};
+use super::{remotecommand, StreamingError};
 use crate::manager::{CriError, Manager};
 
 /// SPDY streams must all arrive within this long of the upgrade.
@@ -191,7 +192,7 @@ impl Streaming {
                 self.manager.attach_point(&r.container_id)?;
             }
             Request::PortForward(r) => {
-                portforward::netns_pid(&self.manager, &r.pod_sandbox_id)?;
+                portforward::forwardable_pod(&self.manager, &r.pod_sandbox_id)?;
             }
         }
         let offered = offered_protocols(req.headers(), &wire);
@@ -399,8 +400,8 @@ async fn serve_websocket(
             Ok(())
         }
         Request::PortForward(r) => {
-            let pid = portforward::netns_pid(&manager, &r.pod_sandbox_id)?;
-            portforward::over_websocket(socket, framing, pid, ports).await;
+            let network = PodNetwork::of(&manager, &r.pod_sandbox_id).await?;
+            portforward::over_websocket(socket, framing, network, ports).await;
             Ok(())
         }
     }
@@ -449,8 +450,8 @@ async fn serve_spdy(
             Ok(())
         }
         Request::PortForward(r) => {
-            let pid = portforward::netns_pid(&manager, &r.pod_sandbox_id)?;
-            portforward::over_spdy(session, pid).await;
+            let network = PodNetwork::of(&manager, &r.pod_sandbox_id).await?;
+            portforward::over_spdy(session, network).await;
             Ok(())
         }
     }

@@ -58,6 +58,36 @@ pub async fn attach_output(rt: &mut RuntimeServiceClient<Channel>, container: &s
     ws_connect(&url, "v4.channel.k8s.io").await
 }
 
+/// A URL for forwarding `port` of `pod` from CRI PortForward.
+pub async fn forward_url(rt: &mut RuntimeServiceClient<Channel>, pod: &str, port: u16) -> String {
+    rt.port_forward(cri::PortForwardRequest {
+        pod_sandbox_id: pod.to_owned(),
+        port: vec![port.into()],
+    })
+    .await
+    .expect("PortForward")
+    .into_inner()
+    .url
+}
+
+/// A WebSocket port-forward session to `port` in `pod` (CRI PortForward,
+/// then `?port=`): channel 0 carries data, 1 errors, and each has sent its
+/// port first, which is checked here.
+pub async fn ws_forward(rt: &mut RuntimeServiceClient<Channel>, pod: &str, port: u16) -> Ws {
+    let url = forward_url(rt, pod, port).await;
+    let mut ws = ws_connect(&format!("{url}?port={port}"), "portforward.k8s.io").await;
+    for channel in [0u8, 1] {
+        match ws.next().await.expect("a message").expect("message") {
+            Message::Binary(b) => {
+                assert_eq!(b.first(), Some(&channel), "{b:?}");
+                assert_eq!(b.get(1..3), Some(&port.to_le_bytes()[..]), "{b:?}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ws
+}
+
 /// `http://host:port/path` → ("host:port", "/path").
 pub fn split_url(url: &str) -> (String, String) {
     let rest = url.strip_prefix("http://").expect("an http:// URL");
