@@ -3,6 +3,7 @@
 
 mod cli;
 mod container;
+mod forward;
 mod guest;
 mod listen;
 mod reaper;

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
 use crate::container::Containers;
+use crate::forward;
 use crate::sandbox::Sandbox;
 use crate::stop::StopHandle;
 
@@ -284,5 +285,14 @@ impl Agent for AgentService {
     ) -> Result<Response<v1::StatsResponse>, Status> {
         let stats = self.containers.stats(&request.into_inner().container_ids)?;
         Ok(Response::new(v1::StatsResponse { stats }))
+    }
+
+    type PortForwardStream = forward::ForwardStream;
+
+    async fn port_forward(
+        &self,
+        request: Request<Streaming<v1::PortForwardRequest>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        Ok(Response::new(forward::start(request.into_inner()).await?))
     }
 }

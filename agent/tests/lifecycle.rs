@@ -6,10 +6,10 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use husk_proto::client::{connect_hybrid_vsock, connect_unix};
-use husk_proto::v1::{PingRequest, ShutdownRequest, VersionRequest};
+use husk_proto::v1::{PingRequest, PortForwardRequest, ShutdownRequest, VersionRequest};
 use husk_proto::PROTOCOL_VERSION;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_husk-agent");
@@ -199,6 +199,72 @@ async fn reachable_through_a_hybrid_vsock_bridge() {
         .await
         .expect("connect through the bridge");
     client.ping(PingRequest {}).await.expect("ping");
+}
+
+/// PortForward carries one TCP connection to the agent's loopback: the
+/// client's end half-closes it, the server's answer comes back, and its
+/// close ends the stream.
+#[tokio::test]
+async fn forwards_one_tcp_connection_on_its_loopback() {
+    let agent = RunningAgent::start().await;
+    let mut client = connect_unix(&agent.socket).await.expect("connect");
+    let server = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = server.local_addr().expect("address").port();
+    let echo = tokio::spawn(async move {
+        let (mut tcp, _) = server.accept().await.expect("accept");
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got)
+            .await
+            .expect("read to the half-close");
+        tcp.write_all(&[b"echo:", &got[..]].concat())
+            .await
+            .expect("answer");
+    });
+    let requests = [
+        PortForwardRequest {
+            port: port.into(),
+            data: b"hel".to_vec(),
+        },
+        PortForwardRequest {
+            port: 0,
+            data: b"lo".to_vec(),
+        },
+    ];
+    let mut answer = client
+        .port_forward(tokio_stream::iter(requests))
+        .await
+        .expect("PortForward")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(piece) = tokio::time::timeout(PATIENCE, answer.message())
+        .await
+        .expect("an answer in time")
+        .expect("a piece")
+    {
+        got.extend(piece.data);
+    }
+    assert_eq!(got, b"echo:hello");
+    echo.await.expect("echo server");
+
+    // Nothing listening, and no port at all.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let free = closed.local_addr().expect("address").port();
+    drop(closed);
+    for (port, code) in [
+        (u32::from(free), tonic::Code::Unavailable),
+        (0, tonic::Code::InvalidArgument),
+        (70000, tonic::Code::InvalidArgument),
+    ] {
+        let request = PortForwardRequest {
+            port,
+            data: Vec::new(),
+        };
+        let status = client
+            .port_forward(tokio_stream::iter([request]))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "port {port}: {status:?}");
+    }
 }
 
 async fn bridge_one_connection(vmm: UnixListener, agent_socket: PathBuf) {

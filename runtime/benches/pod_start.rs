@@ -162,16 +162,7 @@ async fn bench() {
             exec_figures = exec_round_trips(&mut rt, &container, exec_runs).await;
         }
         let t1 = Instant::now();
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .expect("stop pod");
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await
-        .expect("remove pod");
+        support::remove_pod(&mut rt, &pod).await;
         let teardown = t1.elapsed();
         println!(
             "{run:>3}  {:>13.1}  {:>16.1}  {:>15.1}  {:>12.1}  ({:.1})",

@@ -16,12 +16,15 @@
 //! log_level = "info"
 //! cni_conf_dir = "/etc/cni/net.d"     # the first *.conflist/*.conf/*.json wins
 //! cni_bin_dir = "/usr/lib/cni"
+//! streaming_listen = "127.0.0.1:0"    # exec and port-forward; port 0 = any free one
+//! streaming_token_ttl_secs = 60       # how long a streaming URL stays usable
 //!
 //! [registry.hosts."docker.io"]
 //! mirrors = ["https://mirror.example.com"]
 //! ```
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -33,11 +36,15 @@ use crate::network::{Network, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR};
 use crate::sandbox::microvm::{
     DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL, DEFAULT_GUEST_MEM_MIB,
 };
+use crate::streaming::DEFAULT_TOKEN_TTL;
 
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/husk/config.toml";
 pub const DEFAULT_LISTEN: &str = "unix:///run/husk/husk.sock";
 pub const DEFAULT_ROOT: &str = "/var/lib/husk";
 pub const DEFAULT_STATE: &str = "/run/husk";
+/// The streaming server (exec, port-forward): loopback, any free
+/// port, as containerd's default. Its URLs carry the port it got.
+pub const DEFAULT_STREAMING_LISTEN: &str = "127.0.0.1:0";
 
 /// huskd: the husk CRI server (RuntimeService and ImageService on a unix socket).
 #[derive(Debug, Default, Parser)]
@@ -92,6 +99,13 @@ pub struct Cli {
     /// Where the CNI plugins are [default: /usr/lib/cni].
     #[arg(long, value_name = "DIR")]
     pub cni_bin_dir: Option<PathBuf>,
+    /// Where the streaming server (exec, port-forward) listens:
+    /// IP:PORT, port 0 for any free one [default: 127.0.0.1:0].
+    #[arg(long, value_name = "IP:PORT")]
+    pub streaming_listen: Option<String>,
+    /// How long a streaming URL stays usable, in seconds [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub streaming_token_ttl_secs: Option<u64>,
 }
 
 /// The config file's shape; every key is optional.
@@ -112,6 +126,8 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub cni_conf_dir: Option<PathBuf>,
     pub cni_bin_dir: Option<PathBuf>,
+    pub streaming_listen: Option<String>,
+    pub streaming_token_ttl_secs: Option<u64>,
     #[serde(default)]
     pub registry: RegistryConfig,
 }
@@ -136,6 +152,10 @@ pub struct Config {
     pub log_level: String,
     pub registry: RegistryConfig,
     pub network: Network,
+    /// The streaming server's address.
+    pub streaming_listen: SocketAddr,
+    /// How long a streaming URL stays usable.
+    pub streaming_token_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +174,8 @@ pub enum ConfigError {
     },
     #[error("listen address {0:?}: expected unix://PATH with an absolute path")]
     Listen(String),
+    #[error("streaming_listen {0:?}: expected IP:PORT, e.g. 127.0.0.1:10010")]
+    StreamingListen(String),
     #[error("default_runtime {0:?}: expected \"microvm\" or \"host\"")]
     DefaultRuntime(String),
     #[error("cannot find huskd's own executable to look for {what} next to it: {source}")]
@@ -207,8 +229,22 @@ impl Config {
         if !matches!(default_runtime.as_str(), "microvm" | "host") {
             return Err(ConfigError::DefaultRuntime(default_runtime));
         }
+        let streaming = cli
+            .streaming_listen
+            .clone()
+            .or(file.streaming_listen)
+            .unwrap_or_else(|| DEFAULT_STREAMING_LISTEN.into());
+        let streaming_listen = streaming
+            .parse()
+            .map_err(|_| ConfigError::StreamingListen(streaming))?;
         Ok(Config {
             listen,
+            streaming_listen,
+            streaming_token_ttl: cli
+                .streaming_token_ttl_secs
+                .or(file.streaming_token_ttl_secs)
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_TOKEN_TTL),
             default_runtime,
             root: cli
                 .root
@@ -345,5 +381,11 @@ mod tests {
         assert!(parse_listen("tcp://1.2.3.4:5").is_err());
         assert!(parse_listen("unix://relative.sock").is_err());
         assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
+        assert_eq!(config.streaming_listen.to_string(), "127.0.0.1:0");
+        let bad_streaming = Cli {
+            streaming_listen: Some("localhost".into()),
+            ..Cli::default()
+        };
+        assert!(Config::merge(&bad_streaming, FileConfig::default()).is_err());
     }
 }

@@ -8,3 +8,4 @@ pub mod network;
 pub mod sandbox;
 pub mod server;
 pub mod state;
+pub mod streaming;

@@ -12,6 +12,7 @@ use husk_runtime::sandbox::microvm::DEFAULT_SPARE_DISKS;
 use husk_runtime::sandbox::{HostDriver, MicroVmConfig, MicroVmDriver};
 use husk_runtime::server;
 use husk_runtime::state::State;
+use husk_runtime::streaming::Streaming;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -102,6 +103,8 @@ async fn run(config: Config) -> Result<(), HuskdError> {
         env!("CARGO_PKG_VERSION")
     );
     let socket = config.listen.clone();
+    let streaming_listen = config.streaming_listen;
+    let token_ttl = config.streaming_token_ttl;
     let manager = Manager::new(config, images, state, host, microvm);
     tokio::spawn(manager.clone().watch_sandboxes());
     // Containers that ran on while huskd was away get their logs back.
@@ -111,6 +114,20 @@ async fn run(config: Config) -> Result<(), HuskdError> {
             warn!("re-attaching running containers' output: {e}");
         }
     });
+    // Without its streaming server huskd still serves CRI; Exec, Attach
+    // and PortForward then say why they cannot.
+    let (streaming, streaming_task) =
+        match Streaming::bind(streaming_listen, manager.clone(), token_ttl).await {
+            Ok((streaming, listener)) => {
+                let task = tokio::spawn(streaming.clone().serve(listener));
+                (Ok(streaming), Some(task))
+            }
+            Err(e) => {
+                let why = format!("cannot listen on {streaming_listen}: {e}");
+                warn!("streaming server: {why}");
+                (Err(why), None)
+            }
+        };
     let mut term = signal(SignalKind::terminate()).map_err(HuskdError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(HuskdError::Signals)?;
     let shutdown = async move {
@@ -119,7 +136,10 @@ async fn run(config: Config) -> Result<(), HuskdError> {
             _ = int.recv() => info!("SIGINT: stopping"),
         }
     };
-    let result = server::serve(listener, manager, shutdown).await;
+    let result = server::serve(listener, manager, streaming, shutdown).await;
+    if let Some(task) = streaming_task {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     // Pods keep running: a restarted huskd finds them in its state.
     result?;

@@ -38,6 +38,14 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// unknown id must be NotFound.
 const NOT_FOUND_OR_NOT_YET: &[Code] = &[Code::NotFound, Code::Unimplemented];
 
+/// A URL on huskd's streaming server (loopback by default).
+fn assert_streaming_url(what: &str, url: &str, kind: &str) {
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.contains(&format!("/{kind}/")),
+        "{what}: {url:?}"
+    );
+}
+
 /// One huskd on the host driver with the busybox image pulled, and what its
 /// root held then. Fields drop in order: huskd, then its agents, then the
 /// directory.
@@ -121,18 +129,7 @@ impl Env {
     }
 
     async fn remove_pod(&mut self, id: &str) {
-        self.rt
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            })
-            .await
-            .expect("stop pod");
-        self.rt
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            })
-            .await
-            .expect("remove pod");
+        support::remove_pod(&mut self.rt, id).await;
     }
 
     /// huskd answers, and nothing is left of what failed: waits up to
@@ -389,7 +386,7 @@ async fn unknown_ids_duplicates_and_unpulled_images_are_refused_cleanly() {
                 port: vec![80],
             })
             .await,
-            NOT_FOUND_OR_NOT_YET,
+            &[Code::NotFound],
         );
 
         let status = refused(
@@ -468,7 +465,7 @@ async fn unknown_ids_duplicates_and_unpulled_images_are_refused_cleanly() {
                 ..Default::default()
             })
             .await,
-            NOT_FOUND_OR_NOT_YET,
+            &[Code::NotFound],
         );
         refused(
             "Attach",
@@ -478,7 +475,7 @@ async fn unknown_ids_duplicates_and_unpulled_images_are_refused_cleanly() {
                 ..Default::default()
             })
             .await,
-            NOT_FOUND_OR_NOT_YET,
+            &[Code::NotFound],
         );
         refused(
             "CheckpointContainer",
@@ -666,6 +663,81 @@ async fn unknown_ids_duplicates_and_unpulled_images_are_refused_cleanly() {
             .await,
         &[Code::FailedPrecondition],
     );
+
+    // The streaming calls answer with URLs for the running container and
+    // its ready pod (nothing is started before a client comes).
+    let exec = env
+        .rt
+        .exec(cri::ExecRequest {
+            container_id: c1.clone(),
+            cmd: vec!["sh".into()],
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Exec in c1")
+        .into_inner();
+    assert_streaming_url("Exec", &exec.url, "exec");
+    let attach = env
+        .rt
+        .attach(cri::AttachRequest {
+            container_id: c1.clone(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Attach to c1")
+        .into_inner();
+    assert_streaming_url("Attach", &attach.url, "attach");
+    let forward = env
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: p1.clone(),
+            port: vec![80],
+        })
+        .await
+        .expect("PortForward to p1")
+        .into_inner();
+    assert_streaming_url("PortForward", &forward.url, "portforward");
+    assert!(
+        exec.url != attach.url && attach.url != forward.url,
+        "one token per call"
+    );
+    // Bad requests for a known container: no command, no stream, stdin
+    // the container was not created with.
+    refused(
+        "Exec without a command",
+        env.rt
+            .exec(cri::ExecRequest {
+                container_id: c1.clone(),
+                stdout: true,
+                ..Default::default()
+            })
+            .await,
+        &[Code::InvalidArgument],
+    );
+    refused(
+        "Attach without a stream",
+        env.rt
+            .attach(cri::AttachRequest {
+                container_id: c1.clone(),
+                ..Default::default()
+            })
+            .await,
+        &[Code::InvalidArgument],
+    );
+    refused(
+        "Attach with stdin to a container without stdin",
+        env.rt
+            .attach(cri::AttachRequest {
+                container_id: c1.clone(),
+                stdin: true,
+                stdout: true,
+                ..Default::default()
+            })
+            .await,
+        &[Code::InvalidArgument],
+    );
     let results = race(&env.rt, 4, |mut rt| {
         let request = cri::CreateContainerRequest {
             pod_sandbox_id: p1.clone(),
@@ -683,10 +755,35 @@ async fn unknown_ids_duplicates_and_unpulled_images_are_refused_cleanly() {
     .await;
     one_wins("racing CreateContainer of c2", results);
     // A restarted container is a new attempt, and no duplicate.
-    env.create(&p1, container_config("c1", 1, &busybox), &p1_config)
+    let c1_again = env
+        .create(&p1, container_config("c1", 1, &busybox), &p1_config)
         .await
         .expect("c1, attempt 1");
     env.assert_clean("duplicate containers").await;
+    // A container created but not started has nothing to stream.
+    refused(
+        "Exec in a container not started",
+        env.rt
+            .exec(cri::ExecRequest {
+                container_id: c1_again.clone(),
+                cmd: vec!["sh".into()],
+                stdout: true,
+                ..Default::default()
+            })
+            .await,
+        &[Code::FailedPrecondition],
+    );
+    refused(
+        "Attach to a container not started",
+        env.rt
+            .attach(cri::AttachRequest {
+                container_id: c1_again.clone(),
+                stdout: true,
+                ..Default::default()
+            })
+            .await,
+        &[Code::FailedPrecondition],
+    );
 
     // Once p1 is removed, its name is free again.
     env.remove_pod(&p1).await;

@@ -19,6 +19,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use support::streaming::{attach_output, ws_read_until};
 use support::{container_status, mounts_below, Huskd, Registry};
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -194,45 +195,13 @@ impl Fixture {
         name: &str,
         command: &[&str],
     ) -> String {
-        let id = self
-            .rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(container_config(
-                    name,
-                    &self.image,
-                    command,
-                    &format!("{name}/0.log"),
-                )),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
-            .into_inner()
-            .container_id;
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("start {name}: {e:?}"));
-        id
+        let config = container_config(name, &self.image, command, &format!("{name}/0.log"));
+        support::run_container(&mut self.rt, pod, config, Some(pod_config.clone())).await
     }
 
     /// Stops and removes a pod.
     async fn remove_pod(&mut self, pod: &str) {
-        self.rt
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("stop pod");
-        self.rt
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("remove pod");
+        support::remove_pod(&mut self.rt, pod).await;
     }
 }
 
@@ -558,6 +527,14 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         ticks.contains(&(last_before + 3)),
         "a tick from while huskd was down: {ticks:?}"
     );
+    // The output is also there for clients attaching after the restart.
+    let mut attached = attach_output(&mut rt, &ticker).await;
+    let mut got = HashMap::new();
+    ws_read_until(&mut attached, &mut got, |got| {
+        String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default())
+            .contains("\ntick ")
+    })
+    .await;
 
     let running = rt
         .list_containers(cri::ListContainersRequest {
@@ -643,8 +620,13 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
     let err = rt
         .exec(cri::ExecRequest::default())
         .await
-        .expect_err("Exec is not there yet");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect_err("Exec without a container");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = rt
+        .attach(cri::AttachRequest::default())
+        .await
+        .expect_err("Attach without a container");
+    assert_eq!(err.code(), Code::InvalidArgument);
 
     // Stop the sleeper (PID 1 in its namespace ignores SIGTERM: SIGKILL after 1 s).
     let t = Instant::now();

@@ -10,16 +10,22 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use futures_util::SinkExt;
 use husk_e2e::microvm::boot_timeout;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use support::{container_config, guest_diagnostics, vmms_under, Huskd, VmReaper};
+use support::streaming::{
+    attach_output, exec_url, exit_code_of, ws_collect, ws_connect, ws_forward, ws_frame,
+    ws_read_until, Ws,
+};
+use support::{container_config, exec_sync, guest_diagnostics, vmms_under, Huskd, VmReaper};
 
 /// Container steps in a PVM guest take seconds each.
 const PATIENCE: Duration = Duration::from_secs(300);
@@ -42,6 +48,48 @@ async fn wait_exited(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Writes `WORD N` to the container's stdout (through /proc/1/fd/1 from an
+/// exec) every half second until the attached client has read one: after
+/// a huskd restart the agent hands the output to the new huskd only once
+/// the old reader found itself gone, which costs a chunk.
+async fn write_to_stdout_until_attached(
+    rt: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    attached: &mut Ws,
+    word: &str,
+) {
+    let deadline = Instant::now() + PATIENCE;
+    let mut got = HashMap::new();
+    for n in 0.. {
+        let line = format!("{word} {n}");
+        let out = exec_sync(
+            rt,
+            container,
+            &["sh", "-c", &format!("echo {line} > /proc/1/fd/1")],
+        )
+        .await;
+        assert_eq!(out.exit_code, 0, "{out:?}");
+        let read = tokio::time::timeout(
+            Duration::from_millis(500),
+            ws_read_until(attached, &mut got, |got| {
+                String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default())
+                    .contains(word)
+            }),
+        )
+        .await;
+        if read.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing attached read of {word:?}: {got:?}"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&got[&1]).into_owned();
+    assert!(stdout.starts_with(word), "{stdout:?}");
+    assert!(!got.contains_key(&3), "the attach ended: {got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +259,16 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     std::os::unix::fs::symlink("sub/key", host_files.join("dir/link")).expect("symlink");
     let mut sleeper_config =
         container_config("sleeper", &image, &["sleep", "600"], "sleeper/0.log");
+    sleeper_config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                add_capabilities: vec!["NET_ADMIN".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     sleeper_config.mounts = vec![
         cri::Mount {
             container_path: "/etc/hosts".into(),
@@ -249,10 +307,10 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     .expect("start sleeper");
     eprintln!("second container create + start: {:?}", t.elapsed());
 
-    let out = support::exec_sync(&mut rt, &sleeper, &["echo", "hi"]).await;
+    let out = exec_sync(&mut rt, &sleeper, &["echo", "hi"]).await;
     assert_eq!(out.exit_code, 0, "{out:?}");
     assert_eq!(out.stdout, b"hi\n");
-    let out = support::exec_sync(
+    let out = exec_sync(
         &mut rt,
         &sleeper,
         &[
@@ -270,6 +328,76 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         "{out:?}"
     );
 
+    // Exec and Attach through huskd's streaming server, which reaches the
+    // agent in the guest over vsock. Exec over WebSocket: both streams and
+    // the exit code.
+    let t = Instant::now();
+    let url = exec_url(
+        &mut rt,
+        &sleeper,
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+        false,
+        false,
+    )
+    .await;
+    let mut ws = ws_connect(&url, "v4.channel.k8s.io").await;
+    let got = ws_collect(&mut ws, false).await;
+    eprintln!("streaming exec (URL to exit status): {:?}", t.elapsed());
+    assert_eq!(
+        got.get(&1).map(Vec::as_slice),
+        Some(&b"out\n"[..]),
+        "{got:?}"
+    );
+    assert_eq!(
+        got.get(&2).map(Vec::as_slice),
+        Some(&b"err\n"[..]),
+        "{got:?}"
+    );
+    assert_eq!(exit_code_of(&got[&3]), 3);
+    // Attach: what the container writes (here an exec writing to its PID
+    // 1's stdout) reaches the attached client.
+    let mut attached = attach_output(&mut rt, &sleeper).await;
+    write_to_stdout_until_attached(&mut rt, &sleeper, &mut attached, "before").await;
+    drop(attached);
+    // Port-forward: the agent connects to busybox httpd on the guest's
+    // loopback. Nothing brings the guest's lo up before pod networking
+    // does, so the sleeper (with CAP_NET_ADMIN for this) does it first.
+    let out = exec_sync(
+        &mut rt,
+        &sleeper,
+        &["busybox", "ip", "link", "set", "lo", "up"],
+    )
+    .await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let out = exec_sync(
+        &mut rt,
+        &sleeper,
+        &["busybox", "httpd", "-p", "127.0.0.1:8080", "-h", "/etc"],
+    )
+    .await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let t = Instant::now();
+    let mut ws = ws_forward(&mut rt, &pod, 8080).await;
+    ws.send(ws_frame(false, 0, b"GET /hosts HTTP/1.0\r\n\r\n"))
+        .await
+        .expect("send");
+    let got = ws_collect(&mut ws, false).await;
+    eprintln!("port-forward, one HTTP request: {:?}", t.elapsed());
+    let response = String::from_utf8_lossy(got.get(&0).map(Vec::as_slice).unwrap_or_default());
+    assert!(
+        response.starts_with("HTTP/1.") && response.ends_with("10.0.0.1 husk-test\n"),
+        "{response:?} {got:?}"
+    );
+    assert!(!got.contains_key(&1), "error channel: {got:?}");
+    // Nothing listens on 8081: the error channel says so.
+    let mut ws = ws_forward(&mut rt, &pod, 8081).await;
+    let got = ws_collect(&mut ws, false).await;
+    let error = String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default());
+    assert!(
+        error.contains("8081") && error.contains("refused"),
+        "{error:?} {got:?}"
+    );
+
     // huskd restarts; the pod's VM keeps running and huskd finds it again.
     huskd.terminate();
     assert_eq!(vmms_under(&sandbox_dir), vmm_pids, "the VM outlives huskd");
@@ -277,9 +405,16 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let huskd = Huskd::spawn(&socket, &args);
     let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel);
-    let out = support::exec_sync(&mut rt, &sleeper, &["echo", "again"]).await;
+    let out = exec_sync(&mut rt, &sleeper, &["echo", "again"]).await;
     assert_eq!(out.stdout, b"again\n", "{out:?}");
     eprintln!("huskd restart to ExecSync: {:?}", t.elapsed());
+    // The restarted huskd copies the running container's output again, to
+    // attached clients as well as to its log.
+    let t = Instant::now();
+    let mut attached = attach_output(&mut rt, &sleeper).await;
+    write_to_stdout_until_attached(&mut rt, &sleeper, &mut attached, "after").await;
+    drop(attached);
+    eprintln!("attach after the restart: {:?}", t.elapsed());
 
     let status = rt
         .container_status(cri::ContainerStatusRequest {

@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -36,6 +37,22 @@ impl Ctl {
             String::from_utf8_lossy(&out.stderr)
         );
         out
+    }
+
+    /// One huskctl run with `input` on its stdin.
+    fn output_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = Command::new(HUSKCTL)
+            .env("HUSK_SOCKET", &self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run huskctl");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input).expect("write stdin");
+        drop(stdin);
+        child.wait_with_output().expect("huskctl output")
     }
 
     /// Runs huskctl, which must succeed; its stdout.
@@ -275,6 +292,78 @@ async fn huskctl_drives_huskd() {
     assert_eq!(text(&exec.stdout), "out\n");
     assert_eq!(text(&exec.stderr), "err\n");
     assert_eq!(ctl.ok(&["exec", &sleeper, "--", "id", "-u"]), "1000\n");
+
+    // exec -i and --tty go through huskd's streaming server.
+    let exec = ctl.output_with_stdin(
+        &[
+            "exec",
+            "-i",
+            &sleeper,
+            "--",
+            "sh",
+            "-c",
+            "cat; echo err >&2; exit 5",
+        ],
+        b"piped in\n",
+    );
+    assert_eq!(exec.status.code(), Some(5), "{}", text(&exec.stderr));
+    assert_eq!(text(&exec.stdout), "piped in\n");
+    assert_eq!(text(&exec.stderr), "err\n");
+    let tty = ctl.output(&["exec", "--tty", &sleeper, "--", "busybox", "tty"]);
+    assert!(tty.status.success(), "{}", text(&tty.stderr));
+    assert!(
+        text(&tty.stdout).starts_with("/dev/pts/"),
+        "{}",
+        text(&tty.stdout)
+    );
+    let attach = ctl.output(&["attach", "-i", &sleeper]);
+    assert_eq!(attach.status.code(), Some(1));
+    assert!(
+        text(&attach.stderr).contains("without stdin"),
+        "{}",
+        text(&attach.stderr)
+    );
+
+    // port-forward: busybox httpd in the pod (the pod shares the host's
+    // network on the host driver), reached through a local port.
+    let http_port = support::free_port();
+    ctl.ok(&[
+        "exec",
+        &sleeper,
+        "--",
+        "busybox",
+        "httpd",
+        "-p",
+        &format!("127.0.0.1:{http_port}"),
+        "-h",
+        "/etc",
+    ]);
+    let local = support::free_port();
+    let mut forward = Command::new(HUSKCTL)
+        .env("HUSK_SOCKET", &ctl.socket)
+        .args(["port-forward", &pod[..13], &format!("{local}:{http_port}")])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("huskctl port-forward");
+    let deadline = Instant::now() + PATIENCE;
+    let mut tcp = loop {
+        if let Ok(tcp) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+            break tcp;
+        }
+        assert!(Instant::now() < deadline, "port-forward did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    tcp.write_all(b"GET /passwd HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut tcp, &mut response).expect("response");
+    assert!(response.contains("husk:x:1000"), "{response}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(forward.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT port-forward");
+    assert_eq!(forward.wait().expect("wait").code(), Some(130));
 
     // logs: the lines without the CRI prefix, on the container's streams.
     let deadline = Instant::now() + PATIENCE;

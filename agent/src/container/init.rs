@@ -23,7 +23,7 @@ use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -198,7 +198,7 @@ fn stage(
     if let Target::Container { spec, rootfs } = &config.target {
         build_container(spec, rootfs)?;
         if tty {
-            open_terminal(console)?;
+            open_terminal(console, &config.process)?;
         }
         channel.report(&Report::Ready);
         if channel.read_line()?.trim_end() != START_WORD {
@@ -210,7 +210,7 @@ fn stage(
         fchdir(&root).context(|| "entering the container's root".into())?;
         chroot(".").context(|| "chroot into the container's root".into())?;
         if tty {
-            open_terminal(console)?;
+            open_terminal(console, &config.process)?;
             channel.report(&Report::Terminal);
         }
     }
@@ -558,9 +558,11 @@ fn make_readonly(path: &Path) -> Result<(), InitError> {
 }
 
 /// Opens a pty in the container's own /dev/pts (a tty program checks that
-/// its terminal's name resolves there), makes its slave fds 0-2, and sends
-/// the master to the agent over the console socket.
-fn open_terminal(console: &UnixStream) -> Result<(), InitError> {
+/// its terminal's name resolves there), sized as the process's consoleSize
+/// says (so that the program's first look at its window is right), makes
+/// its slave fds 0-2, and sends the master to the agent over the console
+/// socket.
+fn open_terminal(console: &UnixStream, process: &Process) -> Result<(), InitError> {
     use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let master = posix_openpt(nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY)
@@ -574,6 +576,11 @@ fn open_terminal(console: &UnixStream) -> Result<(), InitError> {
         .custom_flags(libc::O_NOCTTY)
         .open(&name)
         .context(|| format!("opening {name}"))?;
+    if let Some(size) = process.console_size() {
+        let clamp = |n: u64| u16::try_from(n).unwrap_or(u16::MAX);
+        super::stdio::set_size(slave.as_fd(), clamp(size.height()), clamp(size.width()))
+            .map_err(|e| InitError::Io("sizing the terminal".into(), e))?;
+    }
     nix::unistd::dup2_stdin(&slave).context(|| "attaching the terminal".into())?;
     nix::unistd::dup2_stdout(&slave).context(|| "attaching the terminal".into())?;
     nix::unistd::dup2_stderr(&slave).context(|| "attaching the terminal".into())?;

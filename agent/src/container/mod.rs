@@ -10,7 +10,7 @@ mod process;
 mod rootfs;
 pub mod seccomp;
 mod spec;
-mod stdio;
+pub(crate) mod stdio;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

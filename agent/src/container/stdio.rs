@@ -2,7 +2,7 @@
 //! one pseudo-terminal for a tty process.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -108,17 +108,23 @@ impl PtyMaster {
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
-        let size = Winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: the fd is a pty master we own; the pointer is to a live Winsize.
-        unsafe { set_window_size(self.fd.get_ref().as_raw_fd(), &size) }
-            .map(drop)
-            .map_err(io::Error::from)
+        set_size(self.fd.get_ref().as_fd(), rows, cols)
     }
+}
+
+/// Sets the window size of the terminal `fd` is a side of.
+pub fn set_size(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
+    let size = Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one Winsize, and the pointer is to a live
+    // one; a bad fd only makes the call fail.
+    unsafe { set_window_size(fd.as_raw_fd(), &size) }
+        .map(drop)
+        .map_err(io::Error::from)
 }
 
 /// A tty process's stdio until its terminal exists: the container's init

@@ -18,7 +18,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let result = runtime.block_on(cli::run(cli));
+    // A read of stdin may still be blocked in its thread (exec -i): do not
+    // wait for it.
+    runtime.shutdown_background();
+    match result {
         // Exit codes are 0-255; anything else (negative, huge) reads as a failure.
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {

@@ -2,8 +2,10 @@
 
 pub mod client;
 pub mod config;
+mod forward;
 pub mod logs;
 pub mod output;
+mod stream;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -107,11 +109,35 @@ pub enum Command {
     /// Run a command in a running container and exit with its exit code.
     Exec {
         container: String,
-        /// Seconds the command may run (0: no limit).
+        /// Seconds the command may run (0: no limit; not with -i or --tty).
         #[arg(short, long, default_value_t = 0)]
         timeout: i64,
+        /// Pass stdin to the command (through huskd's streaming server).
+        #[arg(short, long)]
+        interactive: bool,
+        /// Run the command on a terminal (stdin must be one with -i).
+        #[arg(long)]
+        tty: bool,
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
+    },
+    /// Attach to a running container's output (and with -i its stdin)
+    /// until it exits or Ctrl-C.
+    Attach {
+        container: String,
+        /// Pass stdin to the container (it must have been created with stdin).
+        #[arg(short, long)]
+        interactive: bool,
+        /// The container runs on a terminal.
+        #[arg(long)]
+        tty: bool,
+    },
+    /// Forward local ports to ports on a pod's loopback, until Ctrl-C.
+    PortForward {
+        pod: String,
+        /// LOCAL:REMOTE, or PORT for the same on both sides.
+        #[arg(required = true, value_parser = forward::parse_mapping, value_name = "[LOCAL:]REMOTE")]
+        ports: Vec<(u16, u16)>,
     },
     /// Print a container's logs.
     Logs {
@@ -458,10 +484,62 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Exec {
             container,
             timeout,
+            interactive,
+            tty,
             cmd,
         } => {
             drop(out);
+            if interactive || tty {
+                if timeout != 0 {
+                    return Err(CliError::Usage(
+                        "exec -t SECONDS cannot limit an -i or --tty exec".into(),
+                    ));
+                }
+                let id = resolve_container(&mut h, &container).await?;
+                let request = cri::ExecRequest {
+                    container_id: id.clone(),
+                    cmd,
+                    tty,
+                    stdin: interactive,
+                    stdout: true,
+                    stderr: !tty,
+                };
+                let url =
+                    h.rt.exec(h.request(request, Duration::ZERO))
+                        .await
+                        .map_err(h.failed(format!("Exec in {id}")))?
+                        .into_inner()
+                        .url;
+                return stream::run(&url, interactive, tty).await;
+            }
             return exec(&mut h, &container, timeout, cmd).await;
+        }
+        Command::PortForward { pod, ports } => {
+            drop(out);
+            let id = resolve_pod(&mut h, &pod).await?;
+            return forward::run(&h, &id, &ports).await;
+        }
+        Command::Attach {
+            container,
+            interactive,
+            tty,
+        } => {
+            drop(out);
+            let id = resolve_container(&mut h, &container).await?;
+            let request = cri::AttachRequest {
+                container_id: id.clone(),
+                stdin: interactive,
+                tty,
+                stdout: true,
+                stderr: !tty,
+            };
+            let url =
+                h.rt.attach(h.request(request, Duration::ZERO))
+                    .await
+                    .map_err(h.failed(format!("Attach to {id}")))?
+                    .into_inner()
+                    .url;
+            return stream::run(&url, interactive, tty).await;
         }
         Command::Logs {
             container,

@@ -27,7 +27,17 @@ pub struct ExecOutput {
     pub exit_code: i32,
 }
 
-pub(super) fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
+/// How an exec'd process is wired: a tty, a stdin.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ExecIo {
+    pub tty: bool,
+    pub stdin: bool,
+    /// The terminal's size at the start, as (rows, columns).
+    pub console: Option<(u16, u16)>,
+}
+
+/// The agent's name for a container's main process (`exec` empty) or an exec.
+pub fn process(container: &str, exec: &str) -> Option<agent::ProcessRef> {
     Some(agent::ProcessRef {
         container_id: container.to_owned(),
         exec_id: exec.to_owned(),
@@ -533,6 +543,7 @@ impl Manager {
             })
             .await;
         if let Err(status) = started {
+            self.forget_attach_point(id);
             let message = status.message().to_owned();
             self.update_container(id, |r| {
                 r.state = ContainerState::Exited;
@@ -665,6 +676,7 @@ impl Manager {
         let lock = self.pod_lock(&record.pod_id);
         let _guard = lock.lock().await;
         self.state.delete_container(id)?;
+        self.forget_attach_point(id);
         // The image's disk goes once no container of the pod uses it.
         if pod.state == PodState::Ready
             && !self
@@ -772,15 +784,9 @@ impl Manager {
         Ok(out)
     }
 
-    pub async fn exec_sync(
-        &self,
-        id: &str,
-        cmd: Vec<String>,
-        timeout_s: i64,
-    ) -> Result<ExecOutput> {
-        if cmd.is_empty() {
-            return Err(CriError::InvalidArgument("ExecSync needs a command".into()));
-        }
+    /// The running container's record and pod, for calls that need its
+    /// process.
+    pub async fn running_container(&self, id: &str) -> Result<(ContainerRecord, PodRecord)> {
         let record = self.refreshed(self.container(id)?).await?;
         if record.state != ContainerState::Running {
             return Err(CriError::FailedPrecondition(format!(
@@ -788,24 +794,53 @@ impl Manager {
             )));
         }
         let pod = self.ready_pod(&record.pod_id).await?;
+        Ok((record, pod))
+    }
+
+    /// Starts `cmd` in a running container; returns the agent and the exec id.
+    pub async fn start_exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        io: ExecIo,
+        timeout_ms: u32,
+    ) -> Result<(AgentClient<Channel>, String)> {
+        if cmd.is_empty() {
+            return Err(CriError::InvalidArgument("exec needs a command".into()));
+        }
+        let (_, pod) = self.running_container(id).await?;
         let mut client = self.agent(&pod).await?;
         let exec_id = new_id()?[..16].to_owned();
-        let timeout_ms = u32::try_from(timeout_s.max(0).saturating_mul(1000)).unwrap_or(u32::MAX);
+        let mut process = serde_json::json!({ "args": cmd, "terminal": io.tty });
+        if let Some((rows, cols)) = io.console.filter(|_| io.tty) {
+            process["consoleSize"] = serde_json::json!({ "height": rows, "width": cols });
+        }
         client
             .exec_process(agent::ExecProcessRequest {
                 container_id: id.to_owned(),
                 exec_id: exec_id.clone(),
-                oci_process_json: serde_json::to_vec(&serde_json::json!({ "args": cmd })).map_err(
-                    |e| CriError::Io {
-                        what: "encoding the exec process".into(),
-                        source: e.into(),
-                    },
-                )?,
-                stdin: false,
+                oci_process_json: serde_json::to_vec(&process).map_err(|e| CriError::Io {
+                    what: "encoding the exec process".into(),
+                    source: e.into(),
+                })?,
+                stdin: io.stdin,
                 timeout_ms,
             })
             .await
             .map_err(agent_err(format!("exec in container {id}")))?;
+        Ok((client, exec_id))
+    }
+
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout_s: i64,
+    ) -> Result<ExecOutput> {
+        let timeout_ms = u32::try_from(timeout_s.max(0).saturating_mul(1000)).unwrap_or(u32::MAX);
+        let (mut client, exec_id) = self
+            .start_exec(id, &cmd, ExecIo::default(), timeout_ms)
+            .await?;
         let stdout = tokio::spawn(collect(
             client.clone(),
             id.to_owned(),

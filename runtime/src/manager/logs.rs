@@ -8,10 +8,14 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use futures_util::StreamExt;
 use husk_proto::v1::OutputChunk;
+use tokio::sync::broadcast;
 use tracing::warn;
+
+use super::attach::Chunk;
 
 /// Lines longer than this are written in pieces marked `P`.
 pub const MAX_LINE: usize = 16 * 1024;
@@ -105,11 +109,13 @@ impl LineSplitter {
 }
 
 /// Copies one output stream of a container into its log file (or drops it
-/// when there is no log file: the pipe must be drained all the same).
+/// when there is no log file: the pipe must be drained all the same), and
+/// to the clients attached to the container.
 pub async fn copy_stream<S>(
     mut chunks: S,
     stream: &'static str,
     log: Option<Arc<LogFile>>,
+    attached: broadcast::Sender<Chunk>,
     container: String,
 ) where
     S: futures_util::Stream<Item = Result<OutputChunk, tonic::Status>> + Unpin,
@@ -129,6 +135,11 @@ pub async fn copy_stream<S>(
     while let Some(chunk) = chunks.next().await {
         match chunk {
             Ok(chunk) => {
+                // Nobody attached is no error.
+                let _ = attached.send(Chunk {
+                    stderr: stream == "stderr",
+                    data: Bytes::copy_from_slice(&chunk.data),
+                });
                 for (partial, content) in splitter.push(&chunk.data) {
                     write(partial, &content);
                 }

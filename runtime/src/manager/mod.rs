@@ -2,6 +2,7 @@
 //! [`State`], sandboxes through a [`SandboxDriver`], containers through each
 //! pod's agent.
 
+pub mod attach;
 mod container;
 pub mod logs;
 mod output;
@@ -19,12 +20,13 @@ use std::sync::{Arc, Mutex, Weak};
 use husk_proto::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
 
+use self::attach::AttachPoint;
 use crate::config::Config;
 use crate::image::{ImageStore, StoreError};
 use crate::sandbox::{SandboxDriver, SandboxError};
 use crate::state::{ContainerRecord, PodRecord, State, StateError};
 
-pub use container::ExecOutput;
+pub use container::{process, ExecIo, ExecOutput};
 
 /// Why a CRI call failed; each maps to a gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,8 @@ pub struct Manager {
     host: Arc<dyn SandboxDriver>,
     microvm: Arc<dyn SandboxDriver>,
     agents: Mutex<HashMap<String, AgentClient<Channel>>>,
+    /// Running containers' output and stdin for Attach.
+    attach: Mutex<HashMap<String, Arc<AttachPoint>>>,
     /// Containers' open log files, for ReopenContainerLog.
     logs: Mutex<HashMap<String, Weak<logs::LogFile>>>,
     /// Serialises read-modify-write of records.
@@ -164,6 +168,7 @@ impl Manager {
             host,
             microvm,
             agents: Mutex::new(HashMap::new()),
+            attach: Mutex::new(HashMap::new()),
             logs: Mutex::new(HashMap::new()),
             records: Mutex::new(()),
             pod_locks: Mutex::new(HashMap::new()),
@@ -229,7 +234,7 @@ impl Manager {
 
     /// The agent of `pod`, connecting once if huskd has no channel yet
     /// (after a restart).
-    async fn agent(&self, pod: &PodRecord) -> Result<AgentClient<Channel>> {
+    pub(crate) async fn agent(&self, pod: &PodRecord) -> Result<AgentClient<Channel>> {
         if let Some(client) = self
             .agents
             .lock()
@@ -245,6 +250,33 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(pod.id.clone(), client.clone());
         Ok(client)
+    }
+
+    /// The attach point of a running container whose output huskd copies
+    /// (since it started it, or since it found it running at startup).
+    pub fn attach_point(&self, id: &str) -> Result<Arc<AttachPoint>> {
+        self.attach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                CriError::FailedPrecondition(format!(
+                    "container {id} cannot be attached to: huskd is not copying its output \
+                     (it has exited, or its pod's agent could not be reached at startup)"
+                ))
+            })
+    }
+
+    fn forget_attach_point(&self, id: &str) {
+        let point = self
+            .attach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(point) = point {
+            point.close();
+        }
     }
 
     fn forget_agent(&self, pod_id: &str) {

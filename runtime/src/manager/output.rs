@@ -1,6 +1,7 @@
-//! A running container's output in its log file: the copiers of its streams,
-//! attached when it starts and again when a restarted huskd finds it running,
-//! the watcher that records its exit, and ReopenContainerLog.
+//! A running container's output in its log file and to the clients attached
+//! to it (CRI Attach): the copiers of its streams, attached when it starts
+//! and again when a restarted huskd finds it running, the watcher that
+//! records its exit, and ReopenContainerLog.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use tonic::transport::Channel;
 use tonic::Streaming;
 use tracing::{info, instrument, warn};
 
+use super::attach::AttachPoint;
 use super::container::{apply_exit, process};
 use super::logs::{copy_stream, LogFile};
 use super::{agent_err, CriError, Manager, Result};
@@ -56,14 +58,30 @@ impl Manager {
         Ok(Some(log))
     }
 
+    /// A fresh attach point for the container, replacing any before: what
+    /// its copiers pass output to from now on.
+    fn open_attach_point(&self, id: &str) -> Arc<AttachPoint> {
+        let point = Arc::new(AttachPoint::default());
+        let before = self
+            .attach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), point.clone());
+        if let Some(before) = before {
+            before.close();
+        }
+        point
+    }
+
     /// Before StartContainer: copies the container's streams into its log
-    /// from their first byte.
+    /// and to attached clients from their first byte.
     pub(super) async fn attach_output(
         &self,
         client: &mut AgentClient<Channel>,
         record: &ContainerRecord,
     ) -> Result<()> {
         let log = self.open_log(record)?;
+        let point = self.open_attach_point(&record.id);
         for &(stream, name) in streams(record) {
             let chunks = client
                 .read_output(read_request(&record.id, stream))
@@ -73,28 +91,37 @@ impl Manager {
                     record.id
                 )))?
                 .into_inner();
-            tokio::spawn(copy_stream(chunks, name, log.clone(), record.id.clone()));
+            tokio::spawn(copy_stream(
+                chunks,
+                name,
+                log.clone(),
+                point.publisher(),
+                record.id.clone(),
+            ));
         }
         Ok(())
     }
 
     /// After a huskd restart: copies what the running container writes from
-    /// now on (and what waits in its pipes) into its log again.
+    /// now on (and what waits in its pipes) into its log and to attached
+    /// clients again.
     fn reattach_output(
         self: &Arc<Self>,
         client: &AgentClient<Channel>,
         record: &ContainerRecord,
     ) -> Result<()> {
         let log = self.open_log(record)?;
+        let point = self.open_attach_point(&record.id);
         for &(stream, name) in streams(record) {
             let manager = self.clone();
             let client = client.clone();
             let id = record.id.clone();
             let log = log.clone();
+            let attached = point.publisher();
             tokio::spawn(async move {
                 if let Some(chunks) = manager.read_output_when_free(client, &id, stream).await {
                     info!(container = id, stream = name, "output re-attached");
-                    copy_stream(chunks, name, log, id).await;
+                    copy_stream(chunks, name, log, attached, id).await;
                 }
             });
         }
@@ -136,7 +163,8 @@ impl Manager {
         }
     }
 
-    /// Records the container's exit as soon as the agent reports it.
+    /// Records the container's exit as soon as the agent reports it; then
+    /// (or once the agent is gone) attached clients see the end of output.
     pub(super) fn watch_exit(self: &Arc<Self>, mut client: AgentClient<Channel>, id: String) {
         let manager = self.clone();
         tokio::spawn(async move {
@@ -162,6 +190,7 @@ impl Manager {
                     );
                 }
             }
+            manager.forget_attach_point(&id);
         });
     }
 

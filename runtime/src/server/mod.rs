@@ -18,6 +18,7 @@ pub use image::Images;
 pub use runtime::{Runtime, CRI_API_VERSION, RUNTIME_NAME};
 
 use crate::manager::Manager;
+use crate::streaming::Streaming;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -53,12 +54,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
 pub async fn serve(
     listener: UnixListener,
     manager: Arc<Manager>,
+    streaming: Result<Arc<Streaming>, String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     info!("serving CRI");
     tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("cri", rpc = %request.uri().path()))
-        .add_service(RuntimeServiceServer::new(Runtime::new(manager.clone())))
+        .add_service(RuntimeServiceServer::new(Runtime::new(
+            manager.clone(),
+            streaming,
+        )))
         .add_service(ImageServiceServer::new(Images::new(manager)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;

@@ -9,6 +9,7 @@ use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
 use crate::manager::Manager;
+use crate::streaming::{forwardable_pod, Request as StreamRequest, Streaming};
 
 /// The CRI API version huskd serves.
 pub const CRI_API_VERSION: &str = "v1";
@@ -17,11 +18,19 @@ pub const RUNTIME_NAME: &str = "husk";
 
 pub struct Runtime {
     manager: Arc<Manager>,
+    /// The streaming server, or why huskd has none.
+    streaming: Result<Arc<Streaming>, String>,
 }
 
 impl Runtime {
-    pub fn new(manager: Arc<Manager>) -> Runtime {
-        Runtime { manager }
+    pub fn new(manager: Arc<Manager>, streaming: Result<Arc<Streaming>, String>) -> Runtime {
+        Runtime { manager, streaming }
+    }
+
+    fn streaming(&self) -> Result<&Streaming, Status> {
+        self.streaming
+            .as_deref()
+            .map_err(|why| Status::unavailable(format!("huskd has no streaming server: {why}")))
     }
 }
 
@@ -225,23 +234,59 @@ impl RuntimeService for Runtime {
 
     async fn exec(
         &self,
-        _request: Request<cri::ExecRequest>,
+        request: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(unimplemented("Exec (the streaming server)"))
+        let request = request.into_inner();
+        let id = required(&request.container_id, "container_id")?;
+        if request.cmd.is_empty() {
+            return Err(Status::invalid_argument("Exec needs a command"));
+        }
+        if !(request.stdin || request.stdout || request.stderr) {
+            return Err(Status::invalid_argument(
+                "Exec needs one of stdin, stdout and stderr",
+            ));
+        }
+        if request.tty && request.stderr {
+            return Err(Status::invalid_argument(
+                "Exec with a tty has no separate stderr: set stderr false",
+            ));
+        }
+        self.manager.running_container(id).await?;
+        let url = self.streaming()?.url(StreamRequest::Exec(request))?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
         &self,
-        _request: Request<cri::AttachRequest>,
+        request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(unimplemented("Attach (the streaming server)"))
+        let request = request.into_inner();
+        let id = required(&request.container_id, "container_id")?;
+        if !(request.stdin || request.stdout || request.stderr) {
+            return Err(Status::invalid_argument(
+                "Attach needs one of stdin, stdout and stderr",
+            ));
+        }
+        let (record, _) = self.manager.running_container(id).await?;
+        if request.stdin && !record.config.stdin {
+            return Err(Status::invalid_argument(format!(
+                "container {id} was created without stdin"
+            )));
+        }
+        self.manager.attach_point(id)?;
+        let url = self.streaming()?.url(StreamRequest::Attach(request))?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(
         &self,
-        _request: Request<cri::PortForwardRequest>,
+        request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(unimplemented("PortForward (the streaming server)"))
+        let request = request.into_inner();
+        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
+        forwardable_pod(&self.manager, id)?;
+        let url = self.streaming()?.url(StreamRequest::PortForward(request))?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(

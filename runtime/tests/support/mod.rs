@@ -4,6 +4,8 @@
 //! `busybox-static`, pushed with oci-client.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod streaming;
+
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -371,6 +373,53 @@ pub async fn exec_sync(
         .into_inner();
     eprintln!("ExecSync {cmd:?}: {:?}", t.elapsed());
     out
+}
+
+/// Creates a container from `config` in `pod` and starts it; its id.
+pub async fn run_container(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    pod: &str,
+    config: k8s_cri::v1::ContainerConfig,
+    sandbox_config: Option<k8s_cri::v1::PodSandboxConfig>,
+) -> String {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let id = rt
+        .create_container(k8s_cri::v1::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
+        .into_inner()
+        .container_id;
+    rt.start_container(k8s_cri::v1::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("start {name}: {e:?}"));
+    id
+}
+
+/// Stops and removes a pod, which must succeed.
+pub async fn remove_pod(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    pod: &str,
+) {
+    rt.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("stop pod");
+    rt.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("remove pod");
 }
 
 /// A container's CRI status, which must be there.
