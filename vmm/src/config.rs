@@ -23,6 +23,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub vsock: Option<VsockConfig>,
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, each backed by an existing tap, in guest order.
+    pub nets: Vec<NetConfig>,
     /// Empty read-only disk slots the control API can fill after boot.
     pub spare_disks: usize,
     pub console_log: Option<PathBuf>,
