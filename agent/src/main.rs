@@ -5,6 +5,7 @@ mod cli;
 mod container;
 mod guest;
 mod listen;
+mod network;
 mod reaper;
 mod sandbox;
 mod server;
