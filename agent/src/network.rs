@@ -1,28 +1,21 @@
 //! The pod's network inside a microVM: the guest's virtio-net interfaces get
 //! the addresses, MTU and routes CNI gave the pod on the host, so that the
 //! guest answers for the pod's IP. Configured over rtnetlink with a plain
-//! synchronous socket (the agent's binary size counts at boot).
+//! socket and messages encoded by hand (see netlink.rs for why).
 //!
 //! Everything is checked before anything is changed; a request applied twice
 //! changes nothing the second time (addresses and routes are replaced, not
 //! added again).
 
+mod netlink;
+
 use std::io;
 use std::net::IpAddr;
 
 use husk_proto::v1;
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_REPLACE, NLM_F_REQUEST,
-};
-use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tracing::info;
+
+use self::netlink::{Link, Netlink, RouteSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -225,27 +218,29 @@ impl Plan {
         self.interfaces.is_empty() && self.routes.is_empty()
     }
 
-    /// Brings `lo` up, configures each interface (MTU, addresses, up), then
-    /// adds the routes.
+    /// Brings `lo` up, configures each interface (addresses, then MTU and
+    /// up), then adds the routes (which need their interfaces up).
     pub fn apply(&self) -> Result<(), NetworkError> {
         let mut nl = Netlink::open().map_err(netlink_error("opening a netlink socket"))?;
-        let links = nl.links()?;
+        let links = nl
+            .links()
+            .map_err(netlink_error("listing the guest's interfaces"))?;
         let lo = find_link(&links, &Selector::Name("lo".into(), None))?;
         nl.set_link(lo.index, None)
             .map_err(netlink_error("bringing lo up"))?;
         for iface in &self.interfaces {
             let link = find_link(&links, &iface.selector)?;
             let name = &link.name;
-            if let Some(mtu) = iface.mtu {
-                nl.set_link(link.index, Some(mtu))
-                    .map_err(netlink_error(format!("setting the MTU of {name} to {mtu}")))?;
-            }
             for &cidr in &iface.addresses {
-                nl.add_address(link.index, cidr)
+                nl.add_address(link.index, cidr.addr, cidr.prefix, cidr.addr.is_ipv6())
                     .map_err(netlink_error(format!("adding {cidr} to {name}")))?;
             }
-            nl.set_link(link.index, None)
-                .map_err(netlink_error(format!("bringing {name} up")))?;
+            let what = match iface.mtu {
+                Some(mtu) => format!("setting the MTU of {name} to {mtu} and bringing it up"),
+                None => format!("bringing {name} up"),
+            };
+            nl.set_link(link.index, iface.mtu)
+                .map_err(netlink_error(what))?;
             info!(
                 interface = %name,
                 mac = %format_mac(&link.mac),
@@ -261,20 +256,18 @@ impl Plan {
                 }
                 None => None,
             };
-            nl.add_route(route, oif)
+            let spec = RouteSpec {
+                v4: route.family_is_v4(),
+                destination: route.destination.map(|d| (d.addr, d.prefix)),
+                gateway: route.gateway,
+                oif,
+            };
+            nl.add_route(&spec)
                 .map_err(netlink_error(format!("adding route {}", route.describe())))?;
             info!(route = %route.describe(), "route added");
         }
         Ok(())
     }
-}
-
-/// One link of the guest, as the kernel lists it.
-#[derive(Debug, Clone)]
-struct Link {
-    index: u32,
-    name: String,
-    mac: Vec<u8>,
 }
 
 fn find_link<'a>(links: &'a [Link], selector: &Selector) -> Result<&'a Link, NetworkError> {
@@ -307,181 +300,6 @@ fn find_link<'a>(links: &'a [Link], selector: &Selector) -> Result<&'a Link, Net
             format_mac(mac),
             known()
         ))),
-    }
-}
-
-/// A NETLINK_ROUTE socket, one request at a time.
-struct Netlink {
-    socket: Socket,
-    sequence: u32,
-}
-
-impl Netlink {
-    fn open() -> io::Result<Netlink> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Netlink {
-            socket,
-            sequence: 0,
-        })
-    }
-
-    /// Sends one request and collects its answers: the messages of a dump
-    /// up to its end, or the kernel's acknowledgement.
-    fn request(
-        &mut self,
-        message: RouteNetlinkMessage,
-        flags: u16,
-    ) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.sequence;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
-        packet.finalize();
-        let mut buf = vec![0; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        self.socket.send(&buf, 0)?;
-
-        let mut answers = Vec::new();
-        loop {
-            let (datagram, _) = self.socket.recv_from_full()?;
-            let mut offset = 0;
-            while offset < datagram.len() {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram[offset..])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let len = reply.header.length as usize;
-                if reply.header.sequence_number == self.sequence {
-                    match reply.payload {
-                        NetlinkPayload::Done(_) => return Ok(answers),
-                        NetlinkPayload::Error(e) => match e.code {
-                            None => return Ok(answers),
-                            Some(_) => return Err(e.to_io()),
-                        },
-                        NetlinkPayload::InnerMessage(m) => answers.push(m),
-                        _ => {}
-                    }
-                }
-                if len == 0 {
-                    break;
-                }
-                offset += len;
-            }
-        }
-    }
-
-    fn links(&mut self) -> Result<Vec<Link>, NetworkError> {
-        let answers = self
-            .request(
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-                NLM_F_DUMP,
-            )
-            .map_err(netlink_error("listing the guest's interfaces"))?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(link) => Some(link),
-                _ => None,
-            })
-            .map(|link| {
-                let mut found = Link {
-                    index: link.header.index,
-                    name: String::new(),
-                    mac: Vec::new(),
-                };
-                for attribute in link.attributes {
-                    match attribute {
-                        LinkAttribute::IfName(name) => found.name = name,
-                        LinkAttribute::Address(mac) => found.mac = mac,
-                        _ => {}
-                    }
-                }
-                found
-            })
-            .collect())
-    }
-
-    /// Sets the MTU if given, and the link up.
-    fn set_link(&mut self, index: u32, mtu: Option<u32>) -> io::Result<()> {
-        let mut link = LinkMessage::default();
-        link.header.index = index;
-        link.header.flags = LinkFlags::Up;
-        link.header.change_mask = LinkFlags::Up;
-        if let Some(mtu) = mtu {
-            link.attributes.push(LinkAttribute::Mtu(mtu));
-        }
-        self.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
-            .map(drop)
-    }
-
-    fn add_address(&mut self, index: u32, cidr: Cidr) -> io::Result<()> {
-        let mut address = AddressMessage::default();
-        address.header.family = family(cidr.addr);
-        address.header.prefix_len = cidr.prefix;
-        address.header.index = index;
-        address.attributes.push(AddressAttribute::Local(cidr.addr));
-        address
-            .attributes
-            .push(AddressAttribute::Address(cidr.addr));
-        if cidr.addr.is_ipv6() {
-            // The address was handed out by the pod's IPAM: usable at once,
-            // without a second of duplicate address detection first.
-            address
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
-        self.request(
-            RouteNetlinkMessage::NewAddress(address),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        )
-        .map(drop)
-    }
-
-    fn add_route(&mut self, route: &RoutePlan, oif: Option<u32>) -> io::Result<()> {
-        let v4 = route.family_is_v4();
-        let mut message = RouteMessage::default();
-        message.header.address_family = if v4 {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        message.header.table = RouteHeader::RT_TABLE_MAIN;
-        message.header.protocol = RouteProtocol::Boot;
-        message.header.kind = RouteType::Unicast;
-        message.header.scope = if route.gateway.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
-        if let Some(destination) = route.destination {
-            message.header.destination_prefix_length = destination.prefix;
-            message
-                .attributes
-                .push(RouteAttribute::Destination(RouteAddress::from(
-                    destination.addr,
-                )));
-        }
-        if let Some(gateway) = route.gateway {
-            message
-                .attributes
-                .push(RouteAttribute::Gateway(RouteAddress::from(gateway)));
-        }
-        if let Some(oif) = oif {
-            message.attributes.push(RouteAttribute::Oif(oif));
-        }
-        self.request(
-            RouteNetlinkMessage::NewRoute(message),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        )
-        .map(drop)
-    }
-}
-
-fn family(addr: IpAddr) -> AddressFamily {
-    match addr {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
     }
 }
 
@@ -581,11 +399,13 @@ mod tests {
                 index: 1,
                 name: "lo".into(),
                 mac: vec![0; 6],
+                mtu: 65536,
             },
             Link {
                 index: 2,
                 name: "eth0".into(),
                 mac: vec![2, 0, 0, 0, 0, 1],
+                mtu: 1500,
             },
         ];
         let by_mac = find_link(&links, &Selector::Mac([2, 0, 0, 0, 0, 1])).unwrap();
@@ -625,7 +445,7 @@ mod tests {
                 .expect("unshare a network namespace (run the tests as root)");
             let mut nl = Netlink::open().unwrap();
             let links = nl.links().unwrap();
-            assert_eq!(links.len(), 1, "a fresh namespace has only lo: {links:?}");
+            assert!(links.iter().any(|l| l.name == "lo"), "{links:?}");
             assert!(matches!(
                 Plan::new(&[iface("", "02:00:00:00:00:07", &["10.1.0.2/24"], 0)], &[])
                     .unwrap()
@@ -634,13 +454,25 @@ mod tests {
             ));
             // Only lo exists: configure it by name, with a route through it.
             let plan = Plan::new(
-                &[iface("lo", "", &["10.1.0.2/24", "fd00:1::2/64"], 0)],
-                &[route("10.2.0.0/16", "", "lo"), route("", "10.1.0.1", "")],
+                &[iface("lo", "", &["10.1.0.2/24", "fd00:1::2/64"], 9000)],
+                &[
+                    route("10.2.0.0/16", "", "lo"),
+                    route("", "10.1.0.1", ""),
+                    route("fd00:2::/64", "", "lo"),
+                ],
             )
             .unwrap();
             plan.apply().unwrap();
             // Twice is the same as once.
             plan.apply().unwrap();
+            let links = nl.links().unwrap();
+            let lo = links.iter().find(|l| l.name == "lo").unwrap();
+            assert_eq!((lo.name.as_str(), lo.mtu), ("lo", 9000));
+            let v6_routes = std::fs::read_to_string("/proc/thread-self/net/ipv6_route").unwrap();
+            assert!(
+                v6_routes.contains("fd000002000000000000000000000000 40"),
+                "no fd00:2::/64 route: {v6_routes}"
+            );
             let routes = std::fs::read_to_string("/proc/thread-self/net/route").unwrap();
             assert!(
                 routes.contains("lo\t00000000\t0100010A"),
