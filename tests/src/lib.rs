@@ -2,6 +2,7 @@
 //! binaries and guest image are, and a microVM booted with husk-vmm whose
 //! agent is reached over vsock exactly as huskd reaches it.
 
+pub mod guest;
 pub mod microvm;
 pub mod oci;
 pub mod rootfs;
