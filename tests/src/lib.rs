@@ -4,6 +4,7 @@
 
 pub mod guest;
 pub mod microvm;
+pub mod netns;
 pub mod oci;
 pub mod rootfs;
 

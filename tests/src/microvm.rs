@@ -32,6 +32,9 @@ pub fn boot_timeout() -> Duration {
 pub struct MicroVmOptions {
     pub mem_mib: u64,
     pub extra_args: Vec<String>,
+    /// Run husk-vmm inside this named network namespace (`ip netns exec`),
+    /// where its `--net` taps are, as huskd runs it in the pod's.
+    pub netns: Option<String>,
 }
 
 impl Default for MicroVmOptions {
@@ -41,6 +44,7 @@ impl Default for MicroVmOptions {
             // emulated kernel work at boot (initialising its memory map).
             mem_mib: 128,
             extra_args: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -78,7 +82,17 @@ impl MicroVm {
         let vsock_uds = dir.path().join("vsock.sock");
         let api_sock = dir.path().join("api.sock");
         let spawned = Instant::now();
-        let mut child = Command::new(crate::workspace_binary("husk-vmm"))
+        let vmm = crate::workspace_binary("husk-vmm");
+        let mut command = match &opts.netns {
+            // `ip netns exec` execs husk-vmm: the child is still husk-vmm.
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(&vmm);
+                c
+            }
+            None => Command::new(&vmm),
+        };
+        let mut child = command
             .arg("run")
             .arg("--kernel")
             .arg(&kernel)
