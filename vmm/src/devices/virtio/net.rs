@@ -129,18 +129,24 @@ enum TapWatch {
     Gone,
 }
 
-pub struct Net {
+/// Where frames come from and go to, and what moving them needs.
+struct Backend {
     /// The tap's name, for logs; a label for other backends.
     name: String,
     /// One frame per read or write: a tap without packet information or
     /// virtio-net headers (or, in tests, a datagram socket).
-    tap: File,
+    file: File,
+    /// One frame, either direction.
+    frame: Vec<u8>,
+    drops: DropLog,
+}
+
+pub struct Net {
+    backend: Backend,
     config: [u8; 12],
     queue_evts: [EventFd; 2],
     active: Option<ActiveQueues>,
-    frame: Vec<u8>,
     watch: TapWatch,
-    drops: DropLog,
 }
 
 impl Net {
@@ -167,140 +173,50 @@ impl Net {
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&mtu.to_le_bytes());
         Ok(Self {
-            name: name.into(),
-            tap: backend,
+            backend: Backend {
+                name: name.into(),
+                file: backend,
+                frame: vec![0; MAX_FRAME],
+                drops: DropLog::new(),
+            },
             config,
             queue_evts: [evt()?, evt()?],
             active: None,
-            frame: vec![0; MAX_FRAME],
             watch: TapWatch::Readable,
-            drops: DropLog::new(),
         })
     }
 
     /// Frames dropped so far, either direction.
     pub fn dropped_frames(&self) -> u64 {
-        self.drops.total
+        self.backend.drops.total
     }
 
-    /// Moves frames from the tap into the guest's rx buffers.
+    /// Runs `f` on queue `index` if the device is active, then interrupts
+    /// the guest if `f` used buffers (its second result) and the driver
+    /// wants to know.
+    fn run_queue<T>(
+        &mut self,
+        index: usize,
+        f: impl FnOnce(&mut Queue, &GuestMemoryMmap, &mut Backend) -> (T, bool),
+    ) -> Option<T> {
+        let active = self.active.as_mut()?;
+        let queue = &mut active.queues[index];
+        let (result, used) = f(queue, &active.mem, &mut self.backend);
+        if used && queue.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+        Some(result)
+    }
+
     fn process_rx(&mut self) -> RxStop {
-        let Self {
-            name,
-            tap,
-            active,
-            frame,
-            drops,
-            ..
-        } = self;
-        let Some(active) = active.as_mut() else {
-            return RxStop::NoBuffers;
-        };
-        let mem = &active.mem;
-        let queue = &mut active.queues[RX_QUEUE];
-        let mut used = false;
-        let mut stop = RxStop::Budget;
-        for _ in 0..RX_BUDGET {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                stop = RxStop::NoBuffers;
-                break;
-            };
-            let head = chain.head_index();
-            let mut writer = match chain.writer(mem) {
-                Ok(w) if w.available_bytes() >= NET_HDR_LEN + ETH_HLEN => w,
-                Ok(w) => {
-                    // Unusable for any frame: hand it back empty, or the
-                    // guest would offer it again and again.
-                    drops.dropped(
-                        name,
-                        format_args!("an rx buffer of {} bytes is too short", w.available_bytes()),
-                    );
-                    used |= add_used(queue, mem, head, 0);
-                    continue;
-                }
-                Err(e) => {
-                    drops.dropped(name, format_args!("an rx buffer is not valid: {e}"));
-                    used |= add_used(queue, mem, head, 0);
-                    continue;
-                }
-            };
-            let len = match tap.read(frame) {
-                Ok(len) => len,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    queue.go_to_previous_position();
-                    continue;
-                }
-                Err(e) => {
-                    queue.go_to_previous_position();
-                    if e.kind() == io::ErrorKind::WouldBlock {
-                        stop = RxStop::TapEmpty;
-                    } else {
-                        tracing::error!(tap = %name, "virtio-net: reading the tap failed, the guest receives nothing more: {e}");
-                        stop = RxStop::TapFailed;
-                    }
-                    break;
-                }
-            };
-            if len < ETH_HLEN || NET_HDR_LEN + len > writer.available_bytes() {
-                // The buffer stays with the guest for the next frame.
-                drops.dropped(
-                    name,
-                    format_args!(
-                        "a {len}-byte frame from the tap does not fit the guest's {}-byte rx buffer",
-                        writer.available_bytes()
-                    ),
-                );
-                queue.go_to_previous_position();
-                continue;
-            }
-            let written = writer
-                .write_all(&RX_HEADER)
-                .and_then(|()| writer.write_all(&frame[..len]));
-            let used_len = match written {
-                Ok(()) => (NET_HDR_LEN + len) as u32,
-                Err(e) => {
-                    drops.dropped(name, format_args!("writing the rx buffer failed: {e}"));
-                    0
-                }
-            };
-            used |= add_used(queue, mem, head, used_len);
-        }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
-        }
-        stop
+        self.run_queue(RX_QUEUE, receive_frames)
+            .unwrap_or(RxStop::NoBuffers)
     }
 
-    /// Sends every frame the guest queued for transmission to the tap.
     fn process_tx(&mut self) {
-        let Self {
-            name,
-            tap,
-            active,
-            frame,
-            drops,
-            ..
-        } = self;
-        let Some(active) = active.as_mut() else {
-            return;
-        };
-        let mem = &active.mem;
-        let queue = &mut active.queues[TX_QUEUE];
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            match read_tx_frame(mem, chain, frame) {
-                Ok(len) => match write_frame(tap, &frame[..len]) {
-                    Ok(()) => {}
-                    Err(e) => drops.dropped(name, format_args!("writing to the tap failed: {e}")),
-                },
-                Err(why) => drops.dropped(name, format_args!("{why}")),
-            }
-            used |= add_used(queue, mem, head, 0);
-        }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
-        }
+        self.run_queue(TX_QUEUE, |queue, mem, tap| {
+            ((), transmit_frames(queue, mem, tap))
+        });
     }
 
     /// Receives, then (un)watches the tap according to why receiving stopped.
@@ -317,7 +233,7 @@ impl Net {
         if self.watch == want || self.watch == TapWatch::Gone {
             return;
         }
-        let tap = self.tap.as_raw_fd();
+        let tap = self.backend.file.as_raw_fd();
         let changed = match want {
             TapWatch::Readable => ops.modify(Events::new_raw(tap, EventSet::IN)),
             // ERROR and HANG_UP are still reported: a deleted tap is noticed.
@@ -327,7 +243,7 @@ impl Net {
         match changed {
             Ok(()) => self.watch = want,
             Err(e) => {
-                tracing::error!(tap = %self.name, "virtio-net: cannot change the tap's watch: {e}")
+                tracing::error!(tap = %self.backend.name, "virtio-net: cannot change the tap's watch: {e}")
             }
         }
     }
@@ -335,6 +251,101 @@ impl Net {
     fn queue_event_index(&self, fd: RawFd) -> Option<usize> {
         self.queue_evts.iter().position(|e| e.as_raw_fd() == fd)
     }
+}
+
+/// Moves frames from the tap into the guest's rx buffers; returns why it
+/// stopped and whether it used any buffer.
+fn receive_frames(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &mut Backend) -> (RxStop, bool) {
+    let mut used = false;
+    let mut stop = RxStop::Budget;
+    for _ in 0..RX_BUDGET {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            stop = RxStop::NoBuffers;
+            break;
+        };
+        let head = chain.head_index();
+        let mut writer = match chain.writer(mem) {
+            Ok(w) if w.available_bytes() >= NET_HDR_LEN + ETH_HLEN => w,
+            Ok(w) => {
+                // Unusable for any frame: hand it back empty, or the
+                // guest would offer it again and again.
+                tap.drops.dropped(
+                    &tap.name,
+                    format_args!("an rx buffer of {} bytes is too short", w.available_bytes()),
+                );
+                used |= add_used(queue, mem, head, 0);
+                continue;
+            }
+            Err(e) => {
+                tap.drops
+                    .dropped(&tap.name, format_args!("an rx buffer is not valid: {e}"));
+                used |= add_used(queue, mem, head, 0);
+                continue;
+            }
+        };
+        let len = match tap.file.read(&mut tap.frame) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                queue.go_to_previous_position();
+                continue;
+            }
+            Err(e) => {
+                queue.go_to_previous_position();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    stop = RxStop::TapEmpty;
+                } else {
+                    tracing::error!(tap = %tap.name, "virtio-net: reading the tap failed, the guest receives nothing more: {e}");
+                    stop = RxStop::TapFailed;
+                }
+                break;
+            }
+        };
+        if len < ETH_HLEN || NET_HDR_LEN + len > writer.available_bytes() {
+            // The buffer stays with the guest for the next frame.
+            tap.drops.dropped(
+                &tap.name,
+                format_args!(
+                    "a {len}-byte frame from the tap does not fit the guest's {}-byte rx buffer",
+                    writer.available_bytes()
+                ),
+            );
+            queue.go_to_previous_position();
+            continue;
+        }
+        let written = writer
+            .write_all(&RX_HEADER)
+            .and_then(|()| writer.write_all(&tap.frame[..len]));
+        let used_len = match written {
+            Ok(()) => (NET_HDR_LEN + len) as u32,
+            Err(e) => {
+                tap.drops
+                    .dropped(&tap.name, format_args!("writing the rx buffer failed: {e}"));
+                0
+            }
+        };
+        used |= add_used(queue, mem, head, used_len);
+    }
+    (stop, used)
+}
+
+/// Sends every frame the guest queued for transmission to the tap; returns
+/// whether it used any buffer.
+fn transmit_frames(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &mut Backend) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        match read_tx_frame(mem, chain, &mut tap.frame) {
+            Ok(len) => match write_frame(&mut tap.file, &tap.frame[..len]) {
+                Ok(()) => {}
+                Err(e) => tap
+                    .drops
+                    .dropped(&tap.name, format_args!("writing to the tap failed: {e}")),
+            },
+            Err(why) => tap.drops.dropped(&tap.name, format_args!("{why}")),
+        }
+        used |= add_used(queue, mem, head, 0);
+    }
+    used
 }
 
 /// Why a tx chain carried no frame.
@@ -430,7 +441,7 @@ impl VirtioDevice for Net {
         // the tap: a kick of the rx queue makes the loop look at it.
         self.process_tx();
         if let Err(e) = self.queue_evts[RX_QUEUE].write(1) {
-            tracing::warn!(tap = %self.name, "virtio-net: cannot kick the rx queue: {e}");
+            tracing::warn!(tap = %self.backend.name, "virtio-net: cannot kick the rx queue: {e}");
         }
         Ok(())
     }
@@ -443,10 +454,10 @@ impl VirtioDevice for Net {
 impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.tap.as_raw_fd() {
+        if fd == self.backend.file.as_raw_fd() {
             let set = events.event_set();
             if set.intersects(EventSet::ERROR | EventSet::HANG_UP) && !set.contains(EventSet::IN) {
-                tracing::error!(tap = %self.name, "virtio-net: the tap failed (deleted?), the guest receives nothing more");
+                tracing::error!(tap = %self.backend.name, "virtio-net: the tap failed (deleted?), the guest receives nothing more");
                 self.set_watch(ops, TapWatch::Gone);
                 return;
             }
@@ -468,10 +479,10 @@ impl MutEventSubscriber for Net {
             .queue_evts
             .iter()
             .map(|e| e.as_raw_fd())
-            .chain([self.tap.as_raw_fd()]);
+            .chain([self.backend.file.as_raw_fd()]);
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!(tap = %self.name, fd, "virtio-net: cannot watch an fd: {e}");
+                tracing::error!(tap = %self.backend.name, fd, "virtio-net: cannot watch an fd: {e}");
             }
         }
     }

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{tap, Net, TapError, ETH_HLEN, NET_HDR_LEN, RX_HEADER};
 use crate::devices::irq::IrqLine;
-use crate::devices::virtio::fake_driver::FakeQueue;
+use crate::devices::virtio::fake_driver::{kick, Arena, FakeQueue};
 use crate::devices::virtio::{ActiveQueues, Interrupt, VirtioDevice, INTERRUPT_USED_RING};
 
 const MEM_SIZE: usize = 16 << 20;
@@ -33,13 +33,13 @@ struct Harness {
     interrupt: Interrupt,
     /// The host's end of the "tap".
     host: UnixDatagram,
-    next_addr: u64,
+    arena: Arena,
     /// Rx buffers handed to the device, by head: (addr, len).
     rx_bufs: std::collections::HashMap<u16, (u64, u32)>,
 }
 
-/// A frame of `len` bytes: broadcast to the guest's MAC's neighbours, with
-/// `tag` in every payload byte.
+/// A broadcast Ethernet frame of `len` bytes with `tag` in every byte after
+/// its header.
 fn frame(len: usize, tag: u8) -> Vec<u8> {
     let mut f = vec![tag; len];
     f[..6].copy_from_slice(&[0xff; 6]);
@@ -79,7 +79,7 @@ impl Harness {
             tx,
             interrupt,
             host,
-            next_addr: DATA_START,
+            arena: Arena::new(DATA_START, MEM_SIZE as u64),
             rx_bufs: Default::default(),
         };
         // The kick activation gives itself.
@@ -87,34 +87,19 @@ impl Harness {
         h
     }
 
-    fn alloc(&mut self, len: u32) -> u64 {
-        let addr = self.next_addr;
-        self.next_addr += u64::from(len).next_multiple_of(16);
-        assert!(self.next_addr <= MEM_SIZE as u64);
-        addr
-    }
-
-    fn kick(&self, queue: usize) {
-        self.dev.lock().unwrap().queue_events()[queue]
-            .write(1)
-            .unwrap();
-    }
-
     /// Offers `n` rx buffers of `len` bytes and kicks the rx queue.
     fn give_rx(&mut self, n: usize, len: u32) {
-        for _ in 0..n {
-            let addr = self.alloc(len);
-            let head = self.rx.add_chain(&self.mem, &[(addr, len, true)]);
+        for (head, addr) in self.rx.add_writable(&self.mem, &mut self.arena, n, len) {
             self.rx_bufs.insert(head, (addr, len));
         }
-        self.kick(0);
+        kick(&self.dev, 0);
     }
 
     /// Queues a frame for transmission, header and frame in separate
     /// descriptors, and kicks the tx queue.
     fn send(&mut self, frame: &[u8]) {
-        let h = self.alloc(NET_HDR_LEN as u32);
-        let f = self.alloc(frame.len() as u32);
+        let h = self.arena.alloc(NET_HDR_LEN as u32);
+        let f = self.arena.alloc(frame.len() as u32);
         self.mem.write_slice(frame, GuestAddress(f)).unwrap();
         self.send_chain(&[
             (h, NET_HDR_LEN as u32, false),
@@ -124,7 +109,7 @@ impl Harness {
 
     fn send_chain(&mut self, chain: &[(u64, u32, bool)]) {
         self.tx.add_chain(&self.mem, chain);
-        self.kick(1);
+        kick(&self.dev, 1);
     }
 
     /// Runs the event loop until it is idle for 50 ms; returns how many
@@ -213,7 +198,7 @@ fn guest_frames_reach_the_tap_without_their_header() {
     let big = frame(1514, 2);
     h.send(&small);
     // Header and frame in one descriptor, as Linux sends with VERSION_1.
-    let a = h.alloc((NET_HDR_LEN + big.len()) as u32);
+    let a = h.arena.alloc((NET_HDR_LEN + big.len()) as u32);
     h.mem
         .write_slice(&big, GuestAddress(a + NET_HDR_LEN as u64))
         .unwrap();
@@ -279,7 +264,7 @@ fn frames_wait_in_the_tap_until_the_guest_offers_buffers() {
 fn malformed_tx_chains_cost_one_frame_each() {
     let mut h = Harness::new();
     let good = frame(80, 7);
-    let g = h.alloc(NET_HDR_LEN as u32 + 80);
+    let g = h.arena.alloc(NET_HDR_LEN as u32 + 80);
     h.mem
         .write_slice(&good, GuestAddress(g + NET_HDR_LEN as u64))
         .unwrap();
@@ -305,16 +290,16 @@ fn malformed_tx_chains_cost_one_frame_each() {
 fn malformed_rx_buffers_are_returned_empty_and_frames_kept() {
     let mut h = Harness::new();
     // Read-only, outside memory, too short for a header and an Ethernet header.
-    let a = h.alloc(RX_BUF);
+    let a = h.arena.alloc(RX_BUF);
     let head = h.rx.add_chain(&h.mem, &[(a, RX_BUF, false)]);
     h.rx_bufs.insert(head, (a, RX_BUF));
     let head =
         h.rx.add_chain(&h.mem, &[(MEM_SIZE as u64 - 8, RX_BUF, true)]);
     h.rx_bufs.insert(head, (0, RX_BUF));
-    let b = h.alloc(20);
+    let b = h.arena.alloc(20);
     let head = h.rx.add_chain(&h.mem, &[(b, 20, true)]);
     h.rx_bufs.insert(head, (b, 20));
-    h.kick(0);
+    kick(&h.dev, 0);
     let sent = frame(200, 3);
     h.host.send(&sent).unwrap();
     h.settle();
@@ -342,10 +327,10 @@ fn a_frame_larger_than_the_buffer_is_dropped_and_the_buffer_kept() {
 #[test]
 fn a_buffer_split_across_descriptors_takes_a_frame() {
     let mut h = Harness::new();
-    let (a, b) = (h.alloc(NET_HDR_LEN as u32), h.alloc(1518));
+    let (a, b) = (h.arena.alloc(NET_HDR_LEN as u32), h.arena.alloc(1518));
     let head =
         h.rx.add_chain(&h.mem, &[(a, NET_HDR_LEN as u32, true), (b, 1518, true)]);
-    h.kick(0);
+    kick(&h.dev, 0);
     let sent = frame(1514, 9);
     h.host.send(&sent).unwrap();
     h.settle();
