@@ -18,13 +18,14 @@
 //! and `cargo build --release --workspace --bins`).
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use husk_e2e::guest::Guest;
-use husk_e2e::microvm::MicroVmOptions;
 use husk_e2e::netns::pod::{GUEST_V4, HOST_V4};
-use husk_e2e::netns::{pod, pod_setup_request, TestNetns};
+use husk_e2e::netns::{
+    accept_within, connect_retrying, pod_setup_request, pod_vm_options, TestNetns,
+};
 use husk_e2e::oci::spec;
 use husk_e2e::rootfs::busybox_erofs;
 use husk_proto::v1;
@@ -53,21 +54,9 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
 }
 
-/// Connects, retrying while the guest's listener is not up yet.
-fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
 /// `n` 64-byte round trips; their times, sorted.
 fn round_trips(addr: SocketAddr, n: usize) -> Result<Vec<Duration>, String> {
-    let mut stream = connect(addr)?;
+    let mut stream = connect_retrying(addr, CONNECT_TIMEOUT)?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(CONNECT_TIMEOUT))
@@ -94,7 +83,7 @@ fn round_trips(addr: SocketAddr, n: usize) -> Result<Vec<Duration>, String> {
 /// guest answers with its byte count. Returns (sent, count, time from
 /// connect to the answer).
 fn stream_in(addr: SocketAddr, max: u64, secs: u64) -> Result<(u64, String, Duration), String> {
-    let mut stream = connect(addr)?;
+    let mut stream = connect_retrying(addr, CONNECT_TIMEOUT)?;
     let began = Instant::now();
     let chunk = vec![0x5au8; 64 << 10];
     let mut sent = 0u64;
@@ -120,17 +109,8 @@ fn stream_in(addr: SocketAddr, max: u64, secs: u64) -> Result<(u64, String, Dura
 
 /// Accepts one connection and reads it to EOF: (bytes, time from accept).
 fn stream_out(listener: TcpListener) -> Result<(u64, Duration), String> {
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    let mut stream = loop {
-        match listener.accept() {
-            Ok((stream, _)) => break stream,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("no connection: {e}")),
-        }
-    };
+    let (mut stream, _) = accept_within(&listener, CONNECT_TIMEOUT)?;
     let began = Instant::now();
-    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 64 << 10];
     let mut total = 0u64;
     loop {
@@ -181,17 +161,7 @@ async fn main() {
     let netns = TestNetns::with_pod_tap("husk-netbench").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().expect("temp dir");
     let image = busybox_erofs(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-    let (guest, mut agent) = Guest::boot(MicroVmOptions {
-        extra_args: vec![
-            "--disk".into(),
-            format!("{}:ro", image.display()),
-            "--net".into(),
-            pod::net_arg(),
-        ],
-        netns: Some(netns.name().into()),
-        ..MicroVmOptions::default()
-    })
-    .await;
+    let (guest, mut agent) = Guest::boot(pod_vm_options(&netns, &image)).await;
     let agent = &mut agent;
     let profile = match guest.vm.pvm_profile() {
         Some(true) => "pvm",
@@ -308,11 +278,7 @@ async fn main() {
     );
     guest.wait(agent, "bench", "stream-out").await;
 
-    let _ = agent.shutdown(v1::ShutdownRequest {}).await;
-    let mut vm = guest.vm;
-    if let Err(e) = vm.wait_exit(Duration::from_secs(120)) {
-        eprintln!("{e}");
-    }
+    let vm = guest.shut_down(agent).await;
     let log = vm.vmm_log_text();
     if log.contains("dropping frames") {
         println!("husk-vmm dropped frames:\n{log}");

@@ -47,6 +47,16 @@ impl Guest {
         (Guest { vm }, agent)
     }
 
+    /// Asks the agent to shut the guest down; husk-vmm must exit with 0.
+    /// The stopped VM, for a look at its logs.
+    pub async fn shut_down(self, agent: &mut AgentClient<Channel>) -> MicroVm {
+        self.rpc("Shutdown", agent.shutdown(v1::ShutdownRequest {}))
+            .await;
+        let mut vm = self.vm;
+        vm.expect_clean_exit();
+        vm
+    }
+
     pub fn fail(&self, step: &str, why: impl Display) -> ! {
         panic!("{step}: {why}\n{}", self.vm.diagnostics())
     }

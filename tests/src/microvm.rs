@@ -226,6 +226,20 @@ impl MicroVm {
         }
     }
 
+    /// Waits (2 minutes at most) for husk-vmm to exit after the guest was
+    /// asked to shut down; fails unless it exits with 0.
+    pub fn expect_clean_exit(&mut self) {
+        let status = self
+            .wait_exit(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "a guest shut down by its agent exits husk-vmm with 0\n{}",
+            self.diagnostics()
+        );
+    }
+
     /// The VMM process's resident memory that is not guest RAM, in KiB: the
     /// sum of Rss over its mappings except the guest memory mapping itself.
     pub fn vmm_overhead_rss_kib(&self) -> Option<u64> {

@@ -5,11 +5,16 @@
 //! namespaces left by test processes that were killed are deleted by the
 //! next one.
 
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use husk_proto::v1;
 use nix::sched::{setns, CloneFlags};
+
+use crate::microvm::MicroVmOptions;
 
 const NETNS_DIR: &str = "/run/netns";
 
@@ -50,6 +55,65 @@ pub mod pod {
     pub fn net_arg() -> String {
         format!("tap={TAP},mac={GUEST_MAC}")
     }
+}
+
+/// husk-vmm run inside `netns` with the `pod` NIC and `image` as its
+/// read-only first disk.
+pub fn pod_vm_options(netns: &TestNetns, image: &Path) -> MicroVmOptions {
+    MicroVmOptions {
+        extra_args: vec![
+            "--disk".into(),
+            format!("{}:ro", image.display()),
+            "--net".into(),
+            pod::net_arg(),
+        ],
+        netns: Some(netns.name().into()),
+        ..MicroVmOptions::default()
+    }
+}
+
+/// Connects to `addr`, retrying while nothing listens there yet (a guest
+/// process may still be starting), for at most `timeout`.
+pub fn connect_retrying(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Accepts one connection within `timeout`; the stream blocks.
+pub fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                return Ok((stream, peer));
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("no connection within {timeout:?}: {e}")),
+        }
+    }
+}
+
+/// Reads `stream` to its end; fails if no data comes for `timeout`.
+pub fn read_all(stream: &mut TcpStream, timeout: Duration) -> Result<Vec<u8>, String> {
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut data = Vec::new();
+    stream
+        .read_to_end(&mut data)
+        .map_err(|e| format!("reading after {} bytes: {e}", data.len()))?;
+    Ok(data)
 }
 
 /// What huskd asks the agent for after CNI gave the pod its addresses: the

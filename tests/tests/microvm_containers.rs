@@ -9,7 +9,7 @@
 //! does not boot or a step the agent refuses fails the test with the agent's
 //! status and the guest console's tail.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use husk_e2e::guest::{process, Guest};
 use husk_e2e::microvm::MicroVmOptions;
@@ -221,19 +221,7 @@ async fn container_lifecycle_inside_a_microvm() {
     );
 
     // 4. Shutdown ends the VM, and husk-vmm with 0.
-    guest
-        .rpc("Shutdown", agent.shutdown(v1::ShutdownRequest {}))
-        .await;
-    let mut vm = guest.vm;
-    let status = vm
-        .wait_exit(Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "a guest shut down by its agent exits husk-vmm with 0\n{}",
-        vm.diagnostics()
-    );
+    let vm = guest.shut_down(agent).await;
     // Guest-side trouble that did not fail a step is still worth seeing.
     let console = vm.console_text();
     let warnings: Vec<&str> = console

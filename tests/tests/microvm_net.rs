@@ -10,14 +10,14 @@
 //! guest that does not boot fails the test. Namespace, tap and VMM are gone
 //! afterwards, whatever happened.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use husk_e2e::guest::{process, Guest};
-use husk_e2e::microvm::MicroVmOptions;
 use husk_e2e::netns::pod::{BEYOND_GATEWAY, GUEST_MAC, GUEST_V4, GUEST_V6};
-use husk_e2e::netns::{pod, pod_setup_request, TestNetns};
+use husk_e2e::netns::{
+    accept_within, connect_retrying, pod_setup_request, pod_vm_options, read_all, TestNetns,
+};
 use husk_e2e::oci::spec;
 use husk_e2e::rootfs::busybox_erofs;
 use husk_proto::v1;
@@ -37,44 +37,14 @@ fn seq(n: u32) -> Vec<u8> {
 
 /// Connects (retrying while the guest's listener is not up yet) and reads to EOF.
 fn fetch(addr: SocketAddr) -> Result<Vec<u8>, String> {
-    let deadline = Instant::now() + NET_TIMEOUT;
-    let mut stream = loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-            Ok(stream) => break stream,
-            Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    };
-    stream
-        .set_read_timeout(Some(NET_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let mut data = Vec::new();
-    stream
-        .read_to_end(&mut data)
-        .map_err(|e| format!("reading from {addr} after {} bytes: {e}", data.len()))?;
-    Ok(data)
+    let mut stream = connect_retrying(addr, NET_TIMEOUT)?;
+    read_all(&mut stream, NET_TIMEOUT)
 }
 
 /// Accepts one connection on `listener` and reads it to EOF.
 fn sink(listener: TcpListener) -> Result<(Vec<u8>, SocketAddr), String> {
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + NET_TIMEOUT;
-    let (mut stream, peer) = loop {
-        match listener.accept() {
-            Ok(accepted) => break accepted,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => return Err(format!("no connection within {NET_TIMEOUT:?}: {e}")),
-        }
-    };
-    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(NET_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let mut data = Vec::new();
-    stream
-        .read_to_end(&mut data)
-        .map_err(|e| format!("reading from {peer} after {} bytes: {e}", data.len()))?;
-    Ok((data, peer))
+    let (mut stream, peer) = accept_within(&listener, NET_TIMEOUT)?;
+    Ok((read_all(&mut stream, NET_TIMEOUT)?, peer))
 }
 
 fn ping_summary(output: &std::process::Output) -> String {
@@ -94,17 +64,7 @@ async fn pod_network_inside_a_microvm() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = busybox_erofs(dir.path()).unwrap_or_else(|e| panic!("{e}"));
 
-    let (guest, mut agent) = Guest::boot(MicroVmOptions {
-        extra_args: vec![
-            "--disk".into(),
-            format!("{}:ro", image.display()),
-            "--net".into(),
-            pod::net_arg(),
-        ],
-        netns: Some(netns.name().into()),
-        ..MicroVmOptions::default()
-    })
-    .await;
+    let (guest, mut agent) = Guest::boot(pod_vm_options(&netns, &image)).await;
     let agent = &mut agent;
 
     // 1. The guest's interface, found by its MAC (in capitals here), gets
@@ -281,19 +241,7 @@ async fn pod_network_inside_a_microvm() {
     guest.wait(agent, c1, "").await;
     guest.remove(agent, c1).await;
 
-    guest
-        .rpc("Shutdown", agent.shutdown(v1::ShutdownRequest {}))
-        .await;
-    let mut vm = guest.vm;
-    let status = vm
-        .wait_exit(Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "a guest shut down by its agent exits husk-vmm with 0\n{}",
-        vm.diagnostics()
-    );
+    let vm = guest.shut_down(agent).await;
     let log = vm.vmm_log_text();
     assert!(
         log.contains("virtio-net attached to its tap"),
