@@ -2,14 +2,16 @@
 # Installs what building and testing husk needs on a fresh Debian 12 machine:
 # protoc for the agent protocol, and the guest kernel's build dependencies
 # (guest-image/build.sh checks those again itself), and huskd's image store's
-# tools and test fixtures: mkfs.erofs/fsck.erofs, a loopback OCI registry and a
-# static busybox to build test images from. Idempotent; needs root.
+# tools and test fixtures: mkfs.erofs/fsck.erofs, a loopback OCI registry, a
+# static busybox to build test images from, and `ip` for the network tests'
+# namespaces and taps. Idempotent; needs root.
 set -euo pipefail
 
 PACKAGES=(
 	protobuf-compiler
 	linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils build-essential
 	erofs-utils docker-registry busybox-static
+	iproute2
 )
 
 missing=()
