@@ -305,7 +305,8 @@ fn receive_frames(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &mut Backend) -
             tap.drops.dropped(
                 &tap.name,
                 format_args!(
-                    "a {len}-byte frame from the tap does not fit the guest's {}-byte rx buffer",
+                    "a {len}-byte frame from the tap is shorter than an Ethernet header or \
+                     larger than the guest's {}-byte rx buffer",
                     writer.available_bytes()
                 ),
             );
