@@ -4,7 +4,7 @@
 # (guest-image/build.sh checks those again itself), and huskd's image store's
 # tools and test fixtures: mkfs.erofs/fsck.erofs, a loopback OCI registry and a
 # static busybox to build test images from; pod networking: the CNI plugins,
-# iptables (portmap) and iproute2. Idempotent; needs root.
+# iptables (portmap) and iproute2 (huskd's taps, the tests' namespaces). Idempotent; needs root.
 set -euo pipefail
 
 PACKAGES=(

@@ -6,6 +6,7 @@ mod container;
 mod forward;
 mod guest;
 mod listen;
+mod network;
 mod reaper;
 mod sandbox;
 mod server;

@@ -1,5 +1,6 @@
-//! The pod as a whole: hostname, sysctls, DNS and hosts files, and the
-//! shared directory kubelet's files are copied into.
+//! The pod as a whole: hostname, sysctls, network interfaces and routes
+//! (inside a microVM), DNS and hosts files, and the shared directory
+//! kubelet's files are copied into.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
@@ -10,6 +11,7 @@ use husk_proto::v1::{self, FileKind};
 use tracing::info;
 
 use crate::container::paths::is_plain_relative;
+use crate::network::{self, NetworkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -17,8 +19,6 @@ pub enum SandboxError {
     InvalidArgument(String),
     #[error("{0}")]
     FailedPrecondition(String),
-    #[error("{0}")]
-    Unimplemented(String),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -29,11 +29,19 @@ impl From<SandboxError> for tonic::Status {
         match err {
             SandboxError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             SandboxError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
-            SandboxError::Unimplemented(_) => tonic::Status::unimplemented(message),
             SandboxError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                 tonic::Status::not_found(message)
             }
             SandboxError::Io { .. } => tonic::Status::internal(message),
+        }
+    }
+}
+
+impl From<NetworkError> for SandboxError {
+    fn from(err: NetworkError) -> Self {
+        match err {
+            NetworkError::InvalidArgument(message) => SandboxError::InvalidArgument(message),
+            NetworkError::Netlink { what, source } => SandboxError::Io { what, source },
         }
     }
 }
@@ -49,7 +57,7 @@ const MAX_CHUNK: usize = 4 << 20;
 pub struct Sandbox {
     shared_dir: PathBuf,
     /// Whether the agent has namespaces of its own (a guest, or a host
-    /// sandbox): only then may it set the hostname and sysctls.
+    /// sandbox): only then may it set the hostname, sysctls and network.
     owns_namespaces: bool,
 }
 
@@ -63,16 +71,13 @@ impl Sandbox {
 
     #[tracing::instrument(skip_all, fields(sandbox = %request.sandbox_id))]
     pub fn setup(&self, request: &v1::SetupSandboxRequest) -> Result<PathBuf, SandboxError> {
-        if !request.interfaces.is_empty() || !request.routes.is_empty() {
-            return Err(SandboxError::Unimplemented(
-                "configuring network interfaces and routes is not supported by this agent yet"
-                    .into(),
-            ));
-        }
-        let wants_namespaced = !request.hostname.is_empty() || !request.sysctls.is_empty();
+        // Checked whole before anything changes.
+        let network = network::Plan::new(&request.interfaces, &request.routes)?;
+        let wants_namespaced =
+            !request.hostname.is_empty() || !request.sysctls.is_empty() || !network.is_empty();
         if wants_namespaced && !self.owns_namespaces {
             return Err(SandboxError::FailedPrecondition(
-                "this agent shares the host's UTS and network namespaces: it will not set a hostname or sysctls".into(),
+                "this agent shares the host's UTS and network namespaces: it will not set a hostname, sysctls, interfaces or routes".into(),
             ));
         }
         fs::create_dir_all(&self.shared_dir)
@@ -91,6 +96,10 @@ impl Sandbox {
             }
             let file = Path::new("/proc/sys").join(key.replace('.', "/"));
             fs::write(&file, value).map_err(io_error(format!("setting sysctl {key}")))?;
+        }
+        // After the sysctls, which may shape how interfaces behave.
+        if !network.is_empty() {
+            network.apply()?;
         }
         for (name, content) in [
             ("resolv.conf", &request.resolv_conf),
@@ -213,4 +222,54 @@ pub fn owns_namespaces() -> bool {
         let init = fs::metadata(format!("/proc/1/ns/{ns}")).map(|m| m.ino());
         matches!((ours, init), (Ok(a), Ok(b)) if a != b)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_interface() -> v1::SetupSandboxRequest {
+        v1::SetupSandboxRequest {
+            sandbox_id: "pod".into(),
+            interfaces: vec![v1::NetworkInterface {
+                mac: "02:00:00:00:00:01".into(),
+                addresses: vec!["10.88.0.5/16".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_agent_sharing_the_hosts_network_configures_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::new(dir.path(), false);
+        let err = sandbox.setup(&with_interface()).unwrap_err();
+        assert!(matches!(err, SandboxError::FailedPrecondition(_)), "{err}");
+        let routes_only = v1::SetupSandboxRequest {
+            routes: vec![v1::Route {
+                gateway: "10.88.0.1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let err = sandbox.setup(&routes_only).unwrap_err();
+        assert!(matches!(err, SandboxError::FailedPrecondition(_)), "{err}");
+    }
+
+    #[test]
+    fn a_bad_network_request_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::new(dir.path(), true);
+        let mut request = with_interface();
+        request.hosts = "127.0.0.1 localhost\n".into();
+        request.interfaces[0].addresses = vec!["10.88.0.5".into()];
+        let err = sandbox.setup(&request).unwrap_err();
+        assert!(matches!(err, SandboxError::InvalidArgument(_)), "{err}");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::InvalidArgument
+        );
+        assert!(!dir.path().join("shared/hosts").exists());
+    }
 }

@@ -2,7 +2,9 @@
 //! binaries and guest image are, and a microVM booted with husk-vmm whose
 //! agent is reached over vsock exactly as huskd reaches it.
 
+pub mod guest;
 pub mod microvm;
+pub mod netns;
 pub mod oci;
 pub mod rootfs;
 

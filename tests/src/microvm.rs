@@ -32,6 +32,9 @@ pub fn boot_timeout() -> Duration {
 pub struct MicroVmOptions {
     pub mem_mib: u64,
     pub extra_args: Vec<String>,
+    /// Run husk-vmm inside this named network namespace (`ip netns exec`),
+    /// where its `--net` taps are, as huskd runs it in the pod's.
+    pub netns: Option<String>,
 }
 
 impl Default for MicroVmOptions {
@@ -41,6 +44,7 @@ impl Default for MicroVmOptions {
             // emulated kernel work at boot (initialising its memory map).
             mem_mib: 128,
             extra_args: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -78,7 +82,17 @@ impl MicroVm {
         let vsock_uds = dir.path().join("vsock.sock");
         let api_sock = dir.path().join("api.sock");
         let spawned = Instant::now();
-        let mut child = Command::new(crate::workspace_binary("husk-vmm"))
+        let vmm = crate::workspace_binary("husk-vmm");
+        let mut command = match &opts.netns {
+            // `ip netns exec` execs husk-vmm: the child is still husk-vmm.
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(&vmm);
+                c
+            }
+            None => Command::new(&vmm),
+        };
+        let mut child = command
             .arg("run")
             .arg("--kernel")
             .arg(&kernel)
@@ -210,6 +224,20 @@ impl MicroVm {
                 Err(e) => return Err(format!("cannot wait for husk-vmm: {e}")),
             }
         }
+    }
+
+    /// Waits (2 minutes at most) for husk-vmm to exit after the guest was
+    /// asked to shut down; fails unless it exits with 0.
+    pub fn expect_clean_exit(&mut self) {
+        let status = self
+            .wait_exit(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "a guest shut down by its agent exits husk-vmm with 0\n{}",
+            self.diagnostics()
+        );
     }
 
     /// The VMM process's resident memory that is not guest RAM, in KiB: the

@@ -91,3 +91,13 @@ pub fn erofs_image(dir: &Path, image: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A busybox rootfs packed as EROFS in `dir` (as `dir/busybox.erofs`).
+pub fn busybox_erofs(dir: &Path) -> Result<std::path::PathBuf, String> {
+    let tree = dir.join("rootfs");
+    std::fs::create_dir(&tree).map_err(|e| format!("creating {}: {e}", tree.display()))?;
+    busybox_rootfs(&tree)?;
+    let image = dir.join("busybox.erofs");
+    erofs_image(&tree, &image)?;
+    Ok(image)
+}

@@ -6,8 +6,6 @@
 //! On PVM hosts the guest kernel's ring 0 is emulated and a boot takes a
 //! minute or more; HUSK_BOOT_TIMEOUT_SECS raises the limit (default 600).
 
-use std::time::Duration;
-
 use husk_e2e::microvm::{
     boot_timeout, MicroVm, MicroVmOptions, AGENT_INIT_MARKER, AGENT_READY_MARKER,
 };
@@ -50,15 +48,7 @@ async fn guest_boots_and_agent_answers_over_vsock_then_shuts_down() {
         .shutdown(ShutdownRequest {})
         .await
         .expect("Shutdown over vsock");
-    let status = vm
-        .wait_exit(Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "a guest shut down by its agent exits husk-vmm with 0\n{}",
-        vm.diagnostics()
-    );
+    vm.expect_clean_exit();
     assert!(!vm.api_sock.exists(), "husk-vmm removes its API socket");
     assert!(!vm.vsock_uds.exists(), "husk-vmm removes its vsock socket");
 }

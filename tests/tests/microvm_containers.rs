@@ -9,228 +9,19 @@
 //! does not boot or a step the agent refuses fails the test with the agent's
 //! status and the guest console's tail.
 
-use std::fmt::Display;
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use husk_e2e::microvm::{boot_timeout, MicroVm, MicroVmOptions};
+use husk_e2e::guest::{process, Guest};
+use husk_e2e::microvm::MicroVmOptions;
 use husk_e2e::oci::spec;
 use husk_e2e::rootfs::{add_xstate_probe, busybox_rootfs, erofs_image, XSTATE_PROBE};
-use husk_proto::v1::agent_client::AgentClient;
-use husk_proto::v1::{self, rootfs_source};
-use serde_json::{json, Value};
-use tokio::task::JoinHandle;
-use tonic::transport::Channel;
-
-/// How long one RPC (or one process) may take inside the guest. Generous:
-/// on PVM every syscall a container's setup makes is emulated kernel work.
-const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+use husk_proto::v1;
+use serde_json::json;
 
 /// The pod's sandbox id; containers' cgroups go below husk/<id>.
 const SANDBOX_ID: &str = "pod";
 const POD_HOSTNAME: &str = "husk-pod";
-/// The EROFS image is the first (and only) disk: the guest's /dev/vda.
-const IMAGE_DEVICE: &str = "/dev/vda";
 const MEMORY_LIMIT: u64 = 64 << 20;
-
-/// The booted guest, for failure messages that carry its console.
-struct Guest {
-    vm: MicroVm,
-}
-
-impl Guest {
-    fn fail(&self, step: &str, why: impl Display) -> ! {
-        panic!("{step}: {why}\n{}", self.vm.diagnostics())
-    }
-
-    fn status_text(status: &tonic::Status) -> String {
-        format!(
-            "the agent answered {:?}: {}",
-            status.code(),
-            status.message()
-        )
-    }
-
-    /// Awaits one RPC; fails with the agent's status and the console.
-    async fn rpc<T>(
-        &self,
-        step: &str,
-        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> T {
-        let began = Instant::now();
-        let answer = tokio::time::timeout(STEP_TIMEOUT, call).await;
-        // Where the time goes inside the guest (PVM emulates its kernel mode).
-        eprintln!("  {step}: {:.1?}", began.elapsed());
-        match answer {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => self.fail(step, Self::status_text(&status)),
-            Err(_) => self.fail(step, format!("no answer within {STEP_TIMEOUT:?}")),
-        }
-    }
-
-    /// Starts reading a process's stream to its end in the background.
-    async fn read_output(
-        &self,
-        agent: &mut AgentClient<Channel>,
-        container: &str,
-        exec: &str,
-        stream: v1::OutputStream,
-    ) -> JoinHandle<Result<String, tonic::Status>> {
-        let step = format!("ReadOutput {stream:?} of {container}/{exec}");
-        let mut chunks = self
-            .rpc(
-                &step,
-                agent.read_output(v1::ReadOutputRequest {
-                    process: Some(process(container, exec)),
-                    stream: stream.into(),
-                }),
-            )
-            .await;
-        tokio::spawn(async move {
-            let mut data = Vec::new();
-            while let Some(chunk) = chunks.message().await? {
-                data.extend(chunk.data);
-            }
-            Ok(String::from_utf8_lossy(&data).into_owned())
-        })
-    }
-
-    /// What a background reader collected.
-    async fn output(
-        &self,
-        step: &str,
-        reader: JoinHandle<Result<String, tonic::Status>>,
-    ) -> String {
-        match tokio::time::timeout(STEP_TIMEOUT, reader).await {
-            Ok(Ok(Ok(text))) => text,
-            Ok(Ok(Err(status))) => self.fail(step, Self::status_text(&status)),
-            Ok(Err(join)) => self.fail(step, format!("the reader failed: {join}")),
-            Err(_) => self.fail(
-                step,
-                format!("the stream did not end within {STEP_TIMEOUT:?}"),
-            ),
-        }
-    }
-
-    async fn wait(
-        &self,
-        agent: &mut AgentClient<Channel>,
-        container: &str,
-        exec: &str,
-    ) -> v1::ExitStatus {
-        let step = format!("WaitProcess {container}/{exec}");
-        let response = self
-            .rpc(
-                &step,
-                agent.wait_process(v1::WaitProcessRequest {
-                    process: Some(process(container, exec)),
-                }),
-            )
-            .await;
-        response
-            .status
-            .unwrap_or_else(|| self.fail(&step, "the answer carries no exit status"))
-    }
-
-    async fn create(&self, agent: &mut AgentClient<Channel>, id: &str, spec: &Value) -> u32 {
-        let response = self
-            .rpc(
-                &format!("CreateContainer {id} on {IMAGE_DEVICE}"),
-                agent.create_container(v1::CreateContainerRequest {
-                    container_id: id.into(),
-                    oci_spec_json: serde_json::to_vec(spec).expect("spec json"),
-                    rootfs: Some(v1::RootfsSource {
-                        source: Some(rootfs_source::Source::BlockDevice(IMAGE_DEVICE.into())),
-                        writable_layer_bytes: 64 << 20,
-                    }),
-                    stdin: false,
-                }),
-            )
-            .await;
-        response.pid
-    }
-
-    async fn start(&self, agent: &mut AgentClient<Channel>, id: &str) {
-        self.rpc(
-            &format!("StartContainer {id}"),
-            agent.start_container(v1::StartContainerRequest {
-                container_id: id.into(),
-            }),
-        )
-        .await;
-    }
-
-    async fn remove(&self, agent: &mut AgentClient<Channel>, id: &str) {
-        self.rpc(
-            &format!("RemoveContainer {id}"),
-            agent.remove_container(v1::RemoveContainerRequest {
-                container_id: id.into(),
-                force: false,
-            }),
-        )
-        .await;
-    }
-
-    /// Runs an exec to its end: stdout, stderr (empty for a tty), exit.
-    async fn exec(
-        &self,
-        agent: &mut AgentClient<Channel>,
-        container: &str,
-        exec: &str,
-        process_json: Value,
-    ) -> (String, String, v1::ExitStatus) {
-        let tty = process_json["terminal"].as_bool() == Some(true);
-        let step = format!("ExecProcess {container}/{exec}");
-        self.rpc(
-            &step,
-            agent.exec_process(v1::ExecProcessRequest {
-                container_id: container.into(),
-                exec_id: exec.into(),
-                oci_process_json: serde_json::to_vec(&process_json).expect("json"),
-                stdin: false,
-                timeout_ms: 0,
-            }),
-        )
-        .await;
-        let stdout = self
-            .read_output(agent, container, exec, v1::OutputStream::Stdout)
-            .await;
-        let stderr = if tty {
-            None
-        } else {
-            Some(
-                self.read_output(agent, container, exec, v1::OutputStream::Stderr)
-                    .await,
-            )
-        };
-        let status = self.wait(agent, container, exec).await;
-        let stdout = self.output(&format!("{step}: stdout"), stdout).await;
-        let stderr = match stderr {
-            Some(reader) => self.output(&format!("{step}: stderr"), reader).await,
-            None => String::new(),
-        };
-        (stdout, stderr, status)
-    }
-
-    fn check_eq<T: PartialEq + std::fmt::Debug>(&self, step: &str, what: &str, got: T, want: T) {
-        if got != want {
-            self.fail(step, format!("{what}: got {got:?}, expected {want:?}"));
-        }
-    }
-
-    fn check(&self, step: &str, ok: bool, why: impl Display) {
-        if !ok {
-            self.fail(step, why);
-        }
-    }
-}
-
-fn process(container: &str, exec: &str) -> v1::ProcessRef {
-    v1::ProcessRef {
-        container_id: container.into(),
-        exec_id: exec.into(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_lifecycle_inside_a_microvm() {
@@ -245,24 +36,11 @@ async fn container_lifecycle_inside_a_microvm() {
     let image = dir.path().join("busybox.erofs");
     erofs_image(&tree, &image).unwrap_or_else(|e| panic!("{e}"));
 
-    let mut vm = MicroVm::start(MicroVmOptions {
+    let (guest, mut agent) = Guest::boot(MicroVmOptions {
         extra_args: vec!["--disk".into(), format!("{}:ro", image.display())],
         ..MicroVmOptions::default()
-    });
-    let (mut agent, timings) = match vm.wait_for_agent(boot_timeout()).await {
-        Ok(ok) => ok,
-        Err(why) => panic!("the microVM did not boot to its agent: {why}"),
-    };
-    eprintln!(
-        "microVM booted ({} profile), agent answered after {:?}",
-        match vm.pvm_profile() {
-            Some(true) => "PVM",
-            Some(false) => "hardware-KVM",
-            None => "unknown",
-        },
-        timings.agent_answered
-    );
-    let guest = Guest { vm };
+    })
+    .await;
     let agent = &mut agent;
 
     // 1. The pod: its hostname is the guest's (the agent owns its namespaces).
@@ -443,19 +221,7 @@ async fn container_lifecycle_inside_a_microvm() {
     );
 
     // 4. Shutdown ends the VM, and husk-vmm with 0.
-    guest
-        .rpc("Shutdown", agent.shutdown(v1::ShutdownRequest {}))
-        .await;
-    let mut vm = guest.vm;
-    let status = vm
-        .wait_exit(Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "a guest shut down by its agent exits husk-vmm with 0\n{}",
-        vm.diagnostics()
-    );
+    let vm = guest.shut_down(agent).await;
     // Guest-side trouble that did not fail a step is still worth seeing.
     let console = vm.console_text();
     let warnings: Vec<&str> = console

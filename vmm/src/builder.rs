@@ -19,6 +19,7 @@ use crate::devices::irq::IrqLine;
 use crate::devices::serial::{ConsoleSink, SerialConsole};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::pvm;
@@ -53,6 +54,8 @@ pub enum BuildError {
     MpTable(#[from] mptable::MpTableError),
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
@@ -129,6 +132,11 @@ impl Vmm {
             let block = Block::new(path, read_only, &format!("husk-disk{i}"))?;
             disk_handles.push((devices.len(), block.handle()));
             devices.push(Box::new(block));
+        }
+        // Network devices after the disks: the disks keep the MMIO slots and
+        // IRQs they have without a network.
+        for net in &config.nets {
+            devices.push(Box::new(Net::new(net)?));
         }
         let irq_count = (layout::LAST_DEVICE_IRQ - layout::FIRST_DEVICE_IRQ + 1) as usize;
         if devices.len() > irq_count {

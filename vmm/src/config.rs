@@ -23,6 +23,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub vsock: Option<VsockConfig>,
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, each backed by an existing tap, in guest order.
+    pub nets: Vec<NetConfig>,
     /// Empty read-only disk slots the control API can fill after boot.
     pub spare_disks: usize,
     pub console_log: Option<PathBuf>,
@@ -62,6 +64,98 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// The MTU a virtio-net device announces unless `mtu=` says otherwise.
+pub const DEFAULT_NET_MTU: u16 = 1500;
+/// Linux refuses interfaces below the IPv4 minimum.
+const MIN_NET_MTU: u16 = 68;
+/// Interface names are at most 15 bytes (IFNAMSIZ - 1).
+pub const MAX_IFNAME_LEN: usize = 15;
+
+/// One virtio-net device and the host tap behind it. The tap must exist
+/// already (huskd creates it in the pod's network namespace); husk-vmm only
+/// attaches to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+    /// Announced to the guest (VIRTIO_NET_F_MTU): the largest MTU its driver
+    /// allows, and what it sizes receive buffers for.
+    pub mtu: u16,
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+
+    /// `tap=NAME,mac=AA:BB:CC:DD:EE:FF[,mtu=N]`, keys in any order.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tap, mut mac, mut mtu) = (None, None, None);
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("net '{s}': expected key=value, got '{part}'"))?;
+            let slot_taken = match key {
+                "tap" => tap.replace(parse_ifname(value)?).is_some(),
+                "mac" => mac.replace(parse_mac(value)?).is_some(),
+                "mtu" => mtu.replace(parse_mtu(value)?).is_some(),
+                _ => return Err(format!("net '{s}': unknown key '{key}' (tap, mac, mtu)")),
+            };
+            if slot_taken {
+                return Err(format!("net '{s}': '{key}' given twice"));
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or_else(|| format!("net '{s}': tap=NAME is required"))?,
+            mac: mac.ok_or_else(|| format!("net '{s}': mac=AA:BB:CC:DD:EE:FF is required"))?,
+            mtu: mtu.unwrap_or(DEFAULT_NET_MTU),
+        })
+    }
+}
+
+fn parse_ifname(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_IFNAME_LEN
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+    if valid {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "'{name}' is not an interface name (1-{MAX_IFNAME_LEN} bytes, no '/', ':' or spaces)"
+        ))
+    }
+}
+
+/// Six hex octets separated by ':'. Multicast addresses cannot be a NIC's.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("'{text}' is not a MAC address (AA:BB:CC:DD:EE:FF)");
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{text} is a multicast address, not a NIC's"));
+    }
+    Ok(mac)
+}
+
+fn parse_mtu(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(mtu) if mtu >= MIN_NET_MTU => Ok(mtu),
+        _ => Err(format!("mtu '{text}' is not in {MIN_NET_MTU}..=65535")),
+    }
+}
+
 /// Whether to run the guest with the PVM profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PvmMode {
@@ -95,5 +189,43 @@ mod tests {
         let colon: DiskConfig = "/odd:name".parse().unwrap();
         assert_eq!(colon.path, PathBuf::from("/odd:name"));
         assert!(":ro".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn net_syntax() {
+        let net: NetConfig = "tap=tap0,mac=02:AB:cd:00:00:01".parse().unwrap();
+        assert_eq!(
+            net,
+            NetConfig {
+                tap: "tap0".into(),
+                mac: [0x02, 0xab, 0xcd, 0, 0, 1],
+                mtu: DEFAULT_NET_MTU,
+            }
+        );
+        let net: NetConfig = "mtu=9000,mac=02:00:00:00:00:02,tap=husk-eth0"
+            .parse()
+            .unwrap();
+        assert_eq!((net.tap.as_str(), net.mtu), ("husk-eth0", 9000));
+
+        for bad in [
+            "",
+            "tap=tap0",
+            "mac=02:00:00:00:00:01",
+            "tap=tap0,mac=02:00:00:00:00",
+            "tap=tap0,mac=02:00:00:00:00:01:02",
+            "tap=tap0,mac=02:00:00:00:00:0g",
+            "tap=tap0,mac=2:00:00:00:00:01",
+            "tap=tap0,mac=01:00:5e:00:00:01",
+            "tap=tap0,mac=02:00:00:00:00:01,mtu=67",
+            "tap=tap0,mac=02:00:00:00:00:01,mtu=65536",
+            "tap=tap0,mac=02:00:00:00:00:01,speed=10",
+            "tap=tap0,tap=tap1,mac=02:00:00:00:00:01",
+            "tap=,mac=02:00:00:00:00:01",
+            "tap=a/b,mac=02:00:00:00:00:01",
+            "tap=sixteen-bytes-xx,mac=02:00:00:00:00:01",
+            "tap0,mac=02:00:00:00:00:01",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "accepted {bad:?}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! husk-vmm: one KVM microVM per pod. Direct 64-bit boot of a Linux `vmlinux`,
 //! a serial console, virtio-mmio devices (vsock bridged to a host unix socket,
-//! block), a control API, and a profile for PVM hosts.
+//! block, net on a host tap), a control API, and a profile for PVM hosts.
 
 pub mod api;
 pub mod arch;

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use husk_vmm::config::{
-    DiskConfig, PvmMode, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
+    DiskConfig, NetConfig, PvmMode, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
+    DEFAULT_MEM_MIB,
 };
 use husk_vmm::{Outcome, Vmm};
 
@@ -55,6 +56,11 @@ struct RunArgs {
     /// A virtio-blk disk, PATH or PATH:ro; repeatable, in guest order.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
+    /// A virtio-net device on an existing tap in husk-vmm's network namespace:
+    /// tap=NAME,mac=AA:BB:CC:DD:EE:FF[,mtu=N] (mtu defaults to 1500);
+    /// repeatable, in guest order (eth0, eth1, ...).
+    #[arg(long = "net")]
+    nets: Vec<NetConfig>,
     /// Empty read-only disk slots after the --disk ones, for attach_disk later.
     #[arg(long, default_value_t = 0)]
     spare_disks: usize,
@@ -82,6 +88,7 @@ impl From<RunArgs> for VmConfig {
                 guest_cid: a.vsock_cid,
             }),
             disks: a.disks,
+            nets: a.nets,
             spare_disks: a.spare_disks,
             console_log: a.console_log,
             api_sock: a.api_sock,

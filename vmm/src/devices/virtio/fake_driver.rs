@@ -1,12 +1,51 @@
 //! Test support: the driver side of a split virtqueue in real guest memory,
 //! for device tests that play the guest.
 
+use std::sync::Mutex;
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::VirtioDevice;
 
 pub const QSIZE: u16 = 256;
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
+
+/// Guest addresses for test buffers, 16-byte aligned, handed out from
+/// `start` and again from `start` once `end` is reached (the buffers there
+/// have long been used by then).
+pub struct Arena {
+    start: u64,
+    next: u64,
+    end: u64,
+}
+
+impl Arena {
+    pub fn new(start: u64, end: u64) -> Self {
+        Self {
+            start,
+            next: start,
+            end,
+        }
+    }
+
+    pub fn alloc(&mut self, len: u32) -> u64 {
+        if self.next + u64::from(len) > self.end {
+            self.next = self.start;
+        }
+        let addr = self.next;
+        self.next += u64::from(len).next_multiple_of(16);
+        addr
+    }
+}
+
+/// Notifies queue `queue` of `device`, as the driver's QueueNotify write does.
+pub fn kick(device: &Mutex<impl VirtioDevice>, queue: usize) {
+    device.lock().unwrap().queue_events()[queue]
+        .write(1)
+        .unwrap();
+}
 
 /// The driver side of one split virtqueue.
 pub struct FakeQueue {
@@ -62,6 +101,23 @@ impl FakeQueue {
         mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
             .unwrap();
         head
+    }
+
+    /// Publishes `n` device-writable buffers of `len` bytes from `arena`,
+    /// one chain each; returns each one's (head, address).
+    pub fn add_writable(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        arena: &mut Arena,
+        n: usize,
+        len: u32,
+    ) -> Vec<(u16, u64)> {
+        (0..n)
+            .map(|_| {
+                let addr = arena.alloc(len);
+                (self.add_chain(mem, &[(addr, len, true)]), addr)
+            })
+            .collect()
     }
 
     /// Used-ring entries (head, len) not seen yet.

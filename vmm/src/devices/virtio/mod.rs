@@ -8,6 +8,7 @@ pub mod block;
 #[cfg(test)]
 mod fake_driver;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

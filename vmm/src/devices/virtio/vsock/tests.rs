@@ -20,7 +20,7 @@ use super::packet::{
 };
 use super::{Vsock, VsockError, FIRST_LOCAL_PORT};
 use crate::devices::irq::IrqLine;
-use crate::devices::virtio::fake_driver::FakeQueue;
+use crate::devices::virtio::fake_driver::{kick, Arena, FakeQueue};
 
 const GUEST_CID: u64 = 3;
 const MEM_SIZE: usize = 16 << 20;
@@ -34,7 +34,7 @@ struct Harness {
     rx: FakeQueue,
     tx: FakeQueue,
     interrupt: Interrupt,
-    next_addr: u64,
+    arena: Arena,
     /// Rx buffers handed to the device, by head: (addr, len).
     rx_bufs: HashMap<u16, (u64, u32)>,
     tx_used: usize,
@@ -107,7 +107,7 @@ impl Harness {
             rx,
             tx,
             interrupt,
-            next_addr: DATA_START,
+            arena: Arena::new(DATA_START, MEM_SIZE as u64),
             rx_bufs: HashMap::new(),
             tx_used: 0,
             rx_skipped: 0,
@@ -117,29 +117,12 @@ impl Harness {
         }
     }
 
-    fn alloc(&mut self, len: u32) -> u64 {
-        if self.next_addr + u64::from(len) > MEM_SIZE as u64 {
-            self.next_addr = DATA_START;
-        }
-        let addr = self.next_addr;
-        self.next_addr += u64::from(len).next_multiple_of(16);
-        addr
-    }
-
-    fn kick(&self, queue: usize) {
-        self.dev.lock().unwrap().queue_events()[queue]
-            .write(1)
-            .unwrap();
-    }
-
     /// Offers `n` rx buffers of `len` bytes each.
     fn give_rx(&mut self, n: usize, len: u32) {
-        for _ in 0..n {
-            let addr = self.alloc(len);
-            let head = self.rx.add_chain(&self.mem, &[(addr, len, true)]);
+        for (head, addr) in self.rx.add_writable(&self.mem, &mut self.arena, n, len) {
             self.rx_bufs.insert(head, (addr, len));
         }
-        self.kick(0);
+        kick(&self.dev, 0);
     }
 
     /// Sends a packet on the tx queue, header and payload in separate
@@ -149,13 +132,13 @@ impl Harness {
             len: payload.len() as u32,
             ..hdr
         };
-        let h = self.alloc(HDR_LEN as u32);
+        let h = self.arena.alloc(HDR_LEN as u32);
         self.mem
             .write_slice(&hdr.encode(), GuestAddress(h))
             .unwrap();
         let mut chain = vec![(h, HDR_LEN as u32, false)];
         if !payload.is_empty() {
-            let p = self.alloc(payload.len() as u32);
+            let p = self.arena.alloc(payload.len() as u32);
             self.mem.write_slice(payload, GuestAddress(p)).unwrap();
             chain.push((p, payload.len() as u32, false));
         }
@@ -163,14 +146,14 @@ impl Harness {
     }
 
     fn send_raw(&mut self, bytes: &[u8]) {
-        let a = self.alloc(bytes.len() as u32);
+        let a = self.arena.alloc(bytes.len() as u32);
         self.mem.write_slice(bytes, GuestAddress(a)).unwrap();
         self.send_raw_chain(&[(a, bytes.len() as u32, false)]);
     }
 
     fn send_raw_chain(&mut self, chain: &[(u64, u32, bool)]) {
         self.tx.add_chain(&self.mem, chain);
-        self.kick(1);
+        kick(&self.dev, 1);
     }
 
     /// Runs the event loop once and collects what the device produced.
@@ -580,7 +563,7 @@ fn truncated_and_lying_packets_are_dropped() {
     lying.len = u32::MAX;
     h.send_raw(&lying.encode());
     // An empty chain and a chain of only device-writable buffers.
-    let a = h.alloc(64);
+    let a = h.arena.alloc(64);
     h.send_raw_chain(&[(a, 0, false)]);
     h.send_raw_chain(&[(a, 64, true)]);
     h.settle();
@@ -601,7 +584,7 @@ fn header_split_across_descriptors() {
     hdr.len = 6;
     let mut bytes = hdr.encode().to_vec();
     bytes.extend_from_slice(b"abcdef");
-    let (a, b, c) = (h.alloc(20), h.alloc(30), h.alloc(10));
+    let (a, b, c) = (h.arena.alloc(20), h.arena.alloc(30), h.arena.alloc(10));
     h.mem.write_slice(&bytes[..20], GuestAddress(a)).unwrap();
     h.mem.write_slice(&bytes[20..48], GuestAddress(b)).unwrap();
     h.mem.write_slice(&bytes[48..], GuestAddress(c)).unwrap();
@@ -613,12 +596,12 @@ fn header_split_across_descriptors() {
 fn rx_buffers_too_small_are_skipped() {
     let mut h = Harness::new();
     for len in [16, HDR_LEN as u32, 4096] {
-        let addr = h.alloc(len);
+        let addr = h.arena.alloc(len);
         let head = h.rx.add_chain(&h.mem, &[(addr, len, true)]);
         h.rx_bufs.insert(head, (addr, len));
     }
     // A readable-only "rx" buffer is no use either.
-    let addr = h.alloc(4096);
+    let addr = h.arena.alloc(4096);
     let head = h.rx.add_chain(&h.mem, &[(addr, 4096, false)]);
     h.rx_bufs.insert(head, (addr, 4096));
     h.send(guest_hdr(Op::Rw, 4000, 5000), b"data");
@@ -639,7 +622,7 @@ fn interrupts_only_for_used_buffers() {
     let _ = irq.read();
     // Kicks with nothing to do: no interrupt.
     h.give_rx(4, 4096);
-    h.kick(1);
+    kick(&h.dev, 1);
     h.settle();
     assert!(irq.read().is_err(), "no used buffers, no interrupt");
     client.write_all(b"x").unwrap();
