@@ -259,16 +259,6 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     std::os::unix::fs::symlink("sub/key", host_files.join("dir/link")).expect("symlink");
     let mut sleeper_config =
         container_config("sleeper", &image, &["sleep", "600"], "sleeper/0.log");
-    sleeper_config.linux = Some(cri::LinuxContainerConfig {
-        security_context: Some(cri::LinuxContainerSecurityContext {
-            capabilities: Some(cri::Capability {
-                add_capabilities: vec!["NET_ADMIN".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
     sleeper_config.mounts = vec![
         cri::Mount {
             container_path: "/etc/hosts".into(),
@@ -360,15 +350,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     write_to_stdout_until_attached(&mut rt, &sleeper, &mut attached, "before").await;
     drop(attached);
     // Port-forward: the agent connects to busybox httpd on the guest's
-    // loopback. Nothing brings the guest's lo up before pod networking
-    // does, so the sleeper (with CAP_NET_ADMIN for this) does it first.
-    let out = exec_sync(
-        &mut rt,
-        &sleeper,
-        &["busybox", "ip", "link", "set", "lo", "up"],
-    )
-    .await;
-    assert_eq!(out.exit_code, 0, "{out:?}");
+    // loopback, which came up with the pod's network.
     let out = exec_sync(
         &mut rt,
         &sleeper,

@@ -11,8 +11,9 @@ use rtnetlink::{Handle, LinkUnspec};
 
 use super::netns;
 
-/// ETH_P_ALL: a filter that takes every frame.
-const ALL_PROTOCOLS: u16 = 0x0003;
+/// ETH_P_ALL, a filter that takes every frame, in network byte order as the
+/// kernel reads it from tcm_info (rtnetlink passes the value through as is).
+const ALL_PROTOCOLS: u16 = 0x0003u16.to_be();
 /// The classic ingress qdisc's handle, `ffff:`, which filters hang from.
 const INGRESS_PARENT: u32 = 0xffff_0000;
 
