@@ -305,7 +305,8 @@ async fn invoke(
         command,
         source,
     };
-    let mut child = tokio::process::Command::new(&binary)
+    let mut plugin = tokio::process::Command::new(&binary);
+    plugin
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", at.container_id)
         .env("CNI_NETNS", at.netns)
@@ -315,11 +316,15 @@ async fn invoke(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(spawn_err)?;
+        .kill_on_drop(true);
+    let mut child = plugin.spawn().map_err(spawn_err)?;
     if let Some(mut pipe) = child.stdin.take() {
-        pipe.write_all(stdin.as_bytes()).await.map_err(spawn_err)?;
+        // A plugin may exit without reading its config (an early error):
+        // its exit status and output say what happened, not the pipe.
+        match pipe.write_all(stdin.as_bytes()).await {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(spawn_err(e)),
+            _ => {}
+        }
     }
     let output = tokio::time::timeout(PLUGIN_TIMEOUT, child.wait_with_output())
         .await

@@ -149,14 +149,16 @@ impl Network {
     pub async fn teardown(&self, id: &str, pod: &PodNetwork) -> Result<(), NetworkError> {
         let list = list_from_value(&pod.list).map_err(NetworkError::Teardown)?;
         let prev = (!pod.result.is_null()).then_some(&pod.result);
-        cni::del(&list, &self.bin_dir, &attachment(id, pod), prev)
-            .await
-            .map_err(NetworkError::Teardown)?;
+        let deleted = cni::del(&list, &self.bin_dir, &attachment(id, pod), prev).await;
+        // The namespace goes even when a plugin failed: nothing runs in it
+        // any more, a retried DEL copes with its absence, and a failed
+        // start has no record left to retry from.
         netns::remove(&pod.netns).map_err(|source| NetworkError::Netns {
             what: "removing",
             path: pod.netns.clone(),
             source,
         })?;
+        deleted.map_err(NetworkError::Teardown)?;
         info!("pod network down");
         Ok(())
     }
