@@ -16,11 +16,11 @@ use nix::unistd::Pid;
 use tonic::transport::Channel;
 use tracing::warn;
 
-use crate::network::netns::join_in_child;
-
 use super::host_cgroup::{kill_pod_cgroups, CGROUP_ROOT};
 use super::startup::{Attempt, Spawned};
-use super::{BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started, AGENT_READY_TIMEOUT};
+use super::{
+    io_err, BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started, AGENT_READY_TIMEOUT,
+};
 
 pub struct HostDriver {
     agent: PathBuf,
@@ -30,12 +30,6 @@ impl HostDriver {
     pub fn new(agent: PathBuf) -> HostDriver {
         HostDriver { agent }
     }
-}
-
-fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
-    let id = id.to_owned();
-    let what = what.into();
-    move |source| SandboxError::Io { id, what, source }
 }
 
 /// The last lines of the agent's log, for error messages.
@@ -113,10 +107,7 @@ impl SandboxDriver for HostDriver {
                     Ok(())
                 });
             }
-            if let Some(netns) = &spec.netns {
-                join_in_child(&mut command, netns)
-                    .map_err(io_err(id, format!("opening {}", netns.display())))?;
-            }
+            spec.join_netns(&mut command)?;
             let child = command
                 .spawn()
                 .map_err(io_err(id, format!("starting {}", self.agent.display())))?;

@@ -38,13 +38,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::transport::Channel;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::network::netns::join_in_child;
 use crate::network::VM_TAP;
 
 use super::startup::{Attempt, Spawned};
 use super::{
-    is_our_process, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver, SandboxError, SandboxSpec,
-    Started,
+    io_err, is_our_process, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver, SandboxError,
+    SandboxSpec, Started,
 };
 
 /// Where the guest kernel and initramfs are when the config names none.
@@ -107,12 +106,6 @@ struct Slot {
 pub fn guest_device(index: usize) -> Option<String> {
     let letter = u8::try_from(index).ok().filter(|i| *i < 26)?;
     Some(format!("/dev/vd{}", char::from(b'a' + letter)))
-}
-
-fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
-    let id = id.to_owned();
-    let what = what.into();
-    move |source| SandboxError::Io { id, what, source }
 }
 
 /// The last `n` lines of a file in the sandbox directory.
@@ -290,14 +283,11 @@ impl MicroVmDriver {
             .stderr(log2)
             // Its own group: a signal to huskd's group (Ctrl-C) leaves pods running.
             .process_group(0);
-        if let Some(netns) = &spec.netns {
-            // husk-vmm opens its tap inside the pod's namespace, where huskd
-            // joins it to the pod's CNI interface.
-            join_in_child(&mut command, netns)
-                .map_err(io_err(id, format!("opening {}", netns.display())))?;
-            if let Some(mac) = &spec.guest_mac {
-                command.arg("--net").arg(format!("tap={VM_TAP},mac={mac}"));
-            }
+        // husk-vmm opens its tap inside the pod's namespace, where huskd
+        // joins it to the pod's CNI interface.
+        spec.join_netns(&mut command)?;
+        if let Some(mac) = &spec.guest_mac {
+            command.arg("--net").arg(format!("tap={VM_TAP},mac={mac}"));
         }
         let started_at = Instant::now();
         let child = command.spawn().map_err(io_err(

@@ -120,6 +120,25 @@ pub struct SandboxSpec {
     pub guest_mac: Option<String>,
 }
 
+impl SandboxSpec {
+    /// Makes the driver's process start in the pod's network namespace, if
+    /// the pod has one.
+    pub fn join_netns(&self, command: &mut tokio::process::Command) -> Result<(), SandboxError> {
+        match &self.netns {
+            Some(netns) => crate::network::netns::join_in_child(command, netns)
+                .map_err(io_err(&self.id, format!("opening {}", netns.display()))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Maps an I/O error to the sandbox's error, saying what was being done.
+fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let id = id.to_owned();
+    let what = what.into();
+    move |source| SandboxError::Io { id, what, source }
+}
+
 /// A started sandbox: where its agent listens and the process that runs it.
 #[derive(Debug, Clone)]
 pub struct Started {
