@@ -6,9 +6,10 @@ mod support;
 
 use std::time::Duration;
 
+use husk_e2e::mounts_below;
 use husk_proto::v1::{self, rootfs_source};
 use serde_json::json;
-use support::{busybox_rootfs_source, mounts_below, process, spec, Agent};
+use support::{busybox_rootfs_source, process, spec, Agent};
 use tonic::Code;
 
 #[tokio::test]

@@ -25,9 +25,10 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
+use husk_e2e::mounts_below;
 use support::{
-    busybox_layer, gzip, image_config, layers_config, mounts_below, push_busybox, push_image,
-    push_layers, push_single_platform_index, AgentSweeper, Huskd, Registry,
+    busybox_layer, gzip, image_config, layers_config, push_busybox, push_image, push_layers,
+    push_single_platform_index, AgentSweeper, Huskd, Registry,
 };
 
 /// How long huskd has to settle (its clean-up after a failed pull runs in
@@ -161,13 +162,7 @@ impl Env {
             .expect("huskd answers Version")
             .into_inner();
         assert_eq!(version.runtime_name, "husk");
-        let pods = self
-            .rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .expect("huskd answers ListPodSandbox")
-            .into_inner()
-            .items;
+        let pods = support::list_pods(&mut self.rt).await;
         let listed: BTreeSet<&str> = pods.iter().map(|p| p.id.as_str()).collect();
         let ready: BTreeSet<&str> = pods
             .iter()

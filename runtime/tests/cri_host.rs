@@ -19,8 +19,9 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use husk_e2e::mounts_below;
 use support::streaming::{attach_output, ws_read_until};
-use support::{container_status, mounts_below, Huskd, Registry};
+use support::{container_status, Huskd, Registry};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -668,12 +669,7 @@ async fn a_pod_runs_logs_execs_and_goes_away_over_cri() {
         .await
         .expect("remove pod");
     }
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .expect("list pods")
-        .into_inner()
-        .items;
+    let pods = support::list_pods(&mut rt).await;
     assert!(pods.is_empty(), "{pods:?}");
     let containers = rt
         .list_containers(cri::ListContainersRequest { filter: None })

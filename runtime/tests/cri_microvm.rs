@@ -518,11 +518,6 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         "{} left behind",
         sandbox_dir.display()
     );
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .expect("list")
-        .into_inner()
-        .items;
+    let pods = support::list_pods(&mut rt).await;
     assert!(pods.is_empty(), "{pods:?}");
 }

@@ -110,49 +110,13 @@ async fn serving_pod(
             runtime_handler: handler.into(),
         })
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}\n{}",
-                "run pod",
-                guest_diagnostics(&dir.join("state"))
-            )
-        })
+        .unwrap_or_else(|e| panic!("run pod: {e}\n{}", guest_diagnostics(&dir.join("state"))))
         .into_inner()
         .pod_sandbox_id;
     let script =
         format!("mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p 8080 -h /www");
-    let container = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: id.clone(),
-            config: Some(container_config(
-                "web",
-                image,
-                &["sh", "-c", &script],
-                "web.log",
-            )),
-            sandbox_config: Some(config),
-        })
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}\n{}",
-                "create",
-                guest_diagnostics(&dir.join("state"))
-            )
-        })
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: container.clone(),
-    })
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}\n{}",
-            "start",
-            guest_diagnostics(&dir.join("state"))
-        )
-    });
+    let web = container_config("web", image, &["sh", "-c", &script], "web.log");
+    let container = support::run_container(rt, &id, web, Some(config)).await;
     let ip = support::pod_status(rt, &id)
         .await
         .network
@@ -396,12 +360,7 @@ async fn without_cni_config_the_network_is_not_ready_and_pods_are_refused() {
         .await
         .expect_err("a pod network cannot be set up");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .expect("list")
-        .into_inner()
-        .items;
+    let pods = support::list_pods(&mut rt).await;
     assert!(pods.is_empty(), "{pods:?}");
     huskd.terminate();
 }

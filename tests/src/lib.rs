@@ -8,7 +8,7 @@ pub mod netns;
 pub mod oci;
 pub mod rootfs;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn workspace_root() -> PathBuf {
@@ -56,4 +56,16 @@ pub fn guest_image() -> (PathBuf, PathBuf) {
         );
     }
     (kernel, initrd)
+}
+
+/// The mount points below `dir` in this process's mount namespace: what a
+/// test checks is gone after a teardown.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
+        .filter(|mount_point| mount_point.starts_with(&dir))
+        .collect()
 }

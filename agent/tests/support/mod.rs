@@ -298,14 +298,3 @@ pub fn busybox_rootfs_source() -> rootfs_source::Source {
 pub fn spec(args: &[&str]) -> Value {
     husk_e2e::oci::spec(args, Some("husk-test"))
 }
-
-/// Whether anything is still mounted below `dir`.
-pub fn mounts_below(dir: &Path) -> Vec<String> {
-    let dir = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
-        .filter(|mount_point| mount_point.starts_with(&dir))
-        .collect()
-}

@@ -329,6 +329,17 @@ pub fn container_config(
     }
 }
 
+/// Every pod huskd lists.
+pub async fn list_pods(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+) -> Vec<k8s_cri::v1::PodSandbox> {
+    rt.list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("list pods")
+        .into_inner()
+        .items
+}
+
 /// A pod's CRI status, which must be there.
 pub async fn pod_status(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
@@ -436,17 +447,6 @@ pub async fn container_status(
     .into_inner()
     .status
     .expect("status")
-}
-
-/// The mount points below `dir` in this process's mount namespace.
-pub fn mounts_below(dir: &Path) -> Vec<String> {
-    let dir = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
-        .filter(|mount_point| mount_point.starts_with(&dir))
-        .collect()
 }
 
 /// Runs a program and returns its stdout, panicking with stderr on failure.
