@@ -89,6 +89,11 @@ impl Vcpu {
                 }
                 VcpuExit::IoIn(port, data) => match ExitDevices::serial_offset(port) {
                     Some(offset) => data[0] = lock(&self.devices.serial).read(offset),
+                    // The i8042's status: input buffer empty. Linux's `reboot=k`
+                    // polls it up to 65536 times before writing the reset
+                    // command; a floating bus (0xff, "busy") made every guest
+                    // shutdown take 65536 exits (5 s on the nested bed).
+                    None if port == layout::I8042_COMMAND_PORT => data.fill(0),
                     // No device: the bus floats high.
                     None => data.fill(0xff),
                 },
@@ -126,15 +131,28 @@ impl Vcpu {
         }
     }
 
-    /// RIP, RSP, CS (selector and privilege), CR2 and CR3: enough to place a
-    /// guest's death in its System.map.
+    /// The vCPU, then RIP, RSP, CS (selector and privilege), CR2 and CR3:
+    /// enough to place a guest's death in its System.map. On AMD, KVM resets
+    /// a vCPU that triple-faulted to its power-on state before reporting the
+    /// shutdown, so those registers say nothing of where it died: say so.
     fn describe_state(&self) -> String {
-        match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => format!(
-                "rip={:#x} rsp={:#x} rcx={:#x} r11={:#x} cs={:#x} (dpl {}) cr2={:#x} cr3={:#x}",
-                r.rip, r.rsp, r.rcx, r.r11, s.cs.selector, s.cs.dpl, s.cr2, s.cr3
-            ),
-            _ => "vCPU state unavailable".into(),
+        let (r, s) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            _ => return format!("vCPU {}: state unavailable", self.id),
+        };
+        let registers = format!(
+            "rip={:#x} rsp={:#x} rcx={:#x} r11={:#x} cs={:#x} (dpl {}) cr2={:#x} cr3={:#x}",
+            r.rip, r.rsp, r.rcx, r.r11, s.cs.selector, s.cs.dpl, s.cr2, s.cr3
+        );
+        if is_reset_state(&r, &s) {
+            format!(
+                "vCPU {}: registers are the power-on reset state (KVM on AMD resets a \
+                 triple-faulted vCPU before reporting it; where it died is lost; the guest \
+                 console may tell): {registers}",
+                self.id
+            )
+        } else {
+            format!("vCPU {}: {registers}", self.id)
         }
     }
 
@@ -153,7 +171,43 @@ impl Vcpu {
     }
 }
 
+/// The architectural state after RESET/INIT: CS:IP F000:FFF0 with CS based
+/// at 0xffff0000, protected mode off.
+fn is_reset_state(r: &kvm_bindings::kvm_regs, s: &kvm_bindings::kvm_sregs) -> bool {
+    const RESET_RIP: u64 = 0xfff0;
+    const RESET_CS_SELECTOR: u16 = 0xf000;
+    const RESET_CS_BASE: u64 = 0xffff_0000;
+    const CR0_PE: u64 = 1;
+    r.rip == RESET_RIP
+        && s.cs.selector == RESET_CS_SELECTOR
+        && s.cs.base == RESET_CS_BASE
+        && s.cr0 & CR0_PE == 0
+}
+
 /// Device locks are only poisoned if a device panicked; keep serving anyway.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_state_is_recognised_and_a_running_kernel_is_not() {
+        let mut regs = kvm_bindings::kvm_regs {
+            rip: 0xfff0,
+            ..Default::default()
+        };
+        let mut sregs = kvm_bindings::kvm_sregs::default();
+        sregs.cs.selector = 0xf000;
+        sregs.cs.base = 0xffff_0000;
+        sregs.cr0 = 0x6000_0010;
+        assert!(is_reset_state(&regs, &sregs));
+        regs.rip = 0xffff_ffff_8100_0000;
+        sregs.cs.selector = 0x10;
+        sregs.cs.base = 0;
+        sregs.cr0 = 0x8005_0033;
+        assert!(!is_reset_state(&regs, &sregs));
+    }
 }
