@@ -13,7 +13,7 @@ use linux_loader::loader::Cmdline;
 
 use crate::api::{ApiServer, DiskSlot, VmFacts};
 use crate::arch::{boot, cpuid, layout, mptable, regs};
-use crate::config::{VmConfig, MIN_MEM_MIB};
+use crate::config::{VmConfig, MAX_VCPUS, MIN_MEM_MIB};
 use crate::control::{Outcome, SignalWatcher, StopReason, StopWatcher, VmmControl};
 use crate::devices::irq::IrqLine;
 use crate::devices::serial::{ConsoleSink, SerialConsole};
@@ -35,10 +35,12 @@ pub enum BuildError {
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error(
-        "--vcpus {0}: this VMM boots single-vCPU guests only (on PVM hosts secondary vCPUs \
-         start through a 32-bit trampoline the emulator cannot run, and starting them on \
-         hardware KVM is not tested yet)"
+        "--vcpus {0}: this is a PVM host, where guests run on one vCPU only (secondary vCPUs \
+         start through a real-mode and 32-bit trampoline that PVM cannot run); use --vcpus 1, \
+         or standard KVM for more"
     )]
+    VcpusOnPvm(u8),
+    #[error("--vcpus {0}: at most {MAX_VCPUS} vCPUs")]
     TooManyVcpus(u8),
     #[error("too many devices: {0} virtio devices, but only IRQs {first}..={last} are free", first = layout::FIRST_DEVICE_IRQ, last = layout::LAST_DEVICE_IRQ)]
     TooManyDevices(usize),
@@ -106,13 +108,20 @@ impl Vmm {
         if config.mem_mib < MIN_MEM_MIB {
             return Err(BuildError::TooLittleMemory(config.mem_mib));
         }
+        let pvm = config.pvm.resolve();
         match config.vcpus {
             0 => return Err(BuildError::NoVcpus),
             1 => {}
-            n => return Err(BuildError::TooManyVcpus(n)),
+            n if pvm => return Err(BuildError::VcpusOnPvm(n)),
+            n if n > MAX_VCPUS => return Err(BuildError::TooManyVcpus(n)),
+            _ => {}
         }
-        let pvm = config.pvm.resolve();
-        tracing::info!(pvm, mem_mib = config.mem_mib, "building the microVM");
+        tracing::info!(
+            pvm,
+            vcpus = config.vcpus,
+            mem_mib = config.mem_mib,
+            "building the microVM"
+        );
 
         let vm = Vm::new(config.mem_mib << 20)?;
         let control = Arc::new(VmmControl::new().map_err(setup("the stop eventfd"))?);

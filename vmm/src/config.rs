@@ -11,6 +11,9 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 pub const DEFAULT_MEM_MIB: u64 = 128;
 /// Below this no Linux guest boots; refused up front with a clear message.
 pub const MIN_MEM_MIB: u64 = 32;
+/// The most vCPUs a guest gets: local APIC IDs 0..n and the IOAPIC's after
+/// them must fit the MP table's 8-bit IDs, and no pod needs more here.
+pub const MAX_VCPUS: u8 = 64;
 /// The guest's vsock context id (0-2 are reserved).
 pub const DEFAULT_GUEST_CID: u64 = 3;
 

@@ -82,7 +82,7 @@ impl VmmControl {
             }
             StopReason::Vcpu(VcpuStop::Reset) => Outcome::Shutdown,
             StopReason::Vcpu(VcpuStop::TripleFault(state)) => {
-                Outcome::GuestDied(format!("the guest triple-faulted at {state}"))
+                Outcome::GuestDied(format!("the guest triple-faulted on {state}"))
             }
             StopReason::Vcpu(VcpuStop::Fatal(why)) => Outcome::GuestDied(why.clone()),
         })

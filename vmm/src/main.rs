@@ -44,7 +44,7 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
     mem_mib: u64,
-    /// Number of vCPUs (guests are single-vCPU for now).
+    /// Number of vCPUs (1 on PVM hosts; up to 64 on standard KVM).
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// Host unix socket bridged to the guest's vsock (CONNECT <port> protocol).
