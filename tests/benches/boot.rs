@@ -6,7 +6,9 @@
 //!
 //! and the VMM's resident memory excluding guest RAM.
 //!
-//! `cargo bench -p husk-e2e --bench boot` (HUSK_BOOT_BENCH_RUNS=N, default 3).
+//! `cargo bench -p husk-e2e --bench boot` (HUSK_BOOT_BENCH_RUNS=N, default 3;
+//! HUSK_BOOT_BENCH_VCPUS=N, default 1: more needs standard KVM). The profile
+//! column says which KVM kind every figure comes from.
 //! Needs `guest-image/build.sh` and `cargo build --release --workspace --bins`.
 
 use std::time::Duration;
@@ -24,9 +26,18 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    println!("run  profile  guest-entered-ms  init-ms  agent-ping-ms  vmm-rss-excl-guest-KiB");
+    let vcpus: u8 = std::env::var("HUSK_BOOT_BENCH_VCPUS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    println!(
+        "run  profile  vcpus  guest-entered-ms  init-ms  agent-ping-ms  vmm-rss-excl-guest-KiB"
+    );
     for run in 1..=runs {
-        let mut vm = MicroVm::start(MicroVmOptions::default());
+        let mut vm = MicroVm::start(MicroVmOptions {
+            extra_args: vec!["--vcpus".into(), vcpus.to_string()],
+            ..MicroVmOptions::default()
+        });
         let (mut agent, t) = match vm.wait_for_agent(Duration::from_secs(900)).await {
             Ok(ok) => ok,
             Err(why) => {
@@ -35,13 +46,9 @@ async fn main() {
             }
         };
         let rss = vm.vmm_overhead_rss_kib();
-        let profile = match vm.pvm_profile() {
-            Some(true) => "pvm",
-            Some(false) => "hw",
-            None => "?",
-        };
+        let profile = vm.kvm_kind().label();
         println!(
-            "{run:<4} {profile:<8} {:<17} {:<8} {:<14} {}",
+            "{run:<4} {profile:<8} {vcpus:<6} {:<17} {:<8} {:<14} {}",
             ms(t.guest_entered),
             ms(t.init_reached),
             ms(Some(t.agent_answered)),

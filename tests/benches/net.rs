@@ -169,11 +169,7 @@ async fn main() {
     let image = busybox_erofs(dir.path()).unwrap_or_else(|e| panic!("{e}"));
     let (guest, mut agent) = Guest::boot(pod_vm_options(&netns, &image)).await;
     let agent = &mut agent;
-    let profile = match guest.vm.pvm_profile() {
-        Some(true) => "pvm",
-        Some(false) => "hw",
-        None => "?",
-    };
+    let profile = guest.vm.kvm_kind().label();
     guest
         .rpc(
             "SetupSandbox",

@@ -36,12 +36,8 @@ impl Guest {
             Err(why) => panic!("the microVM did not boot to its agent: {why}"),
         };
         eprintln!(
-            "microVM booted ({} profile), agent answered after {:?}",
-            match vm.pvm_profile() {
-                Some(true) => "PVM",
-                Some(false) => "hardware-KVM",
-                None => "unknown",
-            },
+            "microVM booted on {}, agent answered after {:?}",
+            vm.kvm_kind(),
             timings.agent_answered
         );
         (Guest { vm }, agent)

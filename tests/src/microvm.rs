@@ -29,6 +29,54 @@ pub fn boot_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// The two kinds of KVM husk is tested on (`../shared/ENVIRONMENT.md`): PVM,
+/// where the guest kernel's ring 0 is emulated, and standard KVM (hardware,
+/// or the TCG bed of `scripts/test-stdkvm.sh`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvmKind {
+    Pvm,
+    Standard,
+}
+
+impl KvmKind {
+    /// What this machine's /dev/kvm is: PVM when `kvm_pvm` is loaded.
+    pub fn of_host() -> Self {
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+            Self::Pvm
+        } else {
+            Self::Standard
+        }
+    }
+
+    /// The kind this run must exercise: HUSK_EXPECT_KVM (`pvm` or
+    /// `standard`; the bed sets it), else the host's.
+    pub fn expected() -> Self {
+        match std::env::var("HUSK_EXPECT_KVM").as_deref() {
+            Ok("pvm") => Self::Pvm,
+            Ok("standard") => Self::Standard,
+            Ok(other) => panic!("HUSK_EXPECT_KVM={other}: expected `pvm` or `standard`"),
+            Err(_) => Self::of_host(),
+        }
+    }
+
+    /// A short label for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Pvm => "pvm",
+            Self::Standard => "std-kvm",
+        }
+    }
+}
+
+impl std::fmt::Display for KvmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Pvm => "PVM (emulated guest kernel)",
+            Self::Standard => "standard KVM",
+        })
+    }
+}
+
 pub struct MicroVmOptions {
     pub mem_mib: u64,
     pub extra_args: Vec<String>,
@@ -133,16 +181,25 @@ impl MicroVm {
         join_lines(&self.vmm_log)
     }
 
-    /// Whether husk-vmm ran the guest with its PVM profile (it logs `pvm=`).
-    pub fn pvm_profile(&self) -> Option<bool> {
+    /// The kind of KVM this VM ran on, from husk-vmm's `pvm=` log line.
+    /// Fails the test when it cannot be told, or when it is not the kind
+    /// this run must exercise (`KvmKind::expected`): a microVM test never
+    /// passes on a kind it did not mean to test.
+    pub fn kvm_kind(&self) -> KvmKind {
         let log = self.vmm_log_text();
-        if log.contains("pvm=true") {
-            Some(true)
+        let kind = if log.contains("pvm=true") {
+            KvmKind::Pvm
         } else if log.contains("pvm=false") {
-            Some(false)
+            KvmKind::Standard
         } else {
-            None
-        }
+            panic!("husk-vmm did not say whether it used its PVM profile\n{log}");
+        };
+        let expected = KvmKind::expected();
+        assert_eq!(
+            kind, expected,
+            "this guest ran on {kind}, but this run must exercise {expected} (HUSK_EXPECT_KVM)"
+        );
+        kind
     }
 
     fn first_line_with(lines: &Lines, needle: &str) -> Option<Instant> {

@@ -19,14 +19,10 @@ async fn guest_boots_and_agent_answers_over_vsock_then_shuts_down() {
         Ok(ok) => ok,
         Err(why) => panic!("the microVM did not boot to its agent: {why}"),
     };
-    // Say plainly what was exercised: PVM (emulated guest kernel) or hardware KVM.
+    // Say plainly what was exercised: PVM (emulated guest kernel) or standard KVM.
     eprintln!(
-        "microVM booted with the {} profile: guest entered {:?}, init {:?}, agent answered {:?}",
-        match vm.pvm_profile() {
-            Some(true) => "PVM",
-            Some(false) => "hardware-KVM",
-            None => "unknown",
-        },
+        "microVM booted on {}: guest entered {:?}, init {:?}, agent answered {:?}",
+        vm.kvm_kind(),
         timings.guest_entered,
         timings.init_reached,
         timings.agent_answered
