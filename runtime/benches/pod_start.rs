@@ -13,7 +13,9 @@
 //! ```
 //!
 //! HUSK_POD_BENCH_HANDLER is `microvm` (default) or `host`.
-//! HUSK_POD_BENCH_RUNS (default 3) pods are started one after the other;
+//! HUSK_POD_BENCH_RUNS (default 3) pods are started one after the other,
+//! each with a CPU limit of HUSK_POD_BENCH_VCPUS (default 1: a microVM of that
+//! many vCPUs; the first pod's verbose status says which KVM kind and size);
 //! HUSK_EXEC_BENCH_RUNS ExecSyncs of `true` (default 200 on host, 5 on
 //! microvm) run in the first pod's container. HUSK_VMM, HUSK_GUEST_KERNEL and
 //! HUSK_GUEST_INITRD override where the microvm parts are (default: husk-vmm
@@ -71,6 +73,8 @@ async fn bench() {
         other => panic!("HUSK_POD_BENCH_HANDLER={other:?}: the handlers are microvm and host"),
     };
     let runs = env_number("HUSK_POD_BENCH_RUNS", 3);
+    // A CPU limit of N CPUs makes a microVM of N vCPUs (huskd's default base is 0).
+    let vcpus = env_number("HUSK_POD_BENCH_VCPUS", 1);
     let exec_runs = env_number("HUSK_EXEC_BENCH_RUNS", exec_runs_default);
 
     let registry = Registry::start();
@@ -99,6 +103,14 @@ async fn bench() {
                 attempt: 0,
             }),
             log_directory: pod_logs.display().to_string(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    cpu_period: 100_000,
+                    cpu_quota: 100_000 * vcpus as i64,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let t0 = Instant::now();
@@ -112,6 +124,18 @@ async fn bench() {
             .into_inner()
             .pod_sandbox_id;
         let ready = t0.elapsed();
+        if run == 0 {
+            // Which KVM kind and VM size every figure below comes from.
+            let info = rt
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.clone(),
+                    verbose: true,
+                })
+                .await
+                .map(|r| r.into_inner().info.remove("info").unwrap_or_default())
+                .unwrap_or_default();
+            println!("sandbox: {info}");
+        }
         let container = rt
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),

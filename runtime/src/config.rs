@@ -8,7 +8,12 @@
 //! default_runtime = "microvm"         # the handler for runtime_handler ""
 //! guest_kernel = "/usr/lib/husk/vmlinux"
 //! guest_initrd = "/usr/lib/husk/initramfs.cpio.gz"
-//! guest_mem_mib = 128
+//! guest_vcpus = 1                     # a pod without a CPU limit
+//! guest_mem_mib = 128                 # a pod without a memory limit
+//! guest_base_vcpus = 0                # added to ceil(CPU limit), unless the pod has an overhead
+//! guest_base_mem_mib = 64             # added to the memory limit, unless the pod has an overhead
+//! guest_max_vcpus = 2                 # default: the host's CPUs, at most 16
+//! guest_max_mem_mib = 8192
 //! guest_cmdline = "console=ttyS0 reboot=k panic=-1 loglevel=7"  # default: husk-vmm's
 //! guest_boot_timeout_secs = 120
 //! husk_vmm = "/usr/bin/husk-vmm"      # default: next to huskd
@@ -33,9 +38,8 @@ use serde::Deserialize;
 
 use crate::image::RegistryConfig;
 use crate::network::{Network, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR};
-use crate::sandbox::microvm::{
-    DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL, DEFAULT_GUEST_MEM_MIB,
-};
+use crate::sandbox::microvm::{DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL};
+use crate::sandbox::sizing::VmSizing;
 use crate::streaming::DEFAULT_TOKEN_TTL;
 
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/husk/config.toml";
@@ -70,9 +74,26 @@ pub struct Cli {
     /// [default: /usr/lib/husk/initramfs.cpio.gz].
     #[arg(long, value_name = "PATH")]
     pub guest_initrd: Option<PathBuf>,
-    /// Guest RAM per microvm pod, in MiB [default: 128].
+    /// vCPUs of a microvm pod without a CPU limit [default: 1].
+    #[arg(long, value_name = "N")]
+    pub guest_vcpus: Option<u8>,
+    /// Guest RAM of a microvm pod without a memory limit, in MiB [default: 128].
     #[arg(long, value_name = "MIB")]
     pub guest_mem_mib: Option<u64>,
+    /// vCPUs added to a pod's ceil(CPU limit) when kubelet sends no pod
+    /// overhead [default: 0].
+    #[arg(long, value_name = "N")]
+    pub guest_base_vcpus: Option<u8>,
+    /// MiB added to a pod's memory limit when kubelet sends no pod overhead
+    /// (the guest kernel and agent) [default: 64].
+    #[arg(long, value_name = "MIB")]
+    pub guest_base_mem_mib: Option<u64>,
+    /// The most vCPUs a pod's VM gets [default: the host's CPUs, at most 16].
+    #[arg(long, value_name = "N")]
+    pub guest_max_vcpus: Option<u8>,
+    /// The most RAM a pod's VM gets, in MiB [default: 8192].
+    #[arg(long, value_name = "MIB")]
+    pub guest_max_mem_mib: Option<u64>,
     /// The guest kernel's command line [default: husk-vmm's, which is quiet].
     #[arg(long, value_name = "CMDLINE")]
     pub guest_cmdline: Option<String>,
@@ -118,7 +139,12 @@ pub struct FileConfig {
     pub default_runtime: Option<String>,
     pub guest_kernel: Option<PathBuf>,
     pub guest_initrd: Option<PathBuf>,
+    pub guest_vcpus: Option<u8>,
     pub guest_mem_mib: Option<u64>,
+    pub guest_base_vcpus: Option<u8>,
+    pub guest_base_mem_mib: Option<u64>,
+    pub guest_max_vcpus: Option<u8>,
+    pub guest_max_mem_mib: Option<u64>,
     pub guest_cmdline: Option<String>,
     pub guest_boot_timeout_secs: Option<u64>,
     pub husk_vmm: Option<PathBuf>,
@@ -143,7 +169,8 @@ pub struct Config {
     pub default_runtime: String,
     pub guest_kernel: PathBuf,
     pub guest_initrd: PathBuf,
-    pub guest_mem_mib: u64,
+    /// How big each pod's VM is (`sandbox::sizing`).
+    pub guest_sizing: VmSizing,
     /// None: husk-vmm's default command line.
     pub guest_cmdline: Option<String>,
     pub guest_boot_timeout: Duration,
@@ -266,10 +293,35 @@ impl Config {
                 .clone()
                 .or(file.guest_initrd)
                 .unwrap_or_else(|| DEFAULT_GUEST_INITRD.into()),
-            guest_mem_mib: cli
-                .guest_mem_mib
-                .or(file.guest_mem_mib)
-                .unwrap_or(DEFAULT_GUEST_MEM_MIB),
+            guest_sizing: {
+                let default = VmSizing::default();
+                VmSizing {
+                    default_vcpus: cli
+                        .guest_vcpus
+                        .or(file.guest_vcpus)
+                        .unwrap_or(default.default_vcpus),
+                    default_mem_mib: cli
+                        .guest_mem_mib
+                        .or(file.guest_mem_mib)
+                        .unwrap_or(default.default_mem_mib),
+                    base_vcpus: cli
+                        .guest_base_vcpus
+                        .or(file.guest_base_vcpus)
+                        .unwrap_or(default.base_vcpus),
+                    base_mem_mib: cli
+                        .guest_base_mem_mib
+                        .or(file.guest_base_mem_mib)
+                        .unwrap_or(default.base_mem_mib),
+                    max_vcpus: cli
+                        .guest_max_vcpus
+                        .or(file.guest_max_vcpus)
+                        .unwrap_or(default.max_vcpus),
+                    max_mem_mib: cli
+                        .guest_max_mem_mib
+                        .or(file.guest_max_mem_mib)
+                        .unwrap_or(default.max_mem_mib),
+                }
+            },
             guest_cmdline: cli.guest_cmdline.clone().or(file.guest_cmdline),
             guest_boot_timeout: cli
                 .guest_boot_timeout_secs
@@ -332,6 +384,8 @@ mod tests {
             listen = "unix:///tmp/file.sock"
             root = "/file/root"
             husk_agent = "/file/husk-agent"
+            guest_mem_mib = 256
+            guest_max_vcpus = 3
             [registry.hosts."127.0.0.1:5000"]
             insecure = true
             "#,
@@ -339,9 +393,12 @@ mod tests {
         .expect("parse");
         let cli = Cli {
             root: Some("/flag/root".into()),
+            guest_max_vcpus: Some(4),
             ..Cli::default()
         };
         let config = Config::merge(&cli, file).expect("merge");
+        assert_eq!(config.guest_sizing.default_mem_mib, 256);
+        assert_eq!(config.guest_sizing.max_vcpus, 4);
         assert_eq!(config.listen, PathBuf::from("/tmp/file.sock"));
         assert_eq!(config.root, PathBuf::from("/flag/root"));
         assert_eq!(config.state, PathBuf::from(DEFAULT_STATE));
@@ -360,7 +417,7 @@ mod tests {
         assert_eq!(config.root, PathBuf::from(DEFAULT_ROOT));
         assert_eq!(config.default_runtime, "microvm");
         assert_eq!(config.guest_kernel, PathBuf::from(DEFAULT_GUEST_KERNEL));
-        assert_eq!(config.guest_mem_mib, DEFAULT_GUEST_MEM_MIB);
+        assert_eq!(config.guest_sizing, VmSizing::default());
         assert_eq!(config.network.conf_dir, PathBuf::from("/etc/cni/net.d"));
         assert_eq!(config.network.bin_dir, PathBuf::from("/usr/lib/cni"));
         let host_default = Cli {

@@ -83,7 +83,7 @@ async fn run(config: Config) -> Result<(), HuskdError> {
         vmm: config.husk_vmm.clone(),
         kernel: config.guest_kernel.clone(),
         initrd: config.guest_initrd.clone(),
-        mem_mib: config.guest_mem_mib,
+        sizing: config.guest_sizing,
         cmdline: config.guest_cmdline.clone(),
         spare_disks: DEFAULT_SPARE_DISKS,
         boot_timeout: config.guest_boot_timeout,

@@ -10,6 +10,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::network::PodNetwork;
+use crate::sandbox::sizing::VmSize;
 
 const PODS: TableDefinition<&str, &[u8]> = TableDefinition::new("pods");
 const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
@@ -58,6 +59,9 @@ pub struct PodRecord {
     /// once torn down.
     #[serde(default)]
     pub network: Option<PodNetwork>,
+    /// The VM's size, for pods that run in one.
+    #[serde(default)]
+    pub vm_size: Option<VmSize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +251,7 @@ mod tests {
                     pid: 42,
                     shared_dir: String::new(),
                     network: None,
+                    vm_size: None,
                 })
                 .expect("put");
         }

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
-use husk_e2e::microvm::boot_timeout;
+use husk_e2e::microvm::{boot_timeout, KvmKind};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -121,7 +121,8 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
 
     support::pull(&mut img, &image).await;
 
-    // A pod with the default handler: a microVM.
+    // A pod with the default handler: a microVM, as big as its containers'
+    // limits (kubelet's sum: 2 CPUs, 256 MiB) plus huskd's default base.
     let pod_logs = logs.join("default_vm1_uid-vm1");
     let pod_config = cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
@@ -132,6 +133,15 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         }),
         hostname: "vm1".into(),
         log_directory: pod_logs.display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            resources: Some(cri::LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 200_000,
+                memory_limit_in_bytes: 256 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let t = Instant::now();
@@ -155,6 +165,32 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     assert_eq!(vmm_pids.len(), 1, "one husk-vmm per pod: {vmm_pids:?}");
     let pod_status = support::pod_status(&mut rt, &pod).await;
     assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
+
+    // The VM's size in the verbose status: 2 vCPUs (1 on PVM, where guests
+    // are single-vCPU) and 256 + 64 MiB, on the KVM kind this run exercises.
+    let kind = KvmKind::expected();
+    let want_vcpus = if kind == KvmKind::Pvm { 1 } else { 2 };
+    let want_mem_mib = 256 + 64;
+    let verbose = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("verbose PodSandboxStatus")
+        .into_inner();
+    let info: serde_json::Value =
+        serde_json::from_str(verbose.info.get("info").expect("info[\"info\"]")).expect("json");
+    assert_eq!(
+        info["vm"],
+        serde_json::json!({
+            "vcpus": want_vcpus,
+            "memoryMiB": want_mem_mib,
+            "kvm": if kind == KvmKind::Pvm { "pvm" } else { "standard" },
+        }),
+        "{info}"
+    );
+    eprintln!("the pod's VM on {kind}: {}", info["vm"]);
 
     // A container that writes a line to each stream and exits.
     let t = Instant::now();
@@ -300,6 +336,29 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let out = exec_sync(&mut rt, &sleeper, &["echo", "hi"]).await;
     assert_eq!(out.exit_code, 0, "{out:?}");
     assert_eq!(out.stdout, b"hi\n");
+
+    // Inside the guest: the vCPUs, and RAM that holds the limit but not
+    // more than the VM was given (the kernel keeps some for itself).
+    let out = exec_sync(
+        &mut rt,
+        &sleeper,
+        &[
+            "sh",
+            "-c",
+            "nproc; awk '/MemTotal/ {print $2}' /proc/meminfo",
+        ],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let nproc: u64 = lines.next().and_then(|l| l.parse().ok()).expect("nproc");
+    let mem_total_kib: u64 = lines.next().and_then(|l| l.parse().ok()).expect("MemTotal");
+    assert_eq!(nproc, want_vcpus, "{out:?}");
+    assert!(
+        mem_total_kib > 256 * 1024 && mem_total_kib <= want_mem_mib * 1024,
+        "MemTotal {mem_total_kib} KiB for a {want_mem_mib} MiB VM"
+    );
+    eprintln!("in the guest: {nproc} CPUs, MemTotal {mem_total_kib} KiB");
     let out = exec_sync(
         &mut rt,
         &sleeper,

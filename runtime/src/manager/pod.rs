@@ -1,5 +1,6 @@
 //! Pod sandboxes: run, stop, remove, status, list.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +84,7 @@ impl Manager {
             pid: 0,
             shared_dir: String::new(),
             network: None,
+            vm_size: None,
         };
         // Recorded before anything starts, so a crash leaves something to
         // clean up; checked and recorded under one lock, so that two calls
@@ -125,10 +127,12 @@ impl Manager {
                 dir: dir.clone(),
                 netns: record.network.as_ref().map(|n| n.netns.clone()),
                 guest_mac: guest_link.as_ref().map(|l| l.mac.clone()),
+                linux: config.linux.clone(),
             };
             let mut started = driver.start(&spec).await?;
             record.pid = started.pid;
             record.agent_socket = started.agent_socket.clone();
+            record.vm_size = started.vm_size;
             self.state.put_pod(&record)?;
             let (interfaces, routes) = match (&record.network, &guest_link) {
                 (Some(network), Some(facts)) => {
@@ -332,9 +336,19 @@ impl Manager {
         self.update_pod(id, |p| p.state = PodState::NotReady)
     }
 
-    pub async fn pod_sandbox_status(&self, id: &str) -> Result<cri::PodSandboxStatus> {
+    /// The pod's status and, when `verbose`, huskd's own facts about it
+    /// (`info["info"]`, JSON as containerd's: the driver, its process, the VM's size).
+    pub async fn pod_sandbox_status(
+        &self,
+        id: &str,
+        verbose: bool,
+    ) -> Result<(cri::PodSandboxStatus, HashMap<String, String>)> {
         let pod = self.live_pod(id).await?;
-        Ok(pod_status(&pod))
+        let mut info = HashMap::new();
+        if verbose {
+            info.insert("info".to_owned(), pod_info(&pod).to_string());
+        }
+        Ok((pod_status(&pod), info))
     }
 
     pub async fn list_pod_sandbox(
@@ -398,6 +412,20 @@ fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
         annotations: pod.config.annotations.clone(),
         runtime_handler: pod.runtime_handler.clone(),
     }
+}
+
+/// What huskd knows of a pod beyond the CRI status.
+fn pod_info(pod: &PodRecord) -> serde_json::Value {
+    serde_json::json!({
+        "driver": pod.driver,
+        "pid": pod.pid,
+        "sandboxDir": pod.dir,
+        "vm": pod.vm_size.map(|size| serde_json::json!({
+            "vcpus": size.vcpus,
+            "memoryMiB": size.mem_mib,
+            "kvm": if size.pvm { "pvm" } else { "standard" },
+        })),
+    })
 }
 
 /// The pod's IPs: the first as its primary, the others additional.

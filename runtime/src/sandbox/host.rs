@@ -125,6 +125,7 @@ impl SandboxDriver for HostDriver {
                                 agent_socket: socket,
                                 pid,
                                 client,
+                                vm_size: None,
                             }),
                             Err(status) => Attempt::NotYet(status.to_string()),
                         },

@@ -40,6 +40,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::network::VM_TAP;
 
+use super::sizing::VmSizing;
 use super::startup::{Attempt, Spawned};
 use super::{
     io_err, is_our_process, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver, SandboxError,
@@ -49,9 +50,6 @@ use super::{
 /// Where the guest kernel and initramfs are when the config names none.
 pub const DEFAULT_GUEST_KERNEL: &str = "/usr/lib/husk/vmlinux";
 pub const DEFAULT_GUEST_INITRD: &str = "/usr/lib/husk/initramfs.cpio.gz";
-/// Guest RAM per pod when the config names none (husk-vmm's own default;
-/// on PVM hosts every MiB is also emulated work at boot).
-pub const DEFAULT_GUEST_MEM_MIB: u64 = 128;
 /// Empty disk slots per pod: one per distinct image its containers use.
 /// Together with vsock they must fit husk-vmm's 11 device IRQs.
 pub const DEFAULT_SPARE_DISKS: usize = 8;
@@ -72,7 +70,8 @@ pub struct MicroVmConfig {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    pub mem_mib: u64,
+    /// How big each pod's VM is.
+    pub sizing: VmSizing,
     /// The guest kernel's command line; None keeps husk-vmm's default.
     pub cmdline: Option<String>,
     pub spare_disks: usize,
@@ -106,6 +105,12 @@ struct Slot {
 pub fn guest_device(index: usize) -> Option<String> {
     let letter = u8::try_from(index).ok().filter(|i| *i < 26)?;
     Some(format!("/dev/vd{}", char::from(b'a' + letter)))
+}
+
+/// Whether this host's KVM is PVM (husk-vmm's `--pvm auto` decides the same
+/// way): guests there get one vCPU.
+fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
 }
 
 /// The last `n` lines of a file in the sandbox directory.
@@ -248,6 +253,15 @@ impl MicroVmDriver {
             }
         }
         self.save_table(id, dir, &self.load_table(id, dir)?)?;
+        let pvm = host_is_pvm();
+        let size = self.config.sizing.size_for(spec.linux.as_ref(), pvm);
+        info!(
+            sandbox = id,
+            vcpus = size.vcpus,
+            mem_mib = size.mem_mib,
+            pvm,
+            "sizing the pod's VM"
+        );
         let log_path = dir.join(VMM_LOG);
         let log = fs::File::create(&log_path)
             .map_err(io_err(id, format!("creating {}", log_path.display())))?;
@@ -262,7 +276,9 @@ impl MicroVmDriver {
             .arg("--initrd")
             .arg(&self.config.initrd)
             .arg("--mem-mib")
-            .arg(self.config.mem_mib.to_string())
+            .arg(size.mem_mib.to_string())
+            .arg("--vcpus")
+            .arg(size.vcpus.to_string())
             .arg("--vsock-uds")
             .arg(&vsock)
             .arg("--api-sock")
@@ -317,6 +333,7 @@ impl MicroVmDriver {
                             agent_socket: vsock,
                             pid,
                             client,
+                            vm_size: Some(size),
                         })
                     }
                     Err(e @ VersionError::TooOld { .. }) => {
@@ -562,7 +579,7 @@ mod tests {
             vmm: "/nonexistent/husk-vmm".into(),
             kernel: "/nonexistent/vmlinux".into(),
             initrd: "/nonexistent/initrd".into(),
-            mem_mib: DEFAULT_GUEST_MEM_MIB,
+            sizing: VmSizing::default(),
             cmdline: None,
             spare_disks: DEFAULT_SPARE_DISKS,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
@@ -578,7 +595,7 @@ mod tests {
             vmm: "/x".into(),
             kernel: "/x".into(),
             initrd: "/x".into(),
-            mem_mib: 128,
+            sizing: VmSizing::default(),
             cmdline: None,
             spare_disks: 3,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,

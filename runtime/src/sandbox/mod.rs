@@ -5,6 +5,7 @@
 pub mod host;
 mod host_cgroup;
 pub mod microvm;
+pub mod sizing;
 mod startup;
 
 use std::path::{Path, PathBuf};
@@ -118,6 +119,8 @@ pub struct SandboxSpec {
     /// pod's CNI interface, whose traffic reaches it through the tap
     /// [`crate::network::VM_TAP`].
     pub guest_mac: Option<String>,
+    /// The pod's Linux config: its resources and overhead size a VM.
+    pub linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
 }
 
 impl SandboxSpec {
@@ -145,6 +148,8 @@ pub struct Started {
     pub agent_socket: PathBuf,
     pub pid: u32,
     pub client: AgentClient<Channel>,
+    /// The VM's size, for drivers that run one.
+    pub vm_size: Option<sizing::VmSize>,
 }
 
 /// A way to run a pod's agent.

@@ -106,9 +106,10 @@ impl RuntimeService for Runtime {
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
         let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
-        let status = self.manager.pod_sandbox_status(id).await?;
+        let (status, info) = self.manager.pod_sandbox_status(id, request.verbose).await?;
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(status),
+            info,
             ..Default::default()
         }))
     }
