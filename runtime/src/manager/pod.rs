@@ -96,8 +96,22 @@ impl Manager {
                     .find(|p| p.config.metadata.as_ref() == Some(meta))
             }) {
                 Ok(Some(pod)) => Err(CriError::AlreadyExists(format!(
-                    "pod {}/{} (uid {}, attempt {}) already exists as sandbox {}",
-                    meta.namespace, meta.name, meta.uid, meta.attempt, pod.id
+                    "pod {}/{} (uid {}, attempt {}) already exists as sandbox {}, {}",
+                    meta.namespace,
+                    meta.name,
+                    meta.uid,
+                    meta.attempt,
+                    pod.id,
+                    match pod.state {
+                        PodState::Ready => "ready",
+                        // A client that gave up on a slow start and retries
+                        // lands here while the first call still boots the VM
+                        // (holding the pod's lock, as a stop does).
+                        PodState::NotReady if self.pod_lock(&pod.id).try_lock().is_err() => {
+                            "still starting (or stopping): PodSandboxStatus tells when it is ready"
+                        }
+                        PodState::NotReady => "not ready: stop and remove it first",
+                    }
                 ))),
                 Ok(None) => self.state.put_pod(&record).map_err(CriError::from),
                 Err(e) => Err(e.into()),

@@ -8,7 +8,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
-use crate::manager::Manager;
+use crate::manager::{CriError, Manager};
 use crate::streaming::{forwardable_pod, Request as StreamRequest, Streaming};
 
 /// The CRI API version huskd serves.
@@ -36,6 +36,21 @@ impl Runtime {
 
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("husk does not implement {what} yet"))
+}
+
+/// Runs a call that starts or ends something to its end, whatever the client
+/// does. tonic drops a handler's future when its client gives up (a
+/// deadline, Ctrl-C): a RunPodSandbox dropped mid-boot left its VM, network
+/// namespace and lease behind, and a dropped StopContainer never killed the
+/// container. As containerd's CRI plugin defers its cleanup, the work runs
+/// in a task of its own; a client that left just does not hear the answer.
+async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, CriError>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Status::internal(format!("huskd's handler failed: {e}")))?
+        .map_err(Status::from)
 }
 
 fn required<'a>(id: &'a str, what: &str) -> Result<&'a str, Status> {
@@ -71,10 +86,13 @@ impl RuntimeService for Runtime {
         let config = request
             .config
             .ok_or_else(|| Status::invalid_argument("RunPodSandbox needs a config"))?;
-        let id = self
-            .manager
-            .run_pod_sandbox(config, &request.runtime_handler)
-            .await?;
+        let manager = self.manager.clone();
+        let id = to_completion(async move {
+            manager
+                .run_pod_sandbox(config, &request.runtime_handler)
+                .await
+        })
+        .await?;
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: id,
         }))
@@ -85,8 +103,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
-        self.manager.stop_pod_sandbox(id).await?;
+        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?.to_owned();
+        let manager = self.manager.clone();
+        to_completion(async move { manager.stop_pod_sandbox(&id).await }).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -95,8 +114,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
-        self.manager.remove_pod_sandbox(id).await?;
+        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?.to_owned();
+        let manager = self.manager.clone();
+        to_completion(async move { manager.remove_pod_sandbox(&id).await }).await?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 
@@ -130,11 +150,12 @@ impl RuntimeService for Runtime {
         request: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
         let request = request.into_inner();
-        let pod = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
+        let pod = required(&request.pod_sandbox_id, "pod_sandbox_id")?.to_owned();
         let config = request
             .config
             .ok_or_else(|| Status::invalid_argument("CreateContainer needs a config"))?;
-        let id = self.manager.create_container(pod, config).await?;
+        let manager = self.manager.clone();
+        let id = to_completion(async move { manager.create_container(&pod, config).await }).await?;
         Ok(Response::new(cri::CreateContainerResponse {
             container_id: id,
         }))
@@ -145,8 +166,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
-        self.manager.start_container(id).await?;
+        let id = required(&request.container_id, "container_id")?.to_owned();
+        let manager = self.manager.clone();
+        to_completion(async move { manager.start_container(&id).await }).await?;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
 
@@ -155,8 +177,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
-        self.manager.stop_container(id, request.timeout).await?;
+        let id = required(&request.container_id, "container_id")?.to_owned();
+        let manager = self.manager.clone();
+        to_completion(async move { manager.stop_container(&id, request.timeout).await }).await?;
         Ok(Response::new(cri::StopContainerResponse {}))
     }
 
@@ -165,8 +188,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
-        self.manager.remove_container(id).await?;
+        let id = required(&request.container_id, "container_id")?.to_owned();
+        let manager = self.manager.clone();
+        to_completion(async move { manager.remove_container(&id).await }).await?;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 

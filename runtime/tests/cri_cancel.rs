@@ -1,0 +1,185 @@
+//! Clients that give up: crictl's default deadline is 2 s, a microVM boots
+//! for longer, and tonic drops a handler's future when its client's
+//! deadline passes. huskd must finish (or fully undo) what it started
+//! anyway, and never leave a VM, namespace or lease nobody can remove.
+//!
+//! Real parts only: huskd, husk-vmm and the guest image, a loopback
+//! registry, the CNI bridge network; CRI over the unix socket with a 2 s
+//! deadline as crictl sets it. Needs root and /dev/kvm (PVM here, standard
+//! KVM in scripts/test-stdkvm.sh).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use husk_e2e::microvm::boot_timeout;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::Code;
+
+use support::{
+    container_config, guest_diagnostics, network_leftovers, vmms_under, Huskd, VmReaper,
+};
+
+/// crictl's default timeout.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How a call the client gave up on ends for that client: its own timer
+/// (Cancelled, "Timeout expired") or the server's (DeadlineExceeded).
+fn gave_up(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
+}
+
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the microvm driver needs /dev/kvm and namespaces: run this as root"
+    );
+    let (_registry, image) = support::busybox_registry("").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let _reaper = VmReaper(state.clone());
+    let config = format!(
+        "log_level = \"info\"\nguest_boot_timeout_secs = {}\n",
+        boot_timeout().as_secs()
+    );
+    let huskd = Huskd::spawn(
+        &dir.path().join("husk.sock"),
+        &Huskd::microvm_args(dir.path(), &config),
+    );
+    let channel = huskd.connect().await;
+    let mut rt = RuntimeServiceClient::new(channel.clone());
+    let mut img = ImageServiceClient::new(channel);
+    support::pull(&mut img, &image).await;
+
+    let pod_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "impatient".into(),
+            uid: "uid-impatient".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "impatient".into(),
+        log_directory: dir.path().join("logs").display().to_string(),
+        ..Default::default()
+    };
+    let run = || cri::RunPodSandboxRequest {
+        config: Some(pod_config.clone()),
+        runtime_handler: String::new(),
+    };
+
+    // 1. RunPodSandbox with crictl's deadline: a guest boot takes longer.
+    let began = Instant::now();
+    let answer = rt
+        .run_pod_sandbox(with_deadline(run(), CLIENT_DEADLINE))
+        .await;
+    let status = answer.expect_err("a guest boots in more than 2 s");
+    assert!(gave_up(&status), "{status:?}");
+
+    // 2. The client retries with the same metadata while the first call
+    // still boots the VM: a clear answer, never a second VM.
+    let retry = rt
+        .run_pod_sandbox(with_deadline(run(), CLIENT_DEADLINE))
+        .await;
+    match retry {
+        Err(status) if status.code() == Code::AlreadyExists => assert!(
+            status.message().contains("still starting") || status.message().contains("ready"),
+            "{status:?}"
+        ),
+        Err(status) if gave_up(&status) => {}
+        other => panic!("a retry must not start a second pod: {other:?}"),
+    }
+
+    // 3. The first call finishes without its client: the pod becomes ready.
+    let deadline = began + boot_timeout();
+    let pod = loop {
+        let pods = support::list_pods(&mut rt).await;
+        assert!(pods.len() <= 1, "one pod only: {pods:?}");
+        if let Some(pod) = pods
+            .into_iter()
+            .find(|p| p.state == cri::PodSandboxState::SandboxReady as i32)
+        {
+            break pod.id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned pod never became ready\n{}",
+            guest_diagnostics(&state)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "the abandoned RunPodSandbox finished: pod ready after {:?}",
+        began.elapsed()
+    );
+    let sandbox_dir = state.join("sandboxes").join(&pod);
+    assert_eq!(
+        vmms_under(&sandbox_dir).len(),
+        1,
+        "one husk-vmm for the pod"
+    );
+
+    // 4. CreateContainer whose client leaves at once: the container is
+    // created anyway, listed, and can be removed.
+    let answer = rt
+        .create_container(with_deadline(
+            cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(
+                    "late",
+                    &image,
+                    &["sleep", "600"],
+                    "late/0.log",
+                )),
+                sandbox_config: Some(pod_config.clone()),
+            },
+            Duration::from_millis(50),
+        ))
+        .await;
+    let status = answer.expect_err("a container is not created in 50 ms");
+    assert!(gave_up(&status), "{status:?}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let container = loop {
+        let containers = rt
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .expect("ListContainers")
+            .into_inner()
+            .containers;
+        if let Some(c) = containers.into_iter().next() {
+            assert_eq!(
+                c.state,
+                cri::ContainerState::ContainerCreated as i32,
+                "{c:?}"
+            );
+            break c.id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned CreateContainer never finished\n{}",
+            guest_diagnostics(&state)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: container,
+    })
+    .await
+    .expect("RemoveContainer");
+
+    // 5. The pod stops and goes like any other, leaving nothing.
+    support::remove_pod(&mut rt, &pod).await;
+    assert!(support::list_pods(&mut rt).await.is_empty());
+    assert!(vmms_under(&state).is_empty(), "husk-vmm left running");
+    assert!(!sandbox_dir.exists(), "sandbox directory left");
+    let left = network_leftovers(&pod);
+    assert!(left.is_empty(), "network left behind: {left:?}");
+}
