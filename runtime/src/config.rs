@@ -40,6 +40,7 @@ use crate::image::RegistryConfig;
 use crate::network::{Network, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR};
 use crate::sandbox::microvm::{DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL};
 use crate::sandbox::sizing::VmSizing;
+use crate::sandbox::{longest_socket_path, MAX_SOCKET_PATH};
 use crate::streaming::DEFAULT_TOKEN_TTL;
 
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/husk/config.toml";
@@ -205,6 +206,17 @@ pub enum ConfigError {
     StreamingListen(String),
     #[error("default_runtime {0:?}: expected \"microvm\" or \"host\"")]
     DefaultRuntime(String),
+    #[error(
+        "state directory {state}: its sandboxes' sockets would be {len} bytes long \
+         (e.g. {example}), over the {max}-byte limit of a unix socket path; \
+         choose a shorter --state"
+    )]
+    StateTooLong {
+        state: PathBuf,
+        example: PathBuf,
+        len: usize,
+        max: usize,
+    },
     #[error("cannot find huskd's own executable to look for {what} next to it: {source}")]
     OwnExe {
         what: &'static str,
@@ -264,6 +276,21 @@ impl Config {
         let streaming_listen = streaming
             .parse()
             .map_err(|_| ConfigError::StreamingListen(streaming))?;
+        let state = cli
+            .state
+            .clone()
+            .or(file.state)
+            .unwrap_or_else(|| DEFAULT_STATE.into());
+        let example = longest_socket_path(&state);
+        let len = example.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(ConfigError::StateTooLong {
+                state,
+                example,
+                len,
+                max: MAX_SOCKET_PATH,
+            });
+        }
         Ok(Config {
             listen,
             streaming_listen,
@@ -278,11 +305,7 @@ impl Config {
                 .clone()
                 .or(file.root)
                 .unwrap_or_else(|| DEFAULT_ROOT.into()),
-            state: cli
-                .state
-                .clone()
-                .or(file.state)
-                .unwrap_or_else(|| DEFAULT_STATE.into()),
+            state,
             guest_kernel: cli
                 .guest_kernel
                 .clone()
@@ -444,5 +467,22 @@ mod tests {
             ..Cli::default()
         };
         assert!(Config::merge(&bad_streaming, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn a_state_directory_too_long_for_sandbox_sockets_is_refused() {
+        let fits = Cli {
+            state: Some("/run/husk".into()),
+            ..Cli::default()
+        };
+        assert!(Config::merge(&fits, FileConfig::default()).is_ok());
+        let long = Cli {
+            state: Some(format!("/var/tmp/{}", "x".repeat(20)).into()),
+            ..Cli::default()
+        };
+        let err = Config::merge(&long, FileConfig::default())
+            .expect_err("sockets would not fit")
+            .to_string();
+        assert!(err.contains("107-byte limit"), "{err}");
     }
 }

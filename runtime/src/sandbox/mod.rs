@@ -20,6 +20,24 @@ pub use microvm::{MicroVmConfig, MicroVmDriver};
 /// Boxed futures keep the trait object-safe without an async-trait crate.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
+/// The longest path a unix socket can have: `sun_path` less its NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+/// The longest socket name a driver makes in a sandbox's directory
+/// (`vsock.sock`, `agent.sock`, `api.sock`). huskd listens on no host port
+/// for guests, so the VMM's `vsock.sock_PORT` sockets are never made.
+const LONGEST_SOCKET_NAME: &str = "vsock.sock";
+/// Sandbox ids are 64 hex digits.
+const SANDBOX_ID_LEN: usize = 64;
+
+/// The longest socket path any sandbox gets under the state directory
+/// `state` (`<state>/sandboxes/<id>/<socket>`).
+pub fn longest_socket_path(state: &Path) -> PathBuf {
+    state
+        .join("sandboxes")
+        .join("f".repeat(SANDBOX_ID_LEN))
+        .join(LONGEST_SOCKET_NAME)
+}
+
 /// How long a sandbox's agent has to answer after its start.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
