@@ -25,8 +25,10 @@ ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 shm /dev/shm
+# /run starts empty, as on a booted system (the host's would show its
+# namespaces and sockets). /tmp stays the host's, under the overlay: the
+# checkout and its test binaries may live there (CI clones anywhere).
 mount -t tmpfs -o mode=0755 run /run
-mount -t tmpfs -o mode=1777 tmp /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo 1 >/proc/sys/kernel/sysrq
 hostname husk-l1
