@@ -181,7 +181,8 @@ for line in sys.stdin:
 		if [[ $KIND == bench ]]; then
 			echo "bench $(dirname "$manifest") $binary ${args//,/ } --bench"
 		else
-			echo "test $(dirname "$manifest") $binary ${args//,/ } --test-threads=1 --nocapture"
+			# Ignored tests too: those that need standard KVM are ignored elsewhere.
+			echo "test $(dirname "$manifest") $binary ${args//,/ } --test-threads=1 --nocapture --include-ignored"
 		fi
 	done
 	echo "'"
