@@ -76,7 +76,11 @@ qemu_ok() {
 	v=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p') || return 1
 	[[ -n $v ]] && read -r major minor <<<"$v" && ((major > 8 || (major == 8 && minor >= 2)))
 }
-if ! qemu_ok || ! command -v busybox >/dev/null || ! command -v cpio >/dev/null; then
+# What every husk test needs (registry, CNI plugins, mkfs.erofs, busybox,
+# cpio...) and the guest image: both cached, so cheap after scripts/test.sh.
+bash "$ROOT/scripts/install-deps.sh"
+bash "$ROOT/guest-image/build.sh"
+if ! qemu_ok; then
 	if ! apt-cache policy 2>/dev/null | grep -q 'bookworm-backports'; then
 		step "adding Debian's bookworm-backports suite (QEMU 10)"
 		cat >/etc/apt/sources.list.d/bookworm-backports.sources <<-'SOURCES'
@@ -87,11 +91,10 @@ if ! qemu_ok || ! command -v busybox >/dev/null || ! command -v cpio >/dev/null;
 			Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 		SOURCES
 	fi
-	step "installing qemu-system-x86 (bookworm-backports), busybox-static, cpio, kmod"
+	step "installing qemu-system-x86 from bookworm-backports"
 	apt-get update -q >/dev/null
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		-t bookworm-backports qemu-system-x86 >/dev/null
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static cpio kmod >/dev/null
 	qemu_ok || die "qemu-system-x86_64 is still older than 8.2: $(qemu-system-x86_64 --version | head -1)"
 fi
 QEMU_VERSION=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([^ ]*\).*/\1/p')
