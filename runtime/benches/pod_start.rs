@@ -34,13 +34,6 @@ use tonic::transport::Channel;
 
 use support::{push_busybox, AgentSweeper, Huskd, Registry};
 
-fn env_number(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -74,10 +67,10 @@ async fn bench() {
         ),
         other => panic!("HUSK_POD_BENCH_HANDLER={other:?}: the handlers are microvm and host"),
     };
-    let runs = env_number("HUSK_POD_BENCH_RUNS", 3);
+    let runs = husk_e2e::env_number::<usize>("HUSK_POD_BENCH_RUNS", 3);
     // A CPU limit of N CPUs makes a microVM of N vCPUs (huskd's default base is 0).
-    let vcpus = env_number("HUSK_POD_BENCH_VCPUS", 1);
-    let exec_runs = env_number("HUSK_EXEC_BENCH_RUNS", exec_runs_default);
+    let vcpus = husk_e2e::env_number::<usize>("HUSK_POD_BENCH_VCPUS", 1);
+    let exec_runs = husk_e2e::env_number::<usize>("HUSK_EXEC_BENCH_RUNS", exec_runs_default);
 
     let registry = Registry::start();
     let image = push_busybox(&registry, "").await;

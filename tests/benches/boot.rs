@@ -22,14 +22,8 @@ fn ms(d: Option<Duration>) -> String {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let runs: usize = std::env::var("HUSK_BOOT_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let vcpus: u8 = std::env::var("HUSK_BOOT_BENCH_VCPUS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let runs: usize = husk_e2e::env_number("HUSK_BOOT_BENCH_RUNS", 3);
+    let vcpus: u8 = husk_e2e::env_number("HUSK_BOOT_BENCH_VCPUS", 1);
     println!(
         "run  profile  vcpus  guest-entered-ms  init-ms  agent-ping-ms  vmm-rss-excl-guest-KiB"
     );

@@ -42,13 +42,6 @@ const SINK_PORT: u16 = 9090;
 const ROUND_TRIPS: usize = 50;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -160,9 +153,9 @@ async fn join<T: Send + 'static>(
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let in_bytes = env_u64("HUSK_NET_BENCH_BYTES", 8 << 20);
-    let in_secs = env_u64("HUSK_NET_BENCH_SECS", 120);
-    let out_bytes = env_u64("HUSK_NET_BENCH_OUT_BYTES", 2 << 20);
+    let in_bytes = husk_e2e::env_number::<u64>("HUSK_NET_BENCH_BYTES", 8 << 20);
+    let in_secs = husk_e2e::env_number::<u64>("HUSK_NET_BENCH_SECS", 120);
+    let out_bytes = husk_e2e::env_number::<u64>("HUSK_NET_BENCH_OUT_BYTES", 2 << 20);
 
     let netns = TestNetns::with_pod_tap("husk-netbench").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().expect("temp dir");

@@ -10,6 +10,15 @@ pub mod rootfs;
 
 use std::path::{Path, PathBuf};
 
+/// A number from the environment variable `var`, else `default` (also when
+/// it does not parse): how the tests and benchmarks take their knobs.
+pub fn env_number<T: std::str::FromStr>(var: &str, default: T) -> T {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The workspace root (this crate lives in `tests/`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

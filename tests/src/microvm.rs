@@ -22,11 +22,7 @@ pub const GUEST_ENTERED_MARKER: &str = "guest entered";
 /// How long a test waits for a guest to boot to its agent: HUSK_BOOT_TIMEOUT_SECS,
 /// default 600 s (a PVM boot takes well over half a minute, more on a busy host).
 pub fn boot_timeout() -> Duration {
-    let secs = std::env::var("HUSK_BOOT_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    Duration::from_secs(secs)
+    Duration::from_secs(crate::env_number("HUSK_BOOT_TIMEOUT_SECS", 600))
 }
 
 /// The two kinds of KVM husk is tested on (`../shared/ENVIRONMENT.md`): PVM,
@@ -41,7 +37,7 @@ pub enum KvmKind {
 impl KvmKind {
     /// What this machine's /dev/kvm is: PVM when `kvm_pvm` is loaded.
     pub fn of_host() -> Self {
-        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        if husk_runtime::sandbox::microvm::host_is_pvm() {
             Self::Pvm
         } else {
             Self::Standard

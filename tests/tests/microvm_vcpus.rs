@@ -24,10 +24,7 @@ use husk_proto::v1;
 const SOAK_VCPUS: u8 = 4;
 
 fn soak_boots() -> usize {
-    std::env::var("HUSK_SOAK_BOOTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50)
+    husk_e2e::env_number("HUSK_SOAK_BOOTS", 50)
 }
 
 #[test]

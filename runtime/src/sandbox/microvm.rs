@@ -109,7 +109,7 @@ pub fn guest_device(index: usize) -> Option<String> {
 
 /// Whether this host's KVM is PVM (husk-vmm's `--pvm auto` decides the same
 /// way): guests there get one vCPU.
-fn host_is_pvm() -> bool {
+pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
