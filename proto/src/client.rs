@@ -14,11 +14,49 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::GrpcMethod;
 use tower::service_fn;
 
 use crate::v1::agent_client::AgentClient;
 use crate::v1::{VersionRequest, VersionResponse};
+
+/// A connected agent: every call on it has a deadline (see [`CallDeadline`]).
+pub type Agent = AgentClient<InterceptedService<Channel, CallDeadline>>;
+
+/// How long a call into an agent may take when [`connect_unix`] and
+/// [`connect_hybrid_vsock`] set it up; huskd's is configurable.
+pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The calls that last as long as a process in the guest does (waiting for
+/// its exit, streaming its output or stdin, forwarding a port): they get no
+/// deadline but their caller's.
+const WAITING_CALLS: [&str; 4] = ["WaitProcess", "ReadOutput", "WriteStdin", "PortForward"];
+
+/// Gives every call into an agent, except the [`WAITING_CALLS`], this
+/// deadline unless its caller set a shorter or longer one, so that a guest
+/// that stops answering fails the call (tonic's channel enforces the
+/// `grpc-timeout` it sends) instead of hanging it.
+#[derive(Debug, Clone, Copy)]
+pub struct CallDeadline(pub Duration);
+
+impl Interceptor for CallDeadline {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let waits = request
+            .extensions()
+            .get::<GrpcMethod>()
+            .is_some_and(|method| WAITING_CALLS.contains(&method.method()));
+        if !waits && !request.metadata().contains_key("grpc-timeout") {
+            request.set_timeout(self.0);
+        }
+        Ok(request)
+    }
+}
 
 /// How long [`connect_unix`] and [`connect_hybrid_vsock`] wait for one attempt:
 /// a little longer than husk-vmm waits for the guest to take a connection
@@ -75,33 +113,36 @@ pub enum ConnectError {
 }
 
 /// Connects to an agent listening on the unix socket `path`, within
-/// [`DEFAULT_CONNECT_TIMEOUT`].
-pub async fn connect_unix(path: impl AsRef<Path>) -> Result<AgentClient<Channel>, ConnectError> {
+/// [`DEFAULT_CONNECT_TIMEOUT`]; calls get [`DEFAULT_CALL_DEADLINE`].
+pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Agent, ConnectError> {
     let addr = AgentAddr::Unix(path.as_ref().to_path_buf());
-    connect(&addr, DEFAULT_CONNECT_TIMEOUT).await
+    connect(&addr, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CALL_DEADLINE).await
 }
 
 /// Connects to an agent listening on guest vsock `port`, through the VMM's
-/// hybrid vsock socket `uds_path`, within [`DEFAULT_CONNECT_TIMEOUT`].
+/// hybrid vsock socket `uds_path`, within [`DEFAULT_CONNECT_TIMEOUT`]; calls
+/// get [`DEFAULT_CALL_DEADLINE`].
 pub async fn connect_hybrid_vsock(
     uds_path: impl AsRef<Path>,
     port: u32,
-) -> Result<AgentClient<Channel>, ConnectError> {
+) -> Result<Agent, ConnectError> {
     let addr = AgentAddr::HybridVsock {
         uds_path: uds_path.as_ref().to_path_buf(),
         port,
     };
-    connect(&addr, DEFAULT_CONNECT_TIMEOUT).await
+    connect(&addr, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CALL_DEADLINE).await
 }
 
 /// Connects to the agent at `addr`, failing with [`ConnectError::TimedOut`] if
 /// the stream and the gRPC channel are not up within `timeout`. Should the
 /// connection drop later, the channel reconnects by itself on the next call,
-/// each reconnection bounded by the same `timeout`.
+/// each reconnection bounded by the same `timeout`. Each call then gets
+/// `call_deadline` (see [`CallDeadline`]).
 pub async fn connect(
     addr: &AgentAddr,
     timeout: Duration,
-) -> Result<AgentClient<Channel>, ConnectError> {
+    call_deadline: Duration,
+) -> Result<Agent, ConnectError> {
     let attempt = async {
         // Dial here rather than only inside the connector, so that a failure
         // reaches the caller as a typed ConnectError instead of a boxed one.
@@ -127,7 +168,10 @@ pub async fn connect(
                 addr: addr.clone(),
                 source,
             })?;
-        Ok(AgentClient::new(channel))
+        Ok(AgentClient::with_interceptor(
+            channel,
+            CallDeadline(call_deadline),
+        ))
     };
     tokio::time::timeout(timeout, attempt)
         .await
@@ -157,7 +201,7 @@ pub enum VersionError {
 /// crate's [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION): growth is additive,
 /// so a newer agent serves an older host, but an older agent lacks RPCs or
 /// fields this host relies on. Returns the agent's protocol version.
-pub async fn check_version(client: &mut AgentClient<Channel>) -> Result<u32, VersionError> {
+pub async fn check_version(client: &mut Agent) -> Result<u32, VersionError> {
     let version = client.version(VersionRequest {}).await?.into_inner();
     compatible(&version, crate::PROTOCOL_VERSION)
 }
@@ -259,6 +303,35 @@ mod tests {
     }
     use tokio::net::UnixListener;
 
+    #[test]
+    fn every_call_but_the_waiting_ones_gets_the_deadline() {
+        let request = |method: &'static str| {
+            let mut request = tonic::Request::new(());
+            request
+                .extensions_mut()
+                .insert(GrpcMethod::new("husk.agent.v1.Agent", method));
+            request
+        };
+        let timeout = |request: tonic::Request<()>| {
+            request
+                .metadata()
+                .get("grpc-timeout")
+                .map(|v| v.to_str().expect("ascii").to_owned())
+        };
+        let mut deadline = CallDeadline(Duration::from_secs(7));
+        let bounded = deadline.call(request("StartContainer")).expect("intercept");
+        assert!(timeout(bounded).is_some(), "StartContainer got no deadline");
+        for waiting in WAITING_CALLS {
+            let unbounded = deadline.call(request(waiting)).expect("intercept");
+            assert_eq!(timeout(unbounded), None, "{waiting} got a deadline");
+        }
+        let mut own = request("ExecProcess");
+        own.set_timeout(Duration::from_secs(600));
+        let callers = own.metadata().get("grpc-timeout").cloned();
+        let kept = deadline.call(own).expect("intercept");
+        assert_eq!(kept.metadata().get("grpc-timeout"), callers.as_ref());
+    }
+
     /// A fake VMM socket that reads one CONNECT line, checks it, then answers `reply`
     /// (or closes without a word when `reply` is None, or stays silent when it is "").
     fn fake_vmm(dir: &tempfile::TempDir, reply: Option<&'static str>) -> PathBuf {
@@ -306,7 +379,9 @@ mod tests {
     async fn closing_without_an_answer_is_no_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = hybrid(fake_vmm(&dir, None));
-        let err = connect(&addr, Duration::from_secs(5)).await.unwrap_err();
+        let err = connect(&addr, Duration::from_secs(5), DEFAULT_CALL_DEADLINE)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, ConnectError::NoAnswer { addr: a } if *a == addr),
             "{err}"
@@ -317,7 +392,9 @@ mod tests {
     async fn another_answer_is_refused_and_quoted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = hybrid(fake_vmm(&dir, Some("NO such port\n")));
-        let err = connect(&addr, Duration::from_secs(5)).await.unwrap_err();
+        let err = connect(&addr, Duration::from_secs(5), DEFAULT_CALL_DEADLINE)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, ConnectError::Refused { answer, .. } if answer == "NO such port\n"),
             "{err}"
@@ -330,7 +407,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = hybrid(fake_vmm(&dir, Some("")));
         let timeout = Duration::from_millis(200);
-        let err = connect(&addr, timeout).await.unwrap_err();
+        let err = connect(&addr, timeout, DEFAULT_CALL_DEADLINE)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, ConnectError::TimedOut { timeout: t, .. } if *t == timeout),
             "{err}"

@@ -16,6 +16,7 @@
 //! guest_max_mem_mib = 8192
 //! guest_cmdline = "console=ttyS0 reboot=k panic=-1 loglevel=7"  # default: husk-vmm's
 //! guest_boot_timeout_secs = 120
+//! agent_timeout_secs = 30             # each call into a pod's agent; a silent guest's pod goes NOTREADY
 //! husk_vmm = "/usr/bin/husk-vmm"      # default: next to huskd
 //! husk_agent = "/usr/bin/husk-agent"  # default: next to huskd
 //! log_level = "info"
@@ -34,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use husk_proto::client::DEFAULT_CALL_DEADLINE;
 use serde::Deserialize;
 
 use crate::image::RegistryConfig;
@@ -101,6 +103,10 @@ pub struct Cli {
     /// How long a microvm pod's guest has to boot to its agent [default: 120].
     #[arg(long, value_name = "SECS")]
     pub guest_boot_timeout_secs: Option<u64>,
+    /// How long each call into a pod's agent may take, and a ready pod's
+    /// agent has to answer huskd's health check, in seconds [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub agent_timeout_secs: Option<u64>,
     /// husk-vmm [default: next to huskd].
     #[arg(long, value_name = "PATH")]
     pub husk_vmm: Option<PathBuf>,
@@ -148,6 +154,7 @@ pub struct FileConfig {
     pub guest_max_mem_mib: Option<u64>,
     pub guest_cmdline: Option<String>,
     pub guest_boot_timeout_secs: Option<u64>,
+    pub agent_timeout_secs: Option<u64>,
     pub husk_vmm: Option<PathBuf>,
     pub husk_agent: Option<PathBuf>,
     pub log_level: Option<String>,
@@ -175,6 +182,8 @@ pub struct Config {
     /// None: husk-vmm's default command line.
     pub guest_cmdline: Option<String>,
     pub guest_boot_timeout: Duration,
+    /// Each call into an agent, and a ready pod's health check.
+    pub agent_timeout: Duration,
     pub husk_vmm: PathBuf,
     pub husk_agent: PathBuf,
     pub log_level: String,
@@ -206,6 +215,8 @@ pub enum ConfigError {
     StreamingListen(String),
     #[error("default_runtime {0:?}: expected \"microvm\" or \"host\"")]
     DefaultRuntime(String),
+    #[error("agent_timeout_secs must be at least 1")]
+    AgentTimeout,
     #[error(
         "state directory {state}: its sandboxes' sockets would be {len} bytes long \
          (e.g. {example}), over the {max}-byte limit of a unix socket path; \
@@ -291,6 +302,14 @@ impl Config {
                 max: MAX_SOCKET_PATH,
             });
         }
+        let agent_timeout = cli
+            .agent_timeout_secs
+            .or(file.agent_timeout_secs)
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_CALL_DEADLINE);
+        if agent_timeout.is_zero() {
+            return Err(ConfigError::AgentTimeout);
+        }
         Ok(Config {
             listen,
             streaming_listen,
@@ -351,6 +370,7 @@ impl Config {
                 .or(file.guest_boot_timeout_secs)
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_BOOT_TIMEOUT),
+            agent_timeout,
             husk_vmm,
             husk_agent,
             log_level: cli

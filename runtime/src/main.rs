@@ -78,7 +78,10 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     }
     let images = ImageStore::open(config.root.join("images"))?;
     let state = State::open(&config.root)?;
-    let host = Arc::new(HostDriver::new(config.husk_agent.clone()));
+    let host = Arc::new(HostDriver::new(
+        config.husk_agent.clone(),
+        config.agent_timeout,
+    ));
     let microvm = Arc::new(MicroVmDriver::new(MicroVmConfig {
         vmm: config.husk_vmm.clone(),
         kernel: config.guest_kernel.clone(),
@@ -87,6 +90,7 @@ async fn run(config: Config) -> Result<(), HuskdError> {
         cmdline: config.guest_cmdline.clone(),
         spare_disks: DEFAULT_SPARE_DISKS,
         boot_timeout: config.guest_boot_timeout,
+        call_deadline: config.agent_timeout,
     }));
     if let Err(why) = microvm.check() {
         warn!("the microvm sandbox driver cannot start pods: {why}");

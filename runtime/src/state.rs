@@ -62,6 +62,10 @@ pub struct PodRecord {
     /// The VM's size, for pods that run in one.
     #[serde(default)]
     pub vm_size: Option<VmSize>,
+    /// Why the pod went NOTREADY on its own (its process died, or its agent
+    /// stopped answering); None while ready and after a requested stop.
+    #[serde(default)]
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +256,7 @@ mod tests {
                     shared_dir: String::new(),
                     network: None,
                     vm_size: None,
+                    failure: None,
                 })
                 .expect("put");
         }

@@ -2,6 +2,8 @@
 //! for longer, and tonic drops a handler's future when its client's
 //! deadline passes. huskd must finish (or fully undo) what it started
 //! anyway, and never leave a VM, namespace or lease nobody can remove.
+//! And a guest that stops answering: its pod goes NOTREADY by itself, saying
+//! why, and its VM is killed.
 //!
 //! Real parts only: huskd, husk-vmm and the guest image, a loopback
 //! registry, the CNI bridge network; CRI over the unix socket with a 2 s
@@ -21,6 +23,9 @@ use tonic::Code;
 use support::{
     container_config, guest_diagnostics, network_leftovers, vmms_under, Huskd, VmReaper,
 };
+
+/// huskd's deadline on calls into the agent, and on its health check.
+const AGENT_TIMEOUT_SECS: u64 = 20;
 
 /// crictl's default timeout.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
@@ -48,7 +53,7 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
     let state = dir.path().join("state");
     let _reaper = VmReaper(state.clone());
     let config = format!(
-        "log_level = \"info\"\nguest_boot_timeout_secs = {}\n",
+        "log_level = \"info\"\nguest_boot_timeout_secs = {}\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n",
         boot_timeout().as_secs()
     );
     let huskd = Huskd::spawn(
@@ -175,7 +180,26 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
     .await
     .expect("RemoveContainer");
 
-    // 5. The pod stops and goes like any other, leaving nothing.
+    // 5. A guest that stops answering (its VMM stopped, as a hung guest
+    // is): huskd's health check fails the pod within its interval (10 s)
+    // and the deadline, with no CRI call, and kills the VM.
+    let vmm = vmms_under(&sandbox_dir);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm[0] as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP husk-vmm");
+    let within = Duration::from_secs(10 + AGENT_TIMEOUT_SECS + 30);
+    let (after, info) = support::wait_pod_failed(&mut rt, &pod, within).await;
+    eprintln!("a silent guest's pod went NOTREADY after {after:?}");
+    assert!(info.contains("stopped answering"), "{info}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vmms_under(&sandbox_dir).is_empty() {
+        assert!(Instant::now() < deadline, "the silent VM was not killed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 6. The pod stops and goes like any other, leaving nothing.
     support::remove_pod(&mut rt, &pod).await;
     assert!(support::list_pods(&mut rt).await.is_empty());
     assert!(vmms_under(&state).is_empty(), "husk-vmm left running");

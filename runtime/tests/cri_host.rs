@@ -96,6 +96,11 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Fixture {
+        Fixture::start_with(&[]).await
+    }
+
+    /// huskd with `extra` flags after the usual ones.
+    async fn start_with(extra: &[&str]) -> Fixture {
         assert!(
             nix::unistd::geteuid().is_root(),
             "huskd's host driver creates namespaces, mounts and cgroups: run this as root"
@@ -104,7 +109,8 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let agents = support::AgentSweeper::new(dir.path());
         let socket = dir.path().join("husk.sock");
-        let args = Huskd::host_args(dir.path());
+        let mut args = Huskd::host_args(dir.path());
+        args.extend(extra.iter().map(OsString::from));
         let started = Instant::now();
         let huskd = Huskd::spawn(&socket, &args);
         let channel = huskd.connect().await;
@@ -1025,6 +1031,49 @@ async fn a_killed_host_agent_takes_its_containers_with_it() {
         !pod_cgroup(&pod, "pids").exists(),
         "the pod's cgroup is gone"
     );
+    f.remove_pod(&pod).await;
+    f.huskd.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_agent_that_stops_answering_fails_its_pod() {
+    const AGENT_TIMEOUT_SECS: u64 = 2;
+    let mut f =
+        Fixture::start_with(&["--agent-timeout-secs", &AGENT_TIMEOUT_SECS.to_string()]).await;
+    f.pull().await;
+    let config = f.pod_config("h1");
+    let pod = f.run_pod(&config).await;
+    let sleeper = f
+        .run_container(&pod, &config, "sleeper", &["sleep", "1000"])
+        .await;
+    let agents = support::agent_pids(&f.dir.path().join("state").join("sandboxes").join(&pod));
+    assert_eq!(agents.len(), 1, "the pod's agent: {agents:?}");
+    // Alive but silent, as a hung guest is.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[0]),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP the agent");
+
+    // huskd's health check finds it within its interval (10 s) and the
+    // deadline, with no CRI call; then the pod is NOTREADY and says why.
+    let within = Duration::from_secs(10 + AGENT_TIMEOUT_SECS) + PATIENCE;
+    let (after, info) = support::wait_pod_failed(&mut f.rt, &pod, within).await;
+    eprintln!("a silent agent's pod went NOTREADY after {after:?}");
+    assert!(info.contains("stopped answering"), "{info}");
+    let status = wait_exited(&mut f.rt, &sleeper).await;
+    assert_eq!((status.exit_code, status.reason.as_str()), (137, "Error"));
+    assert!(status.message.contains("stopped answering"), "{status:?}");
+    let deadline = Instant::now() + PATIENCE;
+    while runs(agents[0]) || !pod_pids(&pod).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the silent agent ({}) or the pod's processes ({:?}) still run",
+            runs(agents[0]),
+            pod_pids(&pod)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     f.remove_pod(&pod).await;
     f.huskd.terminate();
 }

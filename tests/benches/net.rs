@@ -31,10 +31,9 @@ use husk_e2e::netns::{
 };
 use husk_e2e::oci::spec;
 use husk_e2e::rootfs::busybox_erofs;
+use husk_proto::client::Agent;
 use husk_proto::v1;
-use husk_proto::v1::agent_client::AgentClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 const ECHO_PORT: u16 = 8081;
 const STREAM_PORT: u16 = 8082;
@@ -121,7 +120,7 @@ fn stream_out(listener: TcpListener) -> Result<(u64, Duration), String> {
     }
 }
 
-async fn start_exec(guest: &Guest, agent: &mut AgentClient<Channel>, exec: &str, script: &str) {
+async fn start_exec(guest: &Guest, agent: &mut Agent, exec: &str, script: &str) {
     guest
         .rpc(
             &format!("ExecProcess {exec}"),

@@ -6,11 +6,10 @@ use std::fmt::Display;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use husk_proto::v1::agent_client::AgentClient;
+use husk_proto::client::Agent;
 use husk_proto::v1::{self, rootfs_source};
 use serde_json::Value;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use crate::microvm::{boot_timeout, MicroVm, MicroVmOptions};
 
@@ -29,7 +28,7 @@ pub struct Guest {
 impl Guest {
     /// Starts husk-vmm with `options` and waits for its agent; a guest that
     /// does not boot fails the test.
-    pub async fn boot(options: MicroVmOptions) -> (Guest, AgentClient<Channel>) {
+    pub async fn boot(options: MicroVmOptions) -> (Guest, Agent) {
         let mut vm = MicroVm::start(options);
         let (agent, timings) = match vm.wait_for_agent(boot_timeout()).await {
             Ok(ok) => ok,
@@ -45,7 +44,7 @@ impl Guest {
 
     /// Asks the agent to shut the guest down; husk-vmm must exit with 0.
     /// The stopped VM, for a look at its logs.
-    pub async fn shut_down(self, agent: &mut AgentClient<Channel>) -> MicroVm {
+    pub async fn shut_down(self, agent: &mut Agent) -> MicroVm {
         self.rpc("Shutdown", agent.shutdown(v1::ShutdownRequest {}))
             .await;
         let mut vm = self.vm;
@@ -85,7 +84,7 @@ impl Guest {
     /// Starts reading a process's stream to its end in the background.
     pub async fn read_output(
         &self,
-        agent: &mut AgentClient<Channel>,
+        agent: &mut Agent,
         container: &str,
         exec: &str,
         stream: v1::OutputStream,
@@ -126,12 +125,7 @@ impl Guest {
         }
     }
 
-    pub async fn wait(
-        &self,
-        agent: &mut AgentClient<Channel>,
-        container: &str,
-        exec: &str,
-    ) -> v1::ExitStatus {
+    pub async fn wait(&self, agent: &mut Agent, container: &str, exec: &str) -> v1::ExitStatus {
         let step = format!("WaitProcess {container}/{exec}");
         let response = self
             .rpc(
@@ -146,7 +140,7 @@ impl Guest {
             .unwrap_or_else(|| self.fail(&step, "the answer carries no exit status"))
     }
 
-    pub async fn create(&self, agent: &mut AgentClient<Channel>, id: &str, spec: &Value) -> u32 {
+    pub async fn create(&self, agent: &mut Agent, id: &str, spec: &Value) -> u32 {
         let response = self
             .rpc(
                 &format!("CreateContainer {id} on {IMAGE_DEVICE}"),
@@ -164,7 +158,7 @@ impl Guest {
         response.pid
     }
 
-    pub async fn start(&self, agent: &mut AgentClient<Channel>, id: &str) {
+    pub async fn start(&self, agent: &mut Agent, id: &str) {
         self.rpc(
             &format!("StartContainer {id}"),
             agent.start_container(v1::StartContainerRequest {
@@ -174,7 +168,7 @@ impl Guest {
         .await;
     }
 
-    pub async fn remove(&self, agent: &mut AgentClient<Channel>, id: &str) {
+    pub async fn remove(&self, agent: &mut Agent, id: &str) {
         self.rpc(
             &format!("RemoveContainer {id}"),
             agent.remove_container(v1::RemoveContainerRequest {
@@ -188,7 +182,7 @@ impl Guest {
     /// Runs an exec to its end: stdout, stderr (empty for a tty), exit.
     pub async fn exec(
         &self,
-        agent: &mut AgentClient<Channel>,
+        agent: &mut Agent,
         container: &str,
         exec: &str,
         process_json: Value,

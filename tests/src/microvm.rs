@@ -7,11 +7,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use husk_proto::client::Agent;
 use husk_proto::client::{connect_hybrid_vsock, ConnectError};
-use husk_proto::v1::agent_client::AgentClient;
 use husk_proto::v1::PingRequest;
 use husk_proto::AGENT_VSOCK_PORT;
-use tonic::transport::Channel;
 
 /// What the agent prints first as PID 1, and once it serves.
 pub const AGENT_INIT_MARKER: &str = "husk-agent: init";
@@ -212,7 +211,7 @@ impl MicroVm {
     pub async fn wait_for_agent(
         &mut self,
         timeout: Duration,
-    ) -> Result<(AgentClient<Channel>, BootTimings), String> {
+    ) -> Result<(Agent, BootTimings), String> {
         let deadline = Instant::now() + timeout;
         let mut last_error: Option<ConnectError> = None;
         loop {

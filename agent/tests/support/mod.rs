@@ -8,14 +8,12 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use husk_proto::client::connect_unix;
-use husk_proto::v1::agent_client::AgentClient;
+use husk_proto::client::{self, connect_unix};
 use husk_proto::v1::{self, rootfs_source};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_husk-agent");
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -24,7 +22,7 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 pub struct Agent {
     pub child: Child,
     pub dir: tempfile::TempDir,
-    pub client: AgentClient<Channel>,
+    pub client: client::Agent,
 }
 
 impl Agent {

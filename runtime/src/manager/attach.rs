@@ -4,11 +4,10 @@
 //! stdin shared by every attached client.
 
 use bytes::Bytes;
+use husk_proto::client::Agent;
 use husk_proto::v1 as agent;
-use husk_proto::v1::agent_client::AgentClient;
 use tokio::sync::{broadcast, mpsc, Mutex};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tracing::debug;
 
 /// Chunks an attached client may fall behind by before it loses output.
@@ -80,7 +79,7 @@ impl AttachPoint {
     /// stdin is closed.
     pub async fn write_stdin(
         &self,
-        client: &AgentClient<Channel>,
+        client: &Agent,
         container: &str,
         data: Bytes,
         close: bool,

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use husk_proto::client::Agent;
 use husk_proto::v1 as agent;
-use husk_proto::v1::agent_client::AgentClient;
 use k8s_cri::v1 as cri;
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use super::spec::{self, SpecInput};
@@ -79,7 +78,7 @@ pub(super) fn apply_exit(record: &mut ContainerRecord, exit: &agent::ExitStatus)
 
 /// Reads a stream to its end, keeping at most `cap` bytes.
 async fn collect(
-    mut client: AgentClient<Channel>,
+    mut client: Agent,
     container: String,
     exec: String,
     stream: agent::OutputStream,
@@ -120,7 +119,7 @@ const COPY_CHUNK: usize = 1 << 20;
 /// CreateContainer, retried while the agent cannot mount a block device
 /// that the guest has not seen arrive yet.
 async fn create_in_agent(
-    client: &mut AgentClient<Channel>,
+    client: &mut Agent,
     request: agent::CreateContainerRequest,
     plan: &RootfsPlan,
 ) -> std::result::Result<(), tonic::Status> {
@@ -239,7 +238,7 @@ fn walk_for_copy(top: &Path) -> std::result::Result<Vec<CopyEntry>, String> {
 /// Copies each mount's host path into the agent's shared directory, below
 /// `mounts/<container>/<n>`, and returns the mounts naming the copies.
 async fn copy_mounts(
-    client: &mut AgentClient<Channel>,
+    client: &mut Agent,
     pod: &PodRecord,
     container: &str,
     mounts: &[cri::Mount],
@@ -250,7 +249,7 @@ async fn copy_mounts(
             pod.id
         )));
     }
-    let copy = |client: &mut AgentClient<Channel>, request: agent::CopyFileRequest| {
+    let copy = |client: &mut Agent, request: agent::CopyFileRequest| {
         let mut client = client.clone();
         async move {
             let path = request.path.clone();
@@ -575,7 +574,7 @@ impl Manager {
         grace: Duration,
     ) -> Result<()> {
         let client = self.agent(pod).await?;
-        let wait = |mut client: AgentClient<Channel>| async move {
+        let wait = |mut client: Agent| async move {
             client
                 .wait_process(agent::WaitProcessRequest {
                     process: process(id, ""),
@@ -583,7 +582,7 @@ impl Manager {
                 .await
                 .map(|r| r.into_inner().status)
         };
-        let signal = |mut client: AgentClient<Channel>, signal: i32| async move {
+        let signal = |mut client: Agent, signal: i32| async move {
             match client
                 .signal_process(agent::SignalProcessRequest {
                     process: process(id, ""),
@@ -804,7 +803,7 @@ impl Manager {
         cmd: &[String],
         io: ExecIo,
         timeout_ms: u32,
-    ) -> Result<(AgentClient<Channel>, String)> {
+    ) -> Result<(Agent, String)> {
         if cmd.is_empty() {
             return Err(CriError::InvalidArgument("exec needs a command".into()));
         }

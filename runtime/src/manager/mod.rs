@@ -17,8 +17,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
-use husk_proto::v1::agent_client::AgentClient;
-use tonic::transport::Channel;
+use husk_proto::client::Agent;
 
 use self::attach::AttachPoint;
 use crate::config::Config;
@@ -53,7 +52,7 @@ pub enum CriError {
     Spec(#[from] spec::SpecError),
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", agent_message(source))]
     Agent {
         what: String,
         #[source]
@@ -65,6 +64,13 @@ pub enum CriError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl CriError {
+    /// Whether this is a call into an agent that missed its deadline.
+    pub fn agent_gave_no_answer(&self) -> bool {
+        matches!(self, CriError::Agent { source, .. } if gave_no_answer(source))
+    }
 }
 
 impl From<CriError> for tonic::Status {
@@ -100,6 +106,9 @@ impl From<CriError> for tonic::Status {
             CriError::Image(StoreError::Pull(crate::image::PullError::Unreachable { .. })) => {
                 Status::unavailable(message)
             }
+            CriError::Agent { source, .. } if gave_no_answer(source) => {
+                Status::deadline_exceeded(message)
+            }
             CriError::Agent { source, .. } => Status::new(source.code(), message),
             _ => Status::internal(message),
         }
@@ -107,6 +116,27 @@ impl From<CriError> for tonic::Status {
 }
 
 pub type Result<T, E = CriError> = std::result::Result<T, E>;
+
+/// Whether an agent's call failed on its deadline ([`husk_proto::client::CallDeadline`]):
+/// tonic's channel ends such a call as CANCELLED, and nothing else cancels
+/// huskd's calls into an agent.
+fn gave_no_answer(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled
+}
+
+/// What an agent's error says, in husk's words: its own message (not
+/// tonic's description of the code), or what a missed deadline means.
+fn agent_message(status: &tonic::Status) -> String {
+    if gave_no_answer(status) {
+        "the pod's agent did not answer in time (agent_timeout_secs): its guest or \
+         process may be hung"
+            .to_owned()
+    } else if status.message().is_empty() {
+        format!("the agent failed with {:?} and no message", status.code())
+    } else {
+        status.message().to_owned()
+    }
+}
 
 pub(crate) fn agent_err(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> CriError {
     let what = what.into();
@@ -142,7 +172,7 @@ pub struct Manager {
     pub state: State,
     host: Arc<dyn SandboxDriver>,
     microvm: Arc<dyn SandboxDriver>,
-    agents: Mutex<HashMap<String, AgentClient<Channel>>>,
+    agents: Mutex<HashMap<String, Agent>>,
     /// Running containers' output and stdin for Attach.
     attach: Mutex<HashMap<String, Arc<AttachPoint>>>,
     /// Containers' open log files, for ReopenContainerLog.
@@ -234,7 +264,7 @@ impl Manager {
 
     /// The agent of `pod`, connecting once if huskd has no channel yet
     /// (after a restart).
-    pub(crate) async fn agent(&self, pod: &PodRecord) -> Result<AgentClient<Channel>> {
+    pub(crate) async fn agent(&self, pod: &PodRecord) -> Result<Agent> {
         if let Some(client) = self
             .agents
             .lock()

@@ -6,9 +6,8 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use husk_proto::client::Agent;
 use husk_proto::v1 as agent;
-use husk_proto::v1::agent_client::AgentClient;
-use tonic::transport::Channel;
 use tonic::Streaming;
 use tracing::{info, instrument, warn};
 
@@ -77,7 +76,7 @@ impl Manager {
     /// and to attached clients from their first byte.
     pub(super) async fn attach_output(
         &self,
-        client: &mut AgentClient<Channel>,
+        client: &mut Agent,
         record: &ContainerRecord,
     ) -> Result<()> {
         let log = self.open_log(record)?;
@@ -105,11 +104,7 @@ impl Manager {
     /// After a huskd restart: copies what the running container writes from
     /// now on (and what waits in its pipes) into its log and to attached
     /// clients again.
-    fn reattach_output(
-        self: &Arc<Self>,
-        client: &AgentClient<Channel>,
-        record: &ContainerRecord,
-    ) -> Result<()> {
+    fn reattach_output(self: &Arc<Self>, client: &Agent, record: &ContainerRecord) -> Result<()> {
         let log = self.open_log(record)?;
         let point = self.open_attach_point(&record.id);
         for &(stream, name) in streams(record) {
@@ -134,7 +129,7 @@ impl Manager {
     /// running or the agent refuses otherwise.
     async fn read_output_when_free(
         &self,
-        mut client: AgentClient<Channel>,
+        mut client: Agent,
         id: &str,
         stream: agent::OutputStream,
     ) -> Option<Streaming<agent::OutputChunk>> {
@@ -165,7 +160,7 @@ impl Manager {
 
     /// Records the container's exit as soon as the agent reports it; then
     /// (or once the agent is gone) attached clients see the end of output.
-    pub(super) fn watch_exit(self: &Arc<Self>, mut client: AgentClient<Channel>, id: String) {
+    pub(super) fn watch_exit(self: &Arc<Self>, mut client: Agent, id: String) {
         let manager = self.clone();
         tokio::spawn(async move {
             let waited = client

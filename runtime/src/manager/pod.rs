@@ -85,6 +85,7 @@ impl Manager {
             shared_dir: String::new(),
             network: None,
             vm_size: None,
+            failure: None,
         };
         // Recorded before anything starts, so a crash leaves something to
         // clean up; checked and recorded under one lock, so that two calls
@@ -324,8 +325,8 @@ impl Manager {
     }
 
     /// The pod's record with its state checked against its process. A
-    /// ready pod whose process died has what it left killed first, then is
-    /// NOTREADY with its containers EXITED.
+    /// ready pod whose process died, and that no call is starting, stopping
+    /// or removing, fails ([`fail_pod`](Self::fail_pod)).
     pub async fn live_pod(&self, id: &str) -> Result<PodRecord> {
         let pod = self.pod(id)?;
         if pod.state != PodState::Ready {
@@ -335,19 +336,91 @@ impl Manager {
         if driver.alive(pod.pid, &pod.dir) {
             return Ok(pod);
         }
-        warn!(sandbox = id, pid = pod.pid, "the sandbox's process is gone");
-        self.forget_agent(id);
-        // Until this succeeds the pod stays READY, and the next look retries.
-        driver.kill_leftovers(id).await?;
-        self.end_containers(
-            id,
-            &format!(
-                "the pod sandbox's {} process (pid {}) ended unexpectedly; \
-                 what was left of the container was killed",
+        // A pod whose lock is held is being started, stopped or removed: its
+        // process may be ending on purpose, and the holder records how.
+        let lock = self.pod_lock(id);
+        let Ok(_busy) = lock.try_lock() else {
+            return Ok(pod);
+        };
+        let pod = self.pod(id)?;
+        if pod.state != PodState::Ready || driver.alive(pod.pid, &pod.dir) {
+            return Ok(pod);
+        }
+        self.fail_pod(
+            &pod,
+            format!(
+                "the pod sandbox's {} process (pid {}) ended unexpectedly",
                 pod.driver, pod.pid
             ),
+        )
+        .await
+    }
+
+    /// Checks that a ready pod's agent answers within the agent deadline;
+    /// one that does not (after one more try on a fresh connection, unless
+    /// the first try hung) fails the pod as [`fail_pod`](Self::fail_pod) says.
+    pub(super) async fn probe_pod(&self, id: &str) -> Result<()> {
+        let pod = self.pod(id)?;
+        if pod.state != PodState::Ready {
+            return Ok(());
+        }
+        let ping = |pod: PodRecord| async move {
+            let mut client = self.agent(&pod).await?;
+            client
+                .ping(agent::PingRequest {})
+                .await
+                .map_err(agent_err(format!(
+                    "pinging the agent of sandbox {}",
+                    pod.id
+                )))
+        };
+        let error = match ping(pod.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.agent_gave_no_answer() => e,
+            Err(_) => {
+                // The channel may be stale (a broken connection): once more, afresh.
+                self.forget_agent(id);
+                match ping(pod.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => e,
+                }
+            }
+        };
+        let lock = self.pod_lock(id);
+        let _guard = lock.lock().await;
+        let now = self.pod(id)?;
+        if now.state != PodState::Ready || now.pid != pod.pid {
+            // Stopped, or failed, while the probe waited.
+            return Ok(());
+        }
+        self.fail_pod(&now, format!("the pod's agent stopped answering ({error})"))
+            .await
+            .map(|_| ())
+    }
+
+    /// A ready pod that failed on its own: it is NOTREADY with `why` as its
+    /// failure (first, so that a concurrent look does not fail it again),
+    /// then its process (if it still runs) and whatever it left are killed
+    /// and its containers are EXITED with `why`. Should a kill fail, the
+    /// error says so and StopPodSandbox, which kubelet calls for a NOTREADY
+    /// pod, kills again.
+    async fn fail_pod(&self, pod: &PodRecord, why: String) -> Result<PodRecord> {
+        warn!(sandbox = %pod.id, pid = pod.pid, "{why}");
+        let record = self.update_pod(&pod.id, |p| {
+            p.state = PodState::NotReady;
+            p.failure = Some(why.clone());
+        })?;
+        let driver = self.driver(&pod.driver)?;
+        self.forget_agent(&pod.id);
+        driver
+            .stop(&pod.id, pod.pid, &pod.dir, Duration::ZERO)
+            .await?;
+        driver.kill_leftovers(&pod.id).await?;
+        self.end_containers(
+            &pod.id,
+            &format!("{why}; what was left of the container was killed"),
         )?;
-        self.update_pod(id, |p| p.state = PodState::NotReady)
+        Ok(record)
     }
 
     /// The pod's status and, when `verbose`, huskd's own facts about it
@@ -434,6 +507,7 @@ fn pod_info(pod: &PodRecord) -> serde_json::Value {
         "driver": pod.driver,
         "pid": pod.pid,
         "sandboxDir": pod.dir,
+        "failure": pod.failure,
         "vm": pod.vm_size.map(|size| serde_json::json!({
             "vcpus": size.vcpus,
             "memoryMiB": size.mem_mib,
@@ -472,8 +546,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Mutex;
 
-    use husk_proto::v1::agent_client::AgentClient;
-    use tonic::transport::Channel;
+    use husk_proto::client::Agent;
 
     use super::*;
     use crate::config::{Cli, Config, FileConfig};
@@ -508,7 +581,7 @@ mod tests {
             &'a self,
             id: &'a str,
             _agent_socket: &'a Path,
-        ) -> BoxFuture<'a, Result<AgentClient<Channel>, SandboxError>> {
+        ) -> BoxFuture<'a, Result<Agent, SandboxError>> {
             Box::pin(async move {
                 Err(SandboxError::Unavailable {
                     id: id.into(),

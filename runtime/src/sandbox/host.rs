@@ -8,12 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use husk_proto::client::connect_unix;
-use husk_proto::v1::agent_client::AgentClient;
+use husk_proto::client::{connect, Agent, AgentAddr, ConnectError, DEFAULT_CONNECT_TIMEOUT};
 use husk_proto::v1::PingRequest;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tonic::transport::Channel;
 use tracing::warn;
 
 use super::host_cgroup::{kill_pod_cgroups, CGROUP_ROOT};
@@ -24,11 +22,21 @@ use super::{
 
 pub struct HostDriver {
     agent: PathBuf,
+    /// Each call into an agent: [`husk_proto::client::CallDeadline`].
+    call_deadline: Duration,
 }
 
 impl HostDriver {
-    pub fn new(agent: PathBuf) -> HostDriver {
-        HostDriver { agent }
+    pub fn new(agent: PathBuf, call_deadline: Duration) -> HostDriver {
+        HostDriver {
+            agent,
+            call_deadline,
+        }
+    }
+
+    async fn connect_agent(&self, socket: &Path) -> Result<Agent, ConnectError> {
+        let addr = AgentAddr::Unix(socket.to_owned());
+        connect(&addr, DEFAULT_CONNECT_TIMEOUT, self.call_deadline).await
     }
 }
 
@@ -119,14 +127,14 @@ impl SandboxDriver for HostDriver {
                     if !socket.exists() {
                         return Attempt::NotYet("its socket is not there yet".into());
                     }
-                    match connect_unix(&socket).await {
+                    match self.connect_agent(&socket).await {
                         Ok(mut client) => match client.ping(PingRequest {}).await {
-                            Ok(_) => Attempt::Answered(Started {
+                            Ok(_) => Attempt::Answered(Box::new(Started {
                                 agent_socket: socket,
                                 pid,
                                 client,
                                 vm_size: None,
-                            }),
+                            })),
                             Err(status) => Attempt::NotYet(status.to_string()),
                         },
                         Err(e) => Attempt::NotYet(e.to_string()),
@@ -150,9 +158,9 @@ impl SandboxDriver for HostDriver {
         &'a self,
         id: &'a str,
         agent_socket: &'a Path,
-    ) -> BoxFuture<'a, Result<AgentClient<Channel>, SandboxError>> {
+    ) -> BoxFuture<'a, Result<Agent, SandboxError>> {
         Box::pin(async move {
-            connect_unix(agent_socket)
+            self.connect_agent(agent_socket)
                 .await
                 .map_err(|source| SandboxError::Connect {
                     id: id.to_owned(),
@@ -169,9 +177,11 @@ impl SandboxDriver for HostDriver {
         grace: Duration,
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
         Box::pin(async move {
+            // No grace: a failed sandbox, killed at once.
+            let term = (!grace.is_zero()).then_some(Duration::from_secs(10));
             for (signal, wait) in [
                 (None, grace),
-                (Some(Signal::SIGTERM), Duration::from_secs(10)),
+                (term.map(|_| Signal::SIGTERM), term.unwrap_or_default()),
                 (Some(Signal::SIGKILL), Duration::from_secs(5)),
             ] {
                 if !is_our_agent(pid, dir) {

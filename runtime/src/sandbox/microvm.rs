@@ -28,14 +28,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use husk_proto::client::{check_version, connect_hybrid_vsock, VersionError};
-use husk_proto::v1::agent_client::AgentClient;
+use husk_proto::client::{
+    check_version, connect, Agent, AgentAddr, ConnectError, VersionError, DEFAULT_CONNECT_TIMEOUT,
+};
 use husk_proto::AGENT_VSOCK_PORT;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tonic::transport::Channel;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::network::VM_TAP;
@@ -76,6 +76,8 @@ pub struct MicroVmConfig {
     pub cmdline: Option<String>,
     pub spare_disks: usize,
     pub boot_timeout: Duration,
+    /// Each call into the guest's agent: [`husk_proto::client::CallDeadline`].
+    pub call_deadline: Duration,
 }
 
 pub struct MicroVmDriver {
@@ -175,6 +177,15 @@ impl MicroVmDriver {
 
     pub fn config(&self) -> &MicroVmConfig {
         &self.config
+    }
+
+    /// Reaches the guest's agent through the VMM's hybrid vsock socket.
+    async fn connect_agent(&self, vsock: &Path) -> Result<Agent, ConnectError> {
+        let addr = AgentAddr::HybridVsock {
+            uds_path: vsock.to_owned(),
+            port: AGENT_VSOCK_PORT,
+        };
+        connect(&addr, DEFAULT_CONNECT_TIMEOUT, self.config.call_deadline).await
     }
 
     /// Whether the files the driver needs are there; the message says which is not.
@@ -318,7 +329,7 @@ impl MicroVmDriver {
                 if !vsock.exists() {
                     return Attempt::NotYet("the vsock socket is not there yet".into());
                 }
-                let mut client = match connect_hybrid_vsock(&vsock, AGENT_VSOCK_PORT).await {
+                let mut client = match self.connect_agent(&vsock).await {
                     Ok(client) => client,
                     Err(e) => return Attempt::NotYet(e.to_string()),
                 };
@@ -329,12 +340,12 @@ impl MicroVmDriver {
                             elapsed_ms = started_at.elapsed().as_millis() as u64,
                             "the guest's agent answered"
                         );
-                        Attempt::Answered(Started {
+                        Attempt::Answered(Box::new(Started {
                             agent_socket: vsock,
                             pid,
                             client,
                             vm_size: Some(size),
-                        })
+                        }))
                     }
                     Err(e @ VersionError::TooOld { .. }) => {
                         Attempt::Refused(format!("the guest's agent cannot serve huskd: {e}"))
@@ -372,14 +383,15 @@ impl SandboxDriver for MicroVmDriver {
         &'a self,
         id: &'a str,
         agent_socket: &'a Path,
-    ) -> BoxFuture<'a, Result<AgentClient<Channel>, SandboxError>> {
+    ) -> BoxFuture<'a, Result<Agent, SandboxError>> {
         Box::pin(async move {
-            let mut client = connect_hybrid_vsock(agent_socket, AGENT_VSOCK_PORT)
-                .await
-                .map_err(|source| SandboxError::Connect {
-                    id: id.to_owned(),
-                    source,
-                })?;
+            let mut client =
+                self.connect_agent(agent_socket)
+                    .await
+                    .map_err(|source| SandboxError::Connect {
+                        id: id.to_owned(),
+                        source,
+                    })?;
             check_version(&mut client)
                 .await
                 .map_err(|e| SandboxError::NotReady {
@@ -408,13 +420,17 @@ impl SandboxDriver for MicroVmDriver {
                     !is_our_process(pid, dir)
                 };
                 // The agent's Shutdown resets the guest, and the VMM exits.
+                // No grace: a failed sandbox, killed at once.
                 if !wait_gone(grace).await {
-                    warn!(pid, "husk-vmm still runs; asking its control API to stop");
-                    let request = serde_json::json!({"op": "shutdown"});
-                    if let Err(e) = api_call(&dir.join(API_SOCKET), &request).await {
-                        warn!("control API shutdown: {e}");
-                    }
-                    if !wait_gone(Duration::from_secs(5)).await {
+                    let gone = !grace.is_zero() && {
+                        warn!(pid, "husk-vmm still runs; asking its control API to stop");
+                        let request = serde_json::json!({"op": "shutdown"});
+                        if let Err(e) = api_call(&dir.join(API_SOCKET), &request).await {
+                            warn!("control API shutdown: {e}");
+                        }
+                        wait_gone(Duration::from_secs(5)).await
+                    };
+                    if !gone {
                         warn!(pid, "husk-vmm still runs; SIGKILL");
                         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                         if !wait_gone(Duration::from_secs(5)).await {
@@ -583,6 +599,7 @@ mod tests {
             cmdline: None,
             spare_disks: DEFAULT_SPARE_DISKS,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            call_deadline: husk_proto::client::DEFAULT_CALL_DEADLINE,
         });
         let err = driver.check().expect_err("nothing exists");
         assert!(err.contains("husk-vmm not found"), "{err}");
@@ -599,6 +616,7 @@ mod tests {
             cmdline: None,
             spare_disks: 3,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            call_deadline: husk_proto::client::DEFAULT_CALL_DEADLINE,
         });
         let mut table = driver.load_table("p", dir.path()).expect("fresh");
         assert_eq!(table.slots.len(), 3);

@@ -11,8 +11,7 @@ mod startup;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use husk_proto::v1::agent_client::AgentClient;
-use tonic::transport::Channel;
+use husk_proto::client::Agent;
 
 pub use host::HostDriver;
 pub use microvm::{MicroVmConfig, MicroVmDriver};
@@ -165,7 +164,7 @@ fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> S
 pub struct Started {
     pub agent_socket: PathBuf,
     pub pid: u32,
-    pub client: AgentClient<Channel>,
+    pub client: Agent,
     /// The VM's size, for drivers that run one.
     pub vm_size: Option<sizing::VmSize>,
 }
@@ -181,9 +180,10 @@ pub trait SandboxDriver: Send + Sync {
         &'a self,
         id: &'a str,
         agent_socket: &'a Path,
-    ) -> BoxFuture<'a, Result<AgentClient<Channel>, SandboxError>>;
+    ) -> BoxFuture<'a, Result<Agent, SandboxError>>;
     /// Ends the sandbox's process (after the agent's Shutdown, or instead of
-    /// it): waits up to `grace`, then kills. Idempotent.
+    /// it): waits up to `grace`, then kills; with no grace (a failed
+    /// sandbox) SIGKILL at once. Idempotent.
     fn stop<'a>(
         &'a self,
         id: &'a str,

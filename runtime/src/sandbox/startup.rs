@@ -16,7 +16,7 @@ use super::{SandboxError, Started};
 
 /// What one attempt to reach a starting sandbox's agent came to.
 pub enum Attempt {
-    Answered(Started),
+    Answered(Box<Started>),
     /// Not yet; why, for the error if time runs out.
     NotYet(String),
     /// It answered, but can never serve huskd.
@@ -44,7 +44,8 @@ impl Spawned {
         Self { pid, exited }
     }
 
-    /// Calls `attempt` every `poll` until the agent answers. On an exit,
+    /// Calls `attempt` every `poll` until the agent answers, each attempt
+    /// bounded by the time left. On an exit,
     /// a refusal or the deadline, the process is killed and the error's
     /// detail is `describe(why)`, where `why` says which.
     pub async fn wait_for_agent<F, Fut>(
@@ -64,10 +65,14 @@ impl Spawned {
             if let Ok(status) = self.exited.try_recv() {
                 break format!("it exited ({status}) before the agent answered");
             }
-            let last_error = match attempt().await {
-                Attempt::Answered(started) => return Ok(started),
-                Attempt::NotYet(why) => why,
-                Attempt::Refused(why) => break why,
+            // An attempt that hangs (a guest that stopped mid-answer) must
+            // not carry the wait past its deadline.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let last_error = match tokio::time::timeout(left, attempt()).await {
+                Ok(Attempt::Answered(started)) => return Ok(*started),
+                Ok(Attempt::NotYet(why)) => why,
+                Ok(Attempt::Refused(why)) => break why,
+                Err(_) => format!("the last attempt got no answer within the {left:?} left"),
             };
             if Instant::now() >= deadline {
                 break format!("no answer in time (last attempt: {last_error})");

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use husk_proto::client::Agent;
 use husk_proto::v1 as agent;
-use husk_proto::v1::agent_client::AgentClient;
 use nix::sched::CloneFlags;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
-use tonic::transport::Channel;
 use tracing::debug;
 
 use super::spdy::{Event, Session};
@@ -51,7 +50,7 @@ pub enum PodNetwork {
     /// A host pod: the network namespace of this process (its agent).
     Netns(u32),
     /// A microVM pod: its agent, which connects inside the guest.
-    Agent(AgentClient<Channel>),
+    Agent(Agent),
 }
 
 impl PodNetwork {
@@ -136,10 +135,7 @@ impl ToPod {
 
 /// Asks the agent to connect to `port` in the guest; the connection is its
 /// PortForward call (the agent refuses it at once if nothing listens).
-async fn connect_through_agent(
-    mut client: AgentClient<Channel>,
-    port: u16,
-) -> io::Result<(FromPod, ToPod)> {
+async fn connect_through_agent(mut client: Agent, port: u16) -> io::Result<(FromPod, ToPod)> {
     let (sender, receiver) = mpsc::channel(16);
     sender
         .send(agent::PortForwardRequest {

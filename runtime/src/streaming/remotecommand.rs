@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use husk_proto::client::Agent;
 use husk_proto::v1 as agent;
-use husk_proto::v1::agent_client::AgentClient;
 use k8s_cri::v1 as cri;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tracing::{debug, warn};
 
 use super::token::Request;
@@ -64,7 +63,7 @@ where
 /// Copies one output stream of a process to the client (or drops it, when
 /// the client did not ask for it: the pipe must be drained all the same).
 async fn pump(
-    mut client: AgentClient<Channel>,
+    mut client: Agent,
     process: Option<agent::ProcessRef>,
     stream: agent::OutputStream,
     to: Option<mpsc::Sender<Output>>,
@@ -107,11 +106,7 @@ async fn next_input(early: &mut Vec<Input>, input: &mut mpsc::Receiver<Input>) -
 
 /// Sets a process's terminal size; a failure only costs the client its
 /// layout.
-async fn resize(
-    client: &mut AgentClient<Channel>,
-    process: Option<agent::ProcessRef>,
-    size: TermSize,
-) {
+async fn resize(client: &mut Agent, process: Option<agent::ProcessRef>, size: TermSize) {
     let resized = client
         .resize_tty(agent::ResizeTtyRequest {
             process,

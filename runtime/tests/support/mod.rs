@@ -356,6 +356,37 @@ pub async fn pod_status(
     .expect("status")
 }
 
+/// Waits until the ready pod `id` fails by itself (NOTREADY) within
+/// `within`, and returns how long that took and huskd's verbose facts about
+/// it (`info["info"]`, which says why).
+pub async fn wait_pod_failed(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    id: &str,
+    within: Duration,
+) -> (Duration, String) {
+    let began = Instant::now();
+    loop {
+        let answer = rt
+            .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: true,
+            })
+            .await
+            .expect("pod status")
+            .into_inner();
+        let status = answer.status.expect("status");
+        if status.state == k8s_cri::v1::PodSandboxState::SandboxNotready as i32 {
+            let info = answer.info.get("info").cloned().unwrap_or_default();
+            return (began.elapsed(), info);
+        }
+        assert!(
+            began.elapsed() < within,
+            "still ready after {within:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The runtime's Status answer: conditions and handlers.
 pub async fn runtime_status(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
