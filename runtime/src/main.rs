@@ -110,6 +110,10 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     let streaming_listen = config.streaming_listen;
     let token_ttl = config.streaming_token_ttl;
     let manager = Manager::new(config, images, state, host, microvm);
+    // Before serving: what a crash of the last huskd left behind goes.
+    if let Err(e) = manager.reconcile().await {
+        warn!("cleaning up after the last huskd: {e}");
+    }
     tokio::spawn(manager.clone().watch_sandboxes());
     // Containers that ran on while huskd was away get their logs back.
     let recovering = manager.clone();

@@ -33,6 +33,10 @@ pub enum StateError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PodState {
+    /// Recorded by RunPodSandbox before anything starts, so that a crash
+    /// leaves a record for huskd's next start to clean up from; CRI reads
+    /// it as NOTREADY.
+    Starting,
     Ready,
     NotReady,
 }
@@ -70,6 +74,10 @@ pub struct PodRecord {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContainerState {
+    /// Recorded by CreateContainer before the agent is asked, so that a
+    /// crash leaves a record for huskd's next start to clean up from; not
+    /// a container for CRI yet.
+    Creating,
     Created,
     Running,
     Exited,

@@ -207,3 +207,63 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
     let left = network_leftovers(&pod);
     assert!(left.is_empty(), "network left behind: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huskd_killed_while_a_guest_boots_leaves_no_vm() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the microvm driver needs /dev/kvm and namespaces: run this as root"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let _reaper = VmReaper(state.clone());
+    let socket = dir.path().join("husk.sock");
+    let args = Huskd::microvm_args(dir.path(), "log_level = \"info\"\n");
+    let mut huskd = Huskd::spawn(&socket, &args);
+    let mut rt = RuntimeServiceClient::new(huskd.connect().await);
+    let config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "cut-short".into(),
+            uid: "uid-cut-short".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "cut-short".into(),
+        ..Default::default()
+    };
+    let call = tokio::spawn(async move {
+        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+    });
+    // Killed as soon as its husk-vmm runs: the guest is still booting.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vmms_under(&state).is_empty() {
+        assert!(Instant::now() < deadline, "no husk-vmm started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    huskd.kill();
+    let answer = call.await.expect("join");
+    assert!(answer.is_err(), "the call ended with huskd: {answer:?}");
+    let sandboxes: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .expect("sandboxes")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(sandboxes.len(), 1, "{sandboxes:?}");
+    assert_eq!(vmms_under(&state).len(), 1, "the VM outlived huskd");
+
+    // The next huskd undoes the start before it serves.
+    let _huskd = Huskd::spawn(&socket, &args);
+    let mut rt = RuntimeServiceClient::new(_huskd.connect().await);
+    assert!(support::list_pods(&mut rt).await.is_empty());
+    assert!(vmms_under(&state).is_empty(), "husk-vmm left running");
+    assert!(
+        !state.join("sandboxes").join(&sandboxes[0]).exists(),
+        "sandbox directory left"
+    );
+    let left = network_leftovers(&sandboxes[0]);
+    assert!(left.is_empty(), "network left behind: {left:?}");
+}

@@ -1077,3 +1077,167 @@ async fn a_host_agent_that_stops_answering_fails_its_pod() {
     f.remove_pod(&pod).await;
     f.huskd.terminate();
 }
+
+/// The sandbox directories under huskd's state.
+fn sandbox_dirs(f: &Fixture) -> Vec<PathBuf> {
+    std::fs::read_dir(f.dir.path().join("state").join("sandboxes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huskd_killed_mid_call_leaves_nothing_of_that_call() {
+    // The real agent, started 3 s late: RunPodSandbox then waits for it long
+    // enough for huskd to be killed in the middle.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slow_agent = dir.path().join("slow-husk-agent");
+    std::fs::write(
+        &slow_agent,
+        format!(
+            "#!/bin/sh\nsleep 3\nexec {} \"$@\"\n",
+            support::husk_agent().display()
+        ),
+    )
+    .expect("write the slow agent");
+    std::fs::set_permissions(
+        &slow_agent,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut f = Fixture::start_with(&[]).await;
+    let at = f
+        .args
+        .iter()
+        .position(|a| a == "--husk-agent")
+        .expect("--husk-agent")
+        + 1;
+    f.args[at] = slow_agent.into();
+    f.huskd.terminate();
+    f.respawn_huskd().await;
+    f.pull().await;
+    let config = f.pod_config("survivor");
+    let survivor = f.run_pod(&config).await;
+    let ticker = f.run_container(&survivor, &config, "ticker", TICKER).await;
+    let log = f.pod_logs("survivor").join("ticker/0.log");
+    ticks_until(&log, 2).await;
+
+    // 1. huskd dies while RunPodSandbox waits for the new pod's agent.
+    let mut rt = f.rt.clone();
+    let interrupted = f.pod_config("interrupted");
+    let call = tokio::spawn(async move {
+        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(interrupted),
+            runtime_handler: "host".into(),
+        })
+        .await
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let started = loop {
+        let dirs = sandbox_dirs(&f);
+        if let Some(dir) = dirs.iter().find(|d| !d.ends_with(&survivor)) {
+            break dir.clone();
+        }
+        assert!(Instant::now() < deadline, "the second pod never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.huskd.kill();
+    let answer = call.await.expect("join");
+    assert!(answer.is_err(), "the call ended with huskd: {answer:?}");
+    let interrupted_id = started
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("sandbox id")
+        .to_owned();
+
+    // 2. huskd dies while CreateContainer waits for a (stopped) agent.
+    let survivor_agent = support::agent_pids(&f.dir.path().join("state/sandboxes").join(&survivor));
+    assert_eq!(survivor_agent.len(), 1, "{survivor_agent:?}");
+    f.respawn_huskd().await;
+    let agent = nix::unistd::Pid::from_raw(survivor_agent[0]);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let mut rt = f.rt.clone();
+    let request = cri::CreateContainerRequest {
+        pod_sandbox_id: survivor.clone(),
+        config: Some(container_config(
+            "half",
+            &f.image,
+            &["sleep", "1000"],
+            "half/0.log",
+        )),
+        sandbox_config: Some(config.clone()),
+    };
+    let call = tokio::spawn(async move { rt.create_container(request).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.huskd.kill();
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    let answer = call.await.expect("join");
+    assert!(answer.is_err(), "the call ended with huskd: {answer:?}");
+
+    // 3. After a restart: nothing of either call, the survivor as it was.
+    f.respawn_huskd().await;
+    let pods = support::list_pods(&mut f.rt).await;
+    assert_eq!(
+        pods.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+        [survivor.as_str()],
+        "only the ready pod is left: {pods:?}"
+    );
+    assert_eq!(pods[0].state, cri::PodSandboxState::SandboxReady as i32);
+    assert!(!started.exists(), "the interrupted pod's directory is left");
+    // Neither its agent nor the slow start's shell before it runs on.
+    let named = |pid: &i32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let needle = started.as_os_str().as_encoded_bytes();
+        cmdline.windows(needle.len()).any(|w| w == needle)
+    };
+    let left: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(named)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the interrupted pod's processes run on: {left:?}"
+    );
+    let left = support::network_leftovers(&interrupted_id);
+    assert!(
+        left.is_empty(),
+        "the interrupted pod's network is left: {left:?}"
+    );
+    assert!(
+        !pod_cgroup(&interrupted_id, "pids").exists(),
+        "the interrupted pod's cgroup is left"
+    );
+    let containers =
+        f.rt.list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .expect("ListContainers")
+            .into_inner()
+            .containers;
+    assert_eq!(
+        containers.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        [ticker.as_str()],
+        "only the ticker is left: {containers:?}"
+    );
+    // The half-created container's process (`sleep 1000`) is gone.
+    let half = |pid: &i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default() == b"sleep\x001000\x00"
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while pod_pids(&survivor).iter().any(half) {
+        assert!(
+            Instant::now() < deadline,
+            "the half-created container left a process"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The ticker's log goes on across both crashes.
+    let last = *ticks_in(&log).iter().max().expect("ticks");
+    ticks_until(&log, last + 3).await;
+    f.remove_pod(&survivor).await;
+    f.huskd.terminate();
+}

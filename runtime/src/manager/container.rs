@@ -415,109 +415,107 @@ impl Manager {
         let rootfs = self.images.rootfs_dir(&image.id);
         let driver = self.driver(&pod.driver)?;
         let id = new_id()?;
-        let mut client = self.agent(&pod).await?;
-        // A VM cannot bind-mount the host's files: they are copied into the
-        // agent's shared directory and the spec names the copies.
-        let mut spec_config = config.clone();
-        if !driver.shares_host_fs() && !config.mounts.is_empty() {
-            spec_config.mounts = copy_mounts(&mut client, &pod, &id, &config.mounts).await?;
-        }
-        let shared_resolv = Path::new(&pod.shared_dir).join("resolv.conf");
-        let resolv_conf = (!pod.shared_dir.is_empty()
-            && if driver.shares_host_fs() {
-                shared_resolv.exists()
-            } else {
-                // SetupSandbox wrote it into the guest whenever it had content.
-                !super::pod::resolv_conf(pod.config.dns_config.as_ref()).is_empty()
-            })
-        .then_some(shared_resolv);
-        // SetupSandbox always writes the pod's hosts file.
-        let shared_hosts = Path::new(&pod.shared_dir).join("hosts");
-        let hosts = (!pod.shared_dir.is_empty()
-            && (!driver.shares_host_fs() || shared_hosts.exists()))
-        .then_some(shared_hosts);
-        let spec = spec::build(&SpecInput {
-            config: &spec_config,
-            pod: &pod.config,
-            image: &image,
-            rootfs: &rootfs,
-            resolv_conf: resolv_conf.as_deref(),
-            hosts: hosts.as_deref(),
-        })?;
-        let spec_json = serde_json::to_vec(&spec).map_err(|e| CriError::Io {
-            what: "encoding the OCI spec".into(),
-            source: e.into(),
-        })?;
         let image_id = image.id.to_string();
-        let erofs = self.images.erofs_path(&image.id);
-        let plan = driver
-            .attach_image(
-                &pod.id,
-                &pod.dir,
-                ImageFiles {
-                    id: &image_id,
-                    rootfs_dir: &rootfs,
-                    erofs: &erofs,
-                },
-            )
-            .await?;
-        let request = agent::CreateContainerRequest {
-            container_id: id.clone(),
-            oci_spec_json: spec_json,
-            rootfs: Some(agent::RootfsSource {
-                source: Some(match &plan {
-                    RootfsPlan::Directory(dir) => {
-                        agent::rootfs_source::Source::Directory(dir.display().to_string())
-                    }
-                    RootfsPlan::BlockDevice(device) => {
-                        agent::rootfs_source::Source::BlockDevice(device.clone())
-                    }
-                }),
-                writable_layer_bytes: 0,
-            }),
-            stdin: config.stdin,
-        };
-        let created = create_in_agent(&mut client, request, &plan)
-            .await
-            .map_err(agent_err(format!(
-                "creating container {} in pod {pod_id}",
-                meta.name
-            )));
-        if let Err(err) = created {
-            // Keep the disk only if another container of the pod uses it.
-            let in_use = self
-                .state
-                .containers()?
-                .iter()
-                .any(|c| c.pod_id == pod_id && c.image_id == image_id);
-            if !in_use {
-                if let Err(e) = driver.release_image(&pod.id, &pod.dir, &image_id).await {
-                    warn!(sandbox = pod_id, "releasing image {image_id}: {e}");
-                }
-            }
-            return Err(err);
-        }
         let log_path = (!config.log_path.is_empty() && !pod.config.log_directory.is_empty())
             .then(|| Path::new(&pod.config.log_directory).join(&config.log_path));
-        let record = ContainerRecord {
+        let mut record = ContainerRecord {
             id: id.clone(),
             pod_id: pod_id.to_owned(),
-            image_id: image.id.to_string(),
+            image_id: image_id.clone(),
             image_ref: image
                 .repo_digests
                 .first()
                 .cloned()
                 .unwrap_or_else(|| image.id.to_string()),
             log_path,
-            state: ContainerState::Created,
+            state: ContainerState::Creating,
             created_at: now_ns(),
             started_at: 0,
             finished_at: 0,
             exit_code: 0,
             reason: String::new(),
             message: String::new(),
-            config,
+            config: config.clone(),
         };
+        // Recorded before the agent is asked, so that a crash leaves
+        // something for the next start to clean up.
+        self.state.put_container(&record)?;
+        let created = async {
+            let mut client = self.agent(&pod).await?;
+            // A VM cannot bind-mount the host's files: they are copied into the
+            // agent's shared directory and the spec names the copies.
+            let mut spec_config = config.clone();
+            if !driver.shares_host_fs() && !config.mounts.is_empty() {
+                spec_config.mounts = copy_mounts(&mut client, &pod, &id, &config.mounts).await?;
+            }
+            let shared_resolv = Path::new(&pod.shared_dir).join("resolv.conf");
+            let resolv_conf = (!pod.shared_dir.is_empty()
+                && if driver.shares_host_fs() {
+                    shared_resolv.exists()
+                } else {
+                    // SetupSandbox wrote it into the guest whenever it had content.
+                    !super::pod::resolv_conf(pod.config.dns_config.as_ref()).is_empty()
+                })
+            .then_some(shared_resolv);
+            // SetupSandbox always writes the pod's hosts file.
+            let shared_hosts = Path::new(&pod.shared_dir).join("hosts");
+            let hosts = (!pod.shared_dir.is_empty()
+                && (!driver.shares_host_fs() || shared_hosts.exists()))
+            .then_some(shared_hosts);
+            let spec = spec::build(&SpecInput {
+                config: &spec_config,
+                pod: &pod.config,
+                image: &image,
+                rootfs: &rootfs,
+                resolv_conf: resolv_conf.as_deref(),
+                hosts: hosts.as_deref(),
+            })?;
+            let spec_json = serde_json::to_vec(&spec).map_err(|e| CriError::Io {
+                what: "encoding the OCI spec".into(),
+                source: e.into(),
+            })?;
+            let erofs = self.images.erofs_path(&image.id);
+            let plan = driver
+                .attach_image(
+                    &pod.id,
+                    &pod.dir,
+                    ImageFiles {
+                        id: &image_id,
+                        rootfs_dir: &rootfs,
+                        erofs: &erofs,
+                    },
+                )
+                .await?;
+            let request = agent::CreateContainerRequest {
+                container_id: id.clone(),
+                oci_spec_json: spec_json,
+                rootfs: Some(agent::RootfsSource {
+                    source: Some(match &plan {
+                        RootfsPlan::Directory(dir) => {
+                            agent::rootfs_source::Source::Directory(dir.display().to_string())
+                        }
+                        RootfsPlan::BlockDevice(device) => {
+                            agent::rootfs_source::Source::BlockDevice(device.clone())
+                        }
+                    }),
+                    writable_layer_bytes: 0,
+                }),
+                stdin: config.stdin,
+            };
+            create_in_agent(&mut client, request, &plan)
+                .await
+                .map_err(agent_err(format!(
+                    "creating container {} in pod {pod_id}",
+                    meta.name
+                )))
+        }
+        .await;
+        if let Err(err) = created {
+            self.state.delete_container(&id)?;
+            self.release_unused_image(&pod, &image_id).await;
+            return Err(err);
+        }
+        record.state = ContainerState::Created;
         self.state.put_container(&record)?;
         info!(container = %id, sandbox = pod_id, "container created");
         Ok(id)
@@ -659,41 +657,61 @@ impl Manager {
         };
         let pod = self.live_pod(&record.pod_id).await?;
         if pod.state == PodState::Ready {
-            let mut client = self.agent(&pod).await?;
-            match client
-                .remove_container(agent::RemoveContainerRequest {
-                    container_id: id.to_owned(),
-                    force: true,
-                })
-                .await
-            {
-                Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::NotFound => {}
-                Err(s) => return Err(agent_err(format!("removing container {id}"))(s)),
-            }
+            self.remove_in_agent(&pod, id).await?;
         }
         let lock = self.pod_lock(&record.pod_id);
         let _guard = lock.lock().await;
         self.state.delete_container(id)?;
         self.forget_attach_point(id);
-        // The image's disk goes once no container of the pod uses it.
-        if pod.state == PodState::Ready
-            && !self
-                .state
-                .containers()?
-                .iter()
-                .any(|c| c.pod_id == pod.id && c.image_id == record.image_id)
-        {
-            let driver = self.driver(&pod.driver)?;
-            if let Err(e) = driver
-                .release_image(&pod.id, &pod.dir, &record.image_id)
-                .await
-            {
-                warn!(container = id, "releasing image {}: {e}", record.image_id);
-            }
+        if pod.state == PodState::Ready {
+            self.release_unused_image(&pod, &record.image_id).await;
         }
         info!(container = id, "container removed");
         Ok(())
+    }
+
+    /// Has the ready pod's agent forget container `id`, killing it if it
+    /// runs; a container the agent does not know is fine.
+    pub(super) async fn remove_in_agent(&self, pod: &PodRecord, id: &str) -> Result<()> {
+        let mut client = self.agent(pod).await?;
+        match client
+            .remove_container(agent::RemoveContainerRequest {
+                container_id: id.to_owned(),
+                force: true,
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(agent_err(format!("removing container {id}"))(s)),
+        }
+    }
+
+    /// The ready pod's disk of `image_id` goes once no container of the pod
+    /// uses it. Called under the pod's lock; a failure is logged.
+    pub(super) async fn release_unused_image(&self, pod: &PodRecord, image_id: &str) {
+        let in_use = match self.state.containers() {
+            Ok(all) => all
+                .iter()
+                .any(|c| c.pod_id == pod.id && c.image_id == image_id),
+            Err(e) => {
+                warn!(sandbox = %pod.id, "keeping image {image_id}'s disk: {e}");
+                return;
+            }
+        };
+        if in_use {
+            return;
+        }
+        let released = match self.driver(&pod.driver) {
+            Ok(driver) => driver
+                .release_image(&pod.id, &pod.dir, image_id)
+                .await
+                .map_err(CriError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = released {
+            warn!(sandbox = %pod.id, "releasing image {image_id}: {e}");
+        }
     }
 
     /// The record, brought up to date from the agent if it may have changed.
@@ -750,6 +768,9 @@ impl Manager {
     ) -> Result<Vec<cri::Container>> {
         let mut out = Vec::new();
         for record in self.state.containers()? {
+            if record.state == ContainerState::Creating {
+                continue;
+            }
             if let Some(f) = &filter {
                 if !f.id.is_empty() && !record.id.starts_with(&f.id) {
                     continue;
@@ -887,6 +908,8 @@ impl Manager {
 
 pub fn cri_state(state: ContainerState) -> cri::ContainerState {
     match state {
+        // Never shown: ListContainers skips it and lookups do not find it.
+        ContainerState::Creating => cri::ContainerState::ContainerUnknown,
         ContainerState::Created => cri::ContainerState::ContainerCreated,
         ContainerState::Running => cri::ContainerState::ContainerRunning,
         ContainerState::Exited => cri::ContainerState::ContainerExited,

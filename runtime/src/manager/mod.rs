@@ -7,6 +7,7 @@ mod container;
 pub mod logs;
 mod output;
 mod pod;
+mod reconcile;
 mod resources;
 pub mod spec;
 mod stats;
@@ -23,7 +24,7 @@ use self::attach::AttachPoint;
 use crate::config::Config;
 use crate::image::{ImageStore, StoreError};
 use crate::sandbox::{SandboxDriver, SandboxError};
-use crate::state::{ContainerRecord, PodRecord, State, StateError};
+use crate::state::{ContainerRecord, ContainerState, PodRecord, State, StateError};
 
 pub use container::{process, ExecIo, ExecOutput};
 
@@ -235,9 +236,11 @@ impl Manager {
             .ok_or_else(|| CriError::NotFound(format!("pod sandbox {id:?} not found")))
     }
 
+    /// A container CRI knows: one still being created is not found yet.
     pub fn container(&self, id: &str) -> Result<ContainerRecord> {
         self.state
             .container(id)?
+            .filter(|c| c.state != ContainerState::Creating)
             .ok_or_else(|| CriError::NotFound(format!("container {id:?} not found")))
     }
 

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
 use crate::network::{self, link, NetworkError, POD_IFNAME, VM_TAP};
-use crate::sandbox::SandboxSpec;
+use crate::sandbox::{kill_processes_naming, SandboxSpec};
 use crate::state::{ContainerState, PodRecord, PodState};
 
 /// How long a stopping agent has to exit after Shutdown.
@@ -76,7 +76,7 @@ impl Manager {
             id: id.clone(),
             config: config.clone(),
             runtime_handler: runtime_handler.to_owned(),
-            state: PodState::NotReady,
+            state: PodState::Starting,
             created_at: now_ns(),
             driver: driver.name().to_owned(),
             dir: dir.clone(),
@@ -106,10 +106,9 @@ impl Manager {
                     match pod.state {
                         PodState::Ready => "ready",
                         // A client that gave up on a slow start and retries
-                        // lands here while the first call still boots the VM
-                        // (holding the pod's lock, as a stop does).
-                        PodState::NotReady if self.pod_lock(&pod.id).try_lock().is_err() => {
-                            "still starting (or stopping): PodSandboxStatus tells when it is ready"
+                        // lands here while the first call still boots the VM.
+                        PodState::Starting => {
+                            "still starting: PodSandboxStatus tells when it is ready"
                         }
                         PodState::NotReady => "not ready: stop and remove it first",
                     }
@@ -204,27 +203,65 @@ impl Manager {
             }
             Err(err) => {
                 warn!(sandbox = %id, "pod failed to start: {err}");
-                if record.pid != 0 {
-                    let _ = driver.stop(&id, record.pid, &dir, Duration::ZERO).await;
-                }
-                if let Some(network) = &record.network {
-                    if let Err(e) = self.config.network.teardown(&id, network).await {
-                        warn!(sandbox = %id, "{e}");
-                    }
-                }
-                let _ = std::fs::remove_dir_all(&dir);
-                let _ = self.state.delete_pod(&id);
-                self.forget_pod_lock(&id);
+                self.undo_start(&record).await;
                 Err(err)
             }
         }
     }
 
+    /// Undoes a start that did not finish (it failed, or a crash cut it
+    /// short): the sandbox's process and what it left are killed, the
+    /// network is torn down, and the directory and record go. Failures are
+    /// logged: this is already the cleanup.
+    pub(super) async fn undo_start(&self, record: &PodRecord) {
+        let id = &record.id;
+        // Any process of it, also one started before its pid was recorded.
+        kill_processes_naming(&record.dir);
+        match self.driver(&record.driver) {
+            Ok(driver) => {
+                if record.pid != 0 {
+                    if let Err(e) = driver
+                        .stop(id, record.pid, &record.dir, Duration::ZERO)
+                        .await
+                    {
+                        warn!(sandbox = %id, "{e}");
+                    }
+                }
+                if let Err(e) = driver.kill_leftovers(id).await {
+                    warn!(sandbox = %id, "{e}");
+                }
+            }
+            Err(e) => warn!(sandbox = %id, "{e}"),
+        }
+        let network = match &record.network {
+            Some(network) => self.config.network.teardown(id, network).await,
+            // Set up, maybe, but not yet recorded.
+            None if network::netns::path_for(id).exists() => {
+                self.config.network.teardown_unrecorded(id).await
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = network {
+            warn!(sandbox = %id, "{e}");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&record.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(sandbox = %id, "removing {}: {e}", record.dir.display());
+            }
+        }
+        if let Err(e) = self.state.delete_pod(id) {
+            warn!(sandbox = %id, "{e}");
+        }
+        self.forget_pod_lock(id);
+    }
+
     /// Stops every container, shuts the agent down and ends its process. Idempotent.
     pub async fn stop_pod_sandbox(self: &Arc<Self>, id: &str) -> Result<()> {
-        let pod = self.pod(id)?;
+        self.pod(id)?;
         let lock = self.pod_lock(id);
         let _guard = lock.lock().await;
+        // As it is now: a start or a failure may have changed it meanwhile.
+        let pod = self.pod(id)?;
         let driver = self.driver(&pod.driver)?;
         let alive = driver.alive(pod.pid, &pod.dir);
         let containers: Vec<_> = self
@@ -475,7 +512,7 @@ impl Manager {
 pub fn cri_pod_state(state: PodState) -> cri::PodSandboxState {
     match state {
         PodState::Ready => cri::PodSandboxState::SandboxReady,
-        PodState::NotReady => cri::PodSandboxState::SandboxNotready,
+        PodState::Starting | PodState::NotReady => cri::PodSandboxState::SandboxNotready,
     }
 }
 

@@ -143,6 +143,31 @@ impl Network {
         Ok(pod)
     }
 
+    /// What a crash left of pod `id`'s network when no record says what
+    /// ADD did: CNI DEL with today's network list and no ADD result (which
+    /// releases the pod's address and host ports by its id), then the
+    /// namespace goes.
+    pub async fn teardown_unrecorded(&self, id: &str) -> Result<(), NetworkError> {
+        let path = netns::path_for(id);
+        let list = match self.usable_list() {
+            Ok(list) => list,
+            Err(e) => {
+                // No DEL without a network list; the namespace goes anyway.
+                let _ = netns::remove(&path);
+                return Err(NetworkError::Teardown(e));
+            }
+        };
+        let pod = PodNetwork {
+            netns: path,
+            list: list_to_value(&list),
+            result: Value::Null,
+            args: String::new(),
+            port_mappings: Vec::new(),
+            ips: Vec::new(),
+        };
+        self.teardown(id, &pod).await
+    }
+
     /// CNI DEL with the ADD result, then the namespace goes. Idempotent,
     /// also when the namespace is already gone.
     #[tracing::instrument(skip_all, fields(sandbox = id))]

@@ -23,11 +23,10 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const SETTLE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
-/// The pod's cgroup directories that exist: the one of v2, or one per v1
-/// hierarchy (co-mounted hierarchies reached by symlinks count once).
-fn pod_cgroups(root: &Path, sandbox: &str) -> Vec<PathBuf> {
-    let relative = Path::new("husk").join(sandbox);
-    let hierarchies: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+/// The cgroup hierarchies below `root`: itself under v2, each mounted one
+/// under v1.
+fn hierarchies(root: &Path) -> Vec<PathBuf> {
+    if root.join("cgroup.controllers").exists() {
         vec![root.to_owned()]
     } else {
         fs::read_dir(root)
@@ -36,9 +35,15 @@ fn pod_cgroups(root: &Path, sandbox: &str) -> Vec<PathBuf> {
             .flatten()
             .map(|entry| entry.path())
             .collect()
-    };
+    }
+}
+
+/// The pod's cgroup directories that exist: the one of v2, or one per v1
+/// hierarchy (co-mounted hierarchies reached by symlinks count once).
+fn pod_cgroups(root: &Path, sandbox: &str) -> Vec<PathBuf> {
+    let relative = Path::new("husk").join(sandbox);
     let mut dirs = Vec::new();
-    for hierarchy in hierarchies {
+    for hierarchy in hierarchies(root) {
         if let Ok(dir) = fs::canonicalize(hierarchy.join(&relative)) {
             if dir.is_dir() && !dirs.contains(&dir) {
                 dirs.push(dir);
@@ -46,6 +51,21 @@ fn pod_cgroups(root: &Path, sandbox: &str) -> Vec<PathBuf> {
         }
     }
     dirs
+}
+
+/// The sandboxes that have a cgroup below `root` (`husk/<id>` in any
+/// hierarchy), by id.
+pub fn pod_ids(root: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = hierarchies(root)
+        .iter()
+        .flat_map(|hierarchy| fs::read_dir(hierarchy.join("husk")).into_iter().flatten())
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// `top` and every cgroup below it, children before their parents.

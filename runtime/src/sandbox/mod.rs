@@ -123,6 +123,26 @@ pub fn is_our_process(pid: u32, dir: &Path) -> bool {
     !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
+/// SIGKILLs the live processes whose command line names `dir` (a
+/// sandbox's directory): what a sandbox whose pid was never recorded left
+/// running. Returns their pids.
+pub fn kill_processes_naming(dir: &Path) -> Vec<u32> {
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id() && is_our_process(pid, dir))
+        .collect();
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    pids
+}
+
 /// What a driver needs to start one sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
@@ -193,6 +213,12 @@ pub trait SandboxDriver: Send + Sync {
     ) -> BoxFuture<'a, Result<(), SandboxError>>;
     /// Whether the sandbox's process still runs.
     fn alive(&self, pid: u32, dir: &Path) -> bool;
+
+    /// The sandboxes of which something outlives their process (what
+    /// [`kill_leftovers`](Self::kill_leftovers) ends), by id.
+    fn leftover_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Ends what of the sandbox outlives its process, once that was stopped
     /// or died. Idempotent. A VM's processes end with it: nothing to do.

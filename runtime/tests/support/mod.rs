@@ -804,6 +804,13 @@ impl Huskd {
         ]
     }
 
+    /// SIGKILL, as a crash or the OOM killer ends huskd: whatever call it
+    /// was in the middle of stops there.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL huskd");
+        self.child.wait().expect("wait huskd");
+    }
+
     /// SIGTERM, and huskd must end cleanly, taking its socket away.
     pub fn terminate(&mut self) {
         nix::sys::signal::kill(

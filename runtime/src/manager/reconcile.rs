@@ -1,0 +1,96 @@
+//! At huskd's start, before it serves: what a crash (huskd killed in the
+//! middle of a call) left behind goes, and what its state knows stays.
+//! - a pod recorded as starting never became ready: its start is undone;
+//! - a container recorded as being created is removed from its pod's agent;
+//! - sandbox directories, network namespaces and cgroups of pods huskd has
+//!   no record of are ended and removed (their processes killed, CNI DEL).
+//!
+//! Each cleanup is logged as one line. Ready and stopped pods are kept; the
+//! watcher looks at the ready ones as usual.
+
+use std::collections::HashSet;
+
+use tracing::{info, instrument, warn};
+
+use super::{Manager, Result};
+use crate::network::netns;
+use crate::sandbox::kill_processes_naming;
+use crate::state::{ContainerState, PodState};
+
+impl Manager {
+    #[instrument(skip_all)]
+    pub async fn reconcile(&self) -> Result<()> {
+        for container in self.state.containers()? {
+            if container.state != ContainerState::Creating {
+                continue;
+            }
+            let pod = self.state.pod(&container.pod_id)?;
+            if let Some(pod) = pod.filter(|p| p.state == PodState::Ready) {
+                if let Err(e) = self.remove_in_agent(&pod, &container.id).await {
+                    warn!(container = %container.id, "removing a half-created container: {e}");
+                }
+                self.state.delete_container(&container.id)?;
+                self.release_unused_image(&pod, &container.image_id).await;
+            } else {
+                self.state.delete_container(&container.id)?;
+            }
+            info!(container = %container.id, sandbox = %container.pod_id,
+                "huskd stopped while creating this container: removed it");
+        }
+
+        let pods = self.state.pods()?;
+        for pod in pods.iter().filter(|p| p.state == PodState::Starting) {
+            self.undo_start(pod).await;
+            info!(sandbox = %pod.id, pid = pod.pid,
+                "huskd stopped while starting this pod: undid the start");
+        }
+        let known: HashSet<&str> = pods
+            .iter()
+            .filter(|p| p.state != PodState::Starting)
+            .map(|p| p.id.as_str())
+            .collect();
+
+        for entry in std::fs::read_dir(self.sandboxes_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(id) = entry.file_name().into_string() else {
+                continue;
+            };
+            if known.contains(id.as_str()) {
+                continue;
+            }
+            let dir = entry.path();
+            let pids = kill_processes_naming(&dir);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => info!(sandbox = %id, ?pids,
+                    "a sandbox directory huskd has no record of: killed its processes, removed it"),
+                Err(e) => warn!(sandbox = %id, "removing {}: {e}", dir.display()),
+            }
+        }
+        for id in netns::pod_ids() {
+            if known.contains(id.as_str()) {
+                continue;
+            }
+            match self.config.network.teardown_unrecorded(&id).await {
+                Ok(()) => info!(sandbox = %id,
+                    "a network namespace huskd has no record of: CNI DEL, removed it"),
+                Err(e) => warn!(sandbox = %id, "an unrecorded network namespace: {e}"),
+            }
+        }
+        for driver in [&self.host, &self.microvm] {
+            for id in driver.leftover_ids() {
+                if known.contains(id.as_str()) {
+                    continue;
+                }
+                match driver.kill_leftovers(&id).await {
+                    Ok(()) => info!(sandbox = %id, driver = driver.name(),
+                        "processes or cgroups of a sandbox huskd has no record of: ended them"),
+                    Err(e) => warn!(sandbox = %id, "{e}"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
