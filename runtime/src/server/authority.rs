@@ -14,10 +14,11 @@
 //!
 //! Hand-written because no crate rewrites header blocks inside an HTTP/2
 //! byte stream, and h2's own HPACK codec is private. Only the frame layer
-//! (RFC 9113 §4.1, §6.2, §6.10) is done here; HPACK decoding is loona-hpack's
-//! (the maintained successor of fluke-hpack, from an HTTP/2 server tested
-//! against the h2spec conformance cases; `hpack` and `httlib-hpack` have had
-//! no release since 2016 and 2021).
+//! (RFC 9113 §4.1, §6.2, §6.10) and writing literals is done here; HPACK
+//! decoding is loona-hpack's: the maintained successor of fluke-hpack, from
+//! the loona HTTP/2 server, which runs a port of the h2spec conformance
+//! suite (`hpack` and `httlib-hpack` have had no release since 2016 and
+//! 2021). Its encoder is not used because it indexes every new field.
 
 use std::io;
 use std::pin::Pin;
@@ -889,6 +890,14 @@ mod tests {
         fn bytes(&mut self, len: usize) -> Vec<u8> {
             (0..len).map(|_| self.next() as u8).collect()
         }
+    }
+
+    #[tokio::test]
+    async fn requests_keep_the_sockets_connect_info() {
+        let (server, _client) = tokio::net::UnixStream::pair().unwrap();
+        let info = AuthorityRewrite::new(server).connect_info();
+        let peer = info.peer_cred.expect("peer credentials");
+        assert_eq!(peer.pid(), Some(std::process::id() as i32));
     }
 
     #[tokio::test]
