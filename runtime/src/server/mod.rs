@@ -1,5 +1,6 @@
 //! huskd's gRPC server: CRI RuntimeService and ImageService on a unix socket.
 
+mod authority;
 mod image;
 mod runtime;
 
@@ -12,8 +13,10 @@ use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 use tracing::info;
 
+use authority::AuthorityRewrite;
 pub use image::Images;
 pub use runtime::{Runtime, CRI_API_VERSION, RUNTIME_NAME};
 
@@ -50,7 +53,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Serves both CRI services on `listener` until `shutdown` resolves.
+/// Serves both CRI services on `listener` until `shutdown` resolves. Each
+/// connection goes through [`AuthorityRewrite`], so that gRPC clients that
+/// send the socket's path as `:authority` are served too.
 pub async fn serve(
     listener: UnixListener,
     manager: Arc<Manager>,
@@ -58,14 +63,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     info!("serving CRI");
+    let connections =
+        UnixListenerStream::new(listener).map(|accepted| accepted.map(AuthorityRewrite::new));
     tonic::transport::Server::builder()
+        .max_frame_size(authority::MAX_FRAME_SIZE)
         .trace_fn(|request| tracing::info_span!("cri", rpc = %request.uri().path()))
         .add_service(RuntimeServiceServer::new(Runtime::new(
             manager.clone(),
             streaming,
         )))
         .add_service(ImageServiceServer::new(Images::new(manager)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(connections, shutdown)
         .await?;
     Ok(())
 }

@@ -737,12 +737,23 @@ impl Huskd {
     /// Starts huskd listening on `socket`, with `args` after `--listen`, and
     /// waits until the socket is there.
     pub fn spawn(socket: &Path, args: &[OsString]) -> Huskd {
+        Huskd::spawn_with_stderr(socket, args, Stdio::inherit())
+    }
+
+    /// As `spawn`, with huskd's log (its stderr) written to the file `log`.
+    pub fn spawn_logging_to(socket: &Path, args: &[OsString], log: &Path) -> Huskd {
+        let log = std::fs::File::create(log).expect("create huskd's log");
+        Huskd::spawn_with_stderr(socket, args, log.into())
+    }
+
+    fn spawn_with_stderr(socket: &Path, args: &[OsString], stderr: Stdio) -> Huskd {
         let _ = std::fs::remove_file(socket);
         let child = Command::new(HUSKD)
             .arg("--listen")
             .arg(format!("unix://{}", socket.display()))
             .args(args)
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn huskd");
         let mut huskd = Huskd {
