@@ -198,6 +198,7 @@ impl Manager {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(id.clone(), client);
+                self.watch_sandbox_exit(&record);
                 info!(sandbox = %id, pod = %meta.name, namespace = %meta.namespace, "pod ready");
                 Ok(id)
             }

@@ -2,8 +2,8 @@
 //! middle of a call) left behind goes, and what its state knows stays.
 //! - a pod recorded as starting never became ready: its start is undone;
 //! - a container recorded as being created is removed from its pod's agent;
-//! - sandbox directories, network namespaces and cgroups of pods huskd has
-//!   no record of are ended and removed (their processes killed, CNI DEL).
+//! - a sandbox directory huskd has no record of goes with its processes,
+//!   cgroups and network namespace (CNI DEL).
 //!
 //! Each cleanup is logged as one line. Ready and stopped pods are kept; the
 //! watcher looks at the ready ones as usual.
@@ -50,6 +50,9 @@ impl Manager {
             .map(|p| p.id.as_str())
             .collect();
 
+        // Namespaces and cgroups are named by pod id only, and another huskd
+        // (another --state) may own some: only those of a sandbox directory
+        // under this huskd's state are judged here.
         for entry in std::fs::read_dir(self.sandboxes_dir())
             .into_iter()
             .flatten()
@@ -63,32 +66,21 @@ impl Manager {
             }
             let dir = entry.path();
             let pids = kill_processes_naming(&dir);
+            for driver in [&self.host, &self.microvm] {
+                if let Err(e) = driver.kill_leftovers(&id).await {
+                    warn!(sandbox = %id, "{e}");
+                }
+            }
+            if netns::path_for(&id).exists() {
+                if let Err(e) = self.config.network.teardown_unrecorded(&id).await {
+                    warn!(sandbox = %id, "{e}");
+                }
+            }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => info!(sandbox = %id, ?pids,
-                    "a sandbox directory huskd has no record of: killed its processes, removed it"),
+                    "a sandbox huskd has no record of: killed its processes, removed its \
+                     cgroups, network and directory"),
                 Err(e) => warn!(sandbox = %id, "removing {}: {e}", dir.display()),
-            }
-        }
-        for id in netns::pod_ids() {
-            if known.contains(id.as_str()) {
-                continue;
-            }
-            match self.config.network.teardown_unrecorded(&id).await {
-                Ok(()) => info!(sandbox = %id,
-                    "a network namespace huskd has no record of: CNI DEL, removed it"),
-                Err(e) => warn!(sandbox = %id, "an unrecorded network namespace: {e}"),
-            }
-        }
-        for driver in [&self.host, &self.microvm] {
-            for id in driver.leftover_ids() {
-                if known.contains(id.as_str()) {
-                    continue;
-                }
-                match driver.kill_leftovers(&id).await {
-                    Ok(()) => info!(sandbox = %id, driver = driver.name(),
-                        "processes or cgroups of a sandbox huskd has no record of: ended them"),
-                    Err(e) => warn!(sandbox = %id, "{e}"),
-                }
             }
         }
         Ok(())

@@ -9,23 +9,28 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 use tracing::warn;
 
-use super::Manager;
-use crate::state::PodState;
+use super::{Manager, Result};
+use crate::sandbox::exited;
+use crate::state::{PodRecord, PodState};
 
-/// How often each ready pod's process is checked.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often each ready pod's agent must answer a Ping, within the agent
 /// deadline (`agent_timeout_secs`).
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Manager {
-    /// Checks every ready pod's process each [`WATCH_INTERVAL`], forever;
-    /// see [`Manager::live_pod`] for what a dead one gets.
-    /// Every [`PROBE_INTERVAL`] the agents are pinged too, all at once in
-    /// the background so that a hung one holds up nothing.
+    /// Watches the exit of every ready pod's process (see
+    /// [`watch_sandbox_exit`](Self::watch_sandbox_exit)), and every [`PROBE_INTERVAL`] pings
+    /// every ready pod's agent, all at once in the background so that a
+    /// hung one holds up nothing. Runs forever.
     pub async fn watch_sandboxes(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(WATCH_INTERVAL);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        match self.state.pods() {
+            Ok(pods) => {
+                for pod in pods.iter().filter(|p| p.state == PodState::Ready) {
+                    self.watch_sandbox_exit(pod);
+                }
+            }
+            Err(e) => warn!("watching sandboxes: {e}"),
+        }
         let mut probe = tokio::time::interval(PROBE_INTERVAL);
         probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // The pods being probed: one probe per pod at a time, so that a
@@ -33,10 +38,7 @@ impl Manager {
         let mut probes = tokio::task::JoinSet::new();
         let mut in_flight = HashSet::new();
         loop {
-            let pinging = tokio::select! {
-                _ = tick.tick() => false,
-                _ = probe.tick() => true,
-            };
+            probe.tick().await;
             while let Some(done) = probes.try_join_next() {
                 if let Ok(id) = done {
                     in_flight.remove(&id);
@@ -50,22 +52,51 @@ impl Manager {
                 }
             };
             for pod in pods.into_iter().filter(|p| p.state == PodState::Ready) {
-                if pinging {
-                    if in_flight.insert(pod.id.clone()) {
-                        let manager = self.clone();
-                        probes.spawn(async move {
-                            if let Err(e) = manager.probe_pod(&pod.id).await {
-                                warn!(sandbox = %pod.id, "probing the sandbox: {e}");
-                            }
-                            pod.id
-                        });
-                    }
-                    continue;
-                }
-                if let Err(e) = self.live_pod(&pod.id).await {
-                    warn!(sandbox = %pod.id, "checking the sandbox: {e}");
+                if in_flight.insert(pod.id.clone()) {
+                    let manager = self.clone();
+                    probes.spawn(async move {
+                        if let Err(e) = manager.probe_pod(&pod.id).await {
+                            warn!(sandbox = %pod.id, "probing the sandbox: {e}");
+                        }
+                        pod.id
+                    });
                 }
             }
+        }
+    }
+
+    /// Once the ready pod's process exits, the pod is looked at at once
+    /// ([`Manager::live_pod`] fails it unless a call that holds its lock
+    /// ended it on purpose; then this looks again once the lock is free).
+    pub(super) fn watch_sandbox_exit(self: &Arc<Self>, pod: &PodRecord) {
+        let manager = self.clone();
+        let (id, pid, dir) = (pod.id.clone(), pod.pid, pod.dir.clone());
+        tokio::spawn(async move {
+            if let Err(e) = exited(pid, &dir).await {
+                warn!(sandbox = %id, pid, "cannot watch the sandbox's process: {e}");
+                return;
+            }
+            if let Err(e) = manager.after_exit(&id, pid).await {
+                warn!(sandbox = %id, "checking the sandbox: {e}");
+            }
+        });
+    }
+
+    async fn after_exit(&self, id: &str, pid: u32) -> Result<()> {
+        loop {
+            let Some(pod) = self.state.pod(id)? else {
+                return Ok(());
+            };
+            if pod.pid != pid {
+                return Ok(());
+            }
+            if self.live_pod(id).await?.state != PodState::Ready {
+                return Ok(());
+            }
+            // Its lock is held: the holder may be stopping it. Look again
+            // once it is free.
+            let lock = self.pod_lock(id);
+            drop(lock.lock().await);
         }
     }
 }

@@ -18,19 +18,6 @@ pub fn path_for(id: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(format!("husk-{id}"))
 }
 
-/// The pods that have a namespace under [`NETNS_DIR`], by id.
-pub fn pod_ids() -> Vec<String> {
-    fs::read_dir(NETNS_DIR)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().into_string().ok()?;
-            name.strip_prefix("husk-").map(str::to_owned)
-        })
-        .collect()
-}
-
 /// Creates a fresh network namespace pinned at `path`.
 pub fn create(path: &Path) -> io::Result<()> {
     if let Some(dir) = path.parent() {

@@ -14,7 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::warn;
 
-use super::host_cgroup::{self, kill_pod_cgroups, CGROUP_ROOT};
+use super::host_cgroup::{kill_pod_cgroups, CGROUP_ROOT};
 use super::startup::{Attempt, Spawned};
 use super::{
     io_err, BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started, AGENT_READY_TIMEOUT,
@@ -209,10 +209,6 @@ impl SandboxDriver for HostDriver {
 
     fn alive(&self, pid: u32, dir: &Path) -> bool {
         is_our_agent(pid, dir)
-    }
-
-    fn leftover_ids(&self) -> Vec<String> {
-        host_cgroup::pod_ids(Path::new(CGROUP_ROOT))
     }
 
     /// The containers are host processes: a dead agent leaves them running.

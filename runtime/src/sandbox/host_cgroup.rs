@@ -53,21 +53,6 @@ fn pod_cgroups(root: &Path, sandbox: &str) -> Vec<PathBuf> {
     dirs
 }
 
-/// The sandboxes that have a cgroup below `root` (`husk/<id>` in any
-/// hierarchy), by id.
-pub fn pod_ids(root: &Path) -> Vec<String> {
-    let mut ids: Vec<String> = hierarchies(root)
-        .iter()
-        .flat_map(|hierarchy| fs::read_dir(hierarchy.join("husk")).into_iter().flatten())
-        .flatten()
-        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|entry| entry.file_name().into_string().ok())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    ids
-}
-
 /// `top` and every cgroup below it, children before their parents.
 fn subtree(top: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

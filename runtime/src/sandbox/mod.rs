@@ -123,6 +123,52 @@ pub fn is_our_process(pid: u32, dir: &Path) -> bool {
     !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Resolves once the sandbox process `pid` (its command line names `dir`,
+/// which tells it from a process that got a reused pid) has exited, or at
+/// once if it is not running. Waits on a pidfd: the exit is seen when it
+/// happens, also for a process an earlier huskd started.
+pub async fn exited(pid: u32, dir: &Path) -> std::io::Result<()> {
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::Interest;
+
+    if !is_our_process(pid, dir) {
+        return Ok(());
+    }
+    let pidfd = match pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    // Checked again now that the pidfd pins the process: the pid may have
+    // been reused between the first check and the open.
+    if !is_our_process(pid, dir) {
+        return Ok(());
+    }
+    // A pidfd polls readable once its process has exited.
+    // SAFETY: an OwnedFd's descriptor is valid and open, and stays the same
+    // until the AsyncFd that owns it drops it.
+    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    let _ready = pidfd.readable().await?;
+    Ok(())
+}
+
+/// pidfd_open(2): nix and libc have no wrapper for it.
+fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: pidfd_open takes a pid and flags by value and touches no memory
+    // of ours; it returns a new file descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// SIGKILLs the live processes whose command line names `dir` (a
 /// sandbox's directory): what a sandbox whose pid was never recorded left
 /// running. Returns their pids.
@@ -213,12 +259,6 @@ pub trait SandboxDriver: Send + Sync {
     ) -> BoxFuture<'a, Result<(), SandboxError>>;
     /// Whether the sandbox's process still runs.
     fn alive(&self, pid: u32, dir: &Path) -> bool;
-
-    /// The sandboxes of which something outlives their process (what
-    /// [`kill_leftovers`](Self::kill_leftovers) ends), by id.
-    fn leftover_ids(&self) -> Vec<String> {
-        Vec::new()
-    }
 
     /// Ends what of the sandbox outlives its process, once that was stopped
     /// or died. Idempotent. A VM's processes end with it: nothing to do.
