@@ -1,9 +1,11 @@
 //! huskd's persisted state: pods and containers in redb (`<root>/state.redb`),
-//! one JSON record per id. Every CRI call that changes a pod or container
-//! writes it here before it answers, so a restarted huskd knows them all.
+//! one JSON record per id, with every record also in memory for reading.
+//! Every CRI call that changes a pod or container writes it here before it
+//! answers, so a restarted huskd knows them all.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 
 use k8s_cri::v1 as cri;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -105,10 +107,33 @@ pub struct ContainerRecord {
     pub message: String,
 }
 
-/// The database. Cheap to share behind an Arc; redb serialises writers.
+/// The database, and every record in memory in front of it: lookups and
+/// lists read the maps (no transaction, no JSON decoding); each change is
+/// one write transaction, committed off the async workers, then applied to
+/// the map. Cheap to share behind an Arc.
 pub struct State {
     path: PathBuf,
     db: redb::Database,
+    pods: Index<PodRecord>,
+    containers: Index<ContainerRecord>,
+    /// Held across a commit and its map update, so that the maps change in
+    /// the order the database does.
+    writer: Mutex<()>,
+}
+
+/// One table's records by id, as last committed.
+type Index<T> = RwLock<BTreeMap<String, T>>;
+
+/// Runs `commit` (an fsync) so that it does not stall the other tasks of a
+/// multi-threaded tokio runtime's worker; elsewhere it just runs.
+fn off_worker<T>(commit: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(commit)
+        }
+        _ => commit(),
+    }
 }
 
 impl State {
@@ -118,13 +143,21 @@ impl State {
             path: path.clone(),
             source: e.into(),
         })?;
-        let state = State { path, db };
+        let mut state = State {
+            path,
+            db,
+            pods: RwLock::default(),
+            containers: RwLock::default(),
+            writer: Mutex::default(),
+        };
         // Create both tables, so readers never meet a missing one.
         state.write(|tx| {
             tx.open_table(PODS)?;
             tx.open_table(CONTAINERS)?;
             Ok(())
         })?;
+        state.pods = RwLock::new(state.load(PODS)?);
+        state.containers = RwLock::new(state.load(CONTAINERS)?);
         Ok(state)
     }
 
@@ -139,14 +172,17 @@ impl State {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StateError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        f(&tx).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))
+        off_worker(|| {
+            let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+            f(&tx).map_err(|e| self.err(e))?;
+            tx.commit().map_err(|e| self.err(e))
+        })
     }
 
-    fn put<T: Serialize>(
+    fn put<T: Serialize + Clone>(
         &self,
         table: TableDefinition<&str, &[u8]>,
+        index: &Index<T>,
         id: &str,
         record: &T,
     ) -> Result<(), StateError> {
@@ -154,38 +190,52 @@ impl State {
             id: id.to_owned(),
             source,
         })?;
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.write(|tx| {
             tx.open_table(table)?.insert(id, bytes.as_slice())?;
             Ok(())
-        })
+        })?;
+        index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), record.clone());
+        Ok(())
     }
 
-    fn delete(&self, table: TableDefinition<&str, &[u8]>, id: &str) -> Result<(), StateError> {
+    fn delete<T>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        index: &Index<T>,
+        id: &str,
+    ) -> Result<(), StateError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.write(|tx| {
             tx.open_table(table)?.remove(id)?;
             Ok(())
-        })
+        })?;
+        index.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+        Ok(())
     }
 
-    fn get<T: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        id: &str,
-    ) -> Result<Option<T>, StateError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(table).map_err(|e| self.err(e))?;
-        let Some(value) = t.get(id).map_err(|e| self.err(e))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(value.value())
-            .map(Some)
-            .map_err(|source| StateError::Record {
-                id: id.to_owned(),
-                source,
-            })
+    fn get<T: Clone>(index: &Index<T>, id: &str) -> Option<T> {
+        index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
-    fn all<T: DeserializeOwned>(
+    fn all<T: Clone>(index: &Index<T>) -> Vec<T> {
+        index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Every record of `table`, decoded: once, at open.
+    fn load<T: DeserializeOwned>(
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<BTreeMap<String, T>, StateError> {
@@ -206,35 +256,35 @@ impl State {
     }
 
     pub fn put_pod(&self, pod: &PodRecord) -> Result<(), StateError> {
-        self.put(PODS, &pod.id, pod)
+        self.put(PODS, &self.pods, &pod.id, pod)
     }
 
     pub fn pod(&self, id: &str) -> Result<Option<PodRecord>, StateError> {
-        self.get(PODS, id)
+        Ok(Self::get(&self.pods, id))
     }
 
     pub fn pods(&self) -> Result<Vec<PodRecord>, StateError> {
-        Ok(self.all(PODS)?.into_values().collect())
+        Ok(Self::all(&self.pods))
     }
 
     pub fn delete_pod(&self, id: &str) -> Result<(), StateError> {
-        self.delete(PODS, id)
+        self.delete(PODS, &self.pods, id)
     }
 
     pub fn put_container(&self, c: &ContainerRecord) -> Result<(), StateError> {
-        self.put(CONTAINERS, &c.id, c)
+        self.put(CONTAINERS, &self.containers, &c.id, c)
     }
 
     pub fn container(&self, id: &str) -> Result<Option<ContainerRecord>, StateError> {
-        self.get(CONTAINERS, id)
+        Ok(Self::get(&self.containers, id))
     }
 
     pub fn containers(&self) -> Result<Vec<ContainerRecord>, StateError> {
-        Ok(self.all(CONTAINERS)?.into_values().collect())
+        Ok(Self::all(&self.containers))
     }
 
     pub fn delete_container(&self, id: &str) -> Result<(), StateError> {
-        self.delete(CONTAINERS, id)
+        self.delete(CONTAINERS, &self.containers, id)
     }
 }
 

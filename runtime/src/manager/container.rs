@@ -782,7 +782,10 @@ impl Manager {
                     continue;
                 }
             }
-            let record = self.refreshed(record).await?;
+            // The records are current without asking the agents (kubelet
+            // relists every second): a started container's exit is recorded
+            // by its watcher as it happens, and a pod's failure ends its
+            // containers. ContainerStatus still asks.
             if let Some(state) = filter.as_ref().and_then(|f| f.state.as_ref()) {
                 if state.state != cri_state(record.state) as i32 {
                     continue;

@@ -109,11 +109,16 @@ impl Network {
     ) -> Result<PodNetwork, NetworkError> {
         let list = self.usable_list().map_err(NetworkError::NotReady)?;
         let path = netns::path_for(id);
-        netns::create(&path).map_err(|source| NetworkError::Netns {
-            what: "creating",
-            path: path.clone(),
-            source,
-        })?;
+        // It joins a thread of its own: off the async workers.
+        let creating = path.clone();
+        tokio::task::spawn_blocking(move || netns::create(&creating))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| NetworkError::Netns {
+                what: "creating",
+                path: path.clone(),
+                source,
+            })?;
         let mut pod = PodNetwork {
             netns: path,
             list: list_to_value(&list),
