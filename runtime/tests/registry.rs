@@ -198,6 +198,25 @@ async fn pull_list_status_remove_against_a_real_registry() {
         .repo_tags
         .contains(&format!("{ghost}/husk/busybox:latest")));
 
+    // A mirror without the image, then a registry that is down: the error
+    // is the registry's (unreachable), and says what the mirror answered.
+    let missing = format!("{ghost}/husk/nothing:latest");
+    let err = store.pull(&missing, &anon, &only_mirror).await.unwrap_err();
+    let StoreError::Pull(pull) = &err else {
+        panic!("{err}");
+    };
+    assert!(
+        matches!(pull.deciding(), PullError::Unreachable { .. }),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("registry {ghost} is unreachable")),
+        "{message}"
+    );
+    assert!(message.contains(&format!("mirror {host}")), "{message}");
+    assert!(message.contains("not found"), "{message}");
+
     // In use: refused, and nothing changes.
     let err = store
         .remove(&record.id.to_string(), |_| true)

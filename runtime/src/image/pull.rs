@@ -152,6 +152,13 @@ pub enum PullError {
         #[source]
         source: OciDistributionError,
     },
+    /// The registry's own error, after every mirror before it failed too.
+    #[error("{last}; before that, {}", mirrors.join("; "))]
+    AfterMirrors {
+        last: Box<PullError>,
+        /// What each mirror answered, in the order they were tried.
+        mirrors: Vec<String>,
+    },
     #[error("pulling {reference}: storing a blob: {source}")]
     Blob {
         reference: String,
@@ -237,23 +244,39 @@ pub async fn fetch(
     blobs: &BlobStore,
 ) -> Result<FetchedImage, PullError> {
     install_crypto_provider();
-    let mut last = None;
+    let mut mirrors = Vec::new();
     for endpoint in endpoints(reference, config) {
         match fetch_from(&endpoint, reference, credentials, blobs).await {
             Ok(image) => return Ok(image),
             Err(e) if endpoint.mirror => {
                 warn!(mirror = %endpoint.host, error = %e, "mirror failed; trying the next endpoint");
-                last = Some(e);
+                mirrors.push(format!("mirror {}: {e}", endpoint.host));
             }
-            Err(e) => return Err(e),
+            Err(e) if mirrors.is_empty() => return Err(e),
+            Err(e) => {
+                return Err(PullError::AfterMirrors {
+                    last: Box::new(e),
+                    mirrors,
+                })
+            }
         }
     }
     // Only reachable if there were no endpoints, which endpoints() never returns.
-    Err(last.unwrap_or_else(|| PullError::Malformed {
+    Err(PullError::Malformed {
         reference: reference.to_string(),
         what: "registry configuration",
         detail: "no endpoint to pull from".into(),
-    }))
+    })
+}
+
+impl PullError {
+    /// The error that decided the pull: the registry's own, after mirrors.
+    pub fn deciding(&self) -> &PullError {
+        match self {
+            PullError::AfterMirrors { last, .. } => last.deciding(),
+            other => other,
+        }
+    }
 }
 
 /// rustls needs a process-wide crypto provider; huskd uses ring (see the

@@ -22,7 +22,7 @@ use husk_proto::client::Agent;
 
 use self::attach::AttachPoint;
 use crate::config::Config;
-use crate::image::{ImageStore, StoreError};
+use crate::image::{ImageStore, PullError, StoreError};
 use crate::sandbox::{SandboxDriver, SandboxError};
 use crate::state::{ContainerRecord, ContainerState, PodRecord, State, StateError};
 
@@ -91,20 +91,28 @@ impl From<CriError> for tonic::Status {
             CriError::Image(StoreError::Reference(_)) => Status::invalid_argument(message),
             CriError::Image(StoreError::InUse { .. }) => Status::failed_precondition(message),
             // No manifest for this platform is not found, as containerd says.
-            CriError::Image(StoreError::Pull(
-                crate::image::PullError::NotFound { .. }
-                | crate::image::PullError::NoMatchingPlatform { .. },
-            )) => Status::not_found(message),
+            CriError::Image(StoreError::Pull(e))
+                if matches!(
+                    e.deciding(),
+                    PullError::NotFound { .. } | PullError::NoMatchingPlatform { .. }
+                ) =>
+            {
+                Status::not_found(message)
+            }
             // A layer that would write outside its rootfs: the image is refused.
             CriError::Image(StoreError::Unpack { source, .. })
                 if matches!(**source, crate::image::unpack::UnpackError::Unsafe { .. }) =>
             {
                 Status::invalid_argument(message)
             }
-            CriError::Image(StoreError::Pull(crate::image::PullError::Unauthorized { .. })) => {
+            CriError::Image(StoreError::Pull(e))
+                if matches!(e.deciding(), PullError::Unauthorized { .. }) =>
+            {
                 Status::permission_denied(message)
             }
-            CriError::Image(StoreError::Pull(crate::image::PullError::Unreachable { .. })) => {
+            CriError::Image(StoreError::Pull(e))
+                if matches!(e.deciding(), PullError::Unreachable { .. }) =>
+            {
                 Status::unavailable(message)
             }
             CriError::Agent { source, .. } if gave_no_answer(source) => {

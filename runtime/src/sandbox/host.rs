@@ -135,7 +135,7 @@ impl SandboxDriver for HostDriver {
                                 client,
                                 vm_size: None,
                             })),
-                            Err(status) => Attempt::NotYet(status.to_string()),
+                            Err(status) => Attempt::NotYet(format!("Ping: {}", status.message())),
                         },
                         Err(e) => Attempt::NotYet(e.to_string()),
                     }
