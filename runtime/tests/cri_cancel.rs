@@ -36,6 +36,26 @@ fn gave_up(status: &tonic::Status) -> bool {
     matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
 }
 
+/// The sizes (in sectors) of the VM's disk slots, from husk-vmm's control
+/// API: 0 for an empty slot.
+fn vmm_disks(sandbox_dir: &std::path::Path) -> Vec<u64> {
+    use std::io::{BufRead, Write};
+    let mut api = std::os::unix::net::UnixStream::connect(sandbox_dir.join("api.sock"))
+        .expect("husk-vmm's control API");
+    api.write_all(b"{\"op\":\"status\"}\n").expect("ask status");
+    let mut line = String::new();
+    std::io::BufReader::new(api)
+        .read_line(&mut line)
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    status["status"]["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| d["sectors"].as_u64().unwrap_or(0))
+        .collect()
+}
+
 fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(deadline);
@@ -56,10 +76,9 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
         "log_level = \"info\"\nguest_boot_timeout_secs = {}\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n",
         boot_timeout().as_secs()
     );
-    let huskd = Huskd::spawn(
-        &dir.path().join("husk.sock"),
-        &Huskd::microvm_args(dir.path(), &config),
-    );
+    let socket = dir.path().join("husk.sock");
+    let args = Huskd::microvm_args(dir.path(), &config);
+    let mut huskd = Huskd::spawn(&socket, &args);
     let channel = huskd.connect().await;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut img = ImageServiceClient::new(channel);
@@ -180,7 +199,60 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
     .await
     .expect("RemoveContainer");
 
-    // 5. A guest that stops answering (its VMM stopped, as a hung guest
+    // 5. huskd killed during a CreateContainer (the guest held still so the
+    // call is surely in flight): the next huskd removes what the call left
+    // in the guest, and the pod stays ready.
+    let vmm = vmms_under(&sandbox_dir);
+    let vmm = nix::unistd::Pid::from_raw(vmm[0] as i32);
+    nix::sys::signal::kill(vmm, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP husk-vmm");
+    let mut cut = rt.clone();
+    let request = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(container_config(
+            "half",
+            &image,
+            &["sleep", "600"],
+            "half/0.log",
+        )),
+        sandbox_config: Some(pod_config.clone()),
+    };
+    let call = tokio::spawn(async move { cut.create_container(request).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    huskd.kill();
+    nix::sys::signal::kill(vmm, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT husk-vmm");
+    let answer = call.await.expect("join");
+    assert!(answer.is_err(), "the call ended with huskd: {answer:?}");
+    // The VMM works off what it was sent while stopped before huskd returns.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    huskd = Huskd::spawn(&socket, &args);
+    rt = RuntimeServiceClient::new(huskd.connect().await);
+    let containers = rt
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers;
+    assert!(
+        containers.is_empty(),
+        "the half-created container is listed: {containers:?}"
+    );
+    assert_eq!(
+        support::pod_status(&mut rt, &pod).await.state,
+        cri::PodSandboxState::SandboxReady as i32,
+        "the pod survives huskd's crash"
+    );
+    let disks = std::fs::read_to_string(sandbox_dir.join("disks.json")).unwrap_or_default();
+    assert!(
+        !disks.contains("sha256:"),
+        "the half-created container's disk is recorded: {disks}"
+    );
+    let attached = vmm_disks(&sandbox_dir);
+    assert!(
+        attached.iter().all(|sectors| *sectors == 0),
+        "the half-created container's disk is in the VM: {attached:?}"
+    );
+
+    // 6. A guest that stops answering (its VMM stopped, as a hung guest
     // is): huskd's health check fails the pod within its interval (10 s)
     // and the deadline, with no CRI call, and kills the VM.
     let vmm = vmms_under(&sandbox_dir);
@@ -199,7 +271,7 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // 6. The pod stops and goes like any other, leaving nothing.
+    // 7. The pod stops and goes like any other, leaving nothing.
     support::remove_pod(&mut rt, &pod).await;
     assert!(support::list_pods(&mut rt).await.is_empty());
     assert!(vmms_under(&state).is_empty(), "husk-vmm left running");

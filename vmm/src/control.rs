@@ -116,6 +116,12 @@ impl SignalWatcher {
     /// Blocks the stop signals in the calling thread, and so in every thread
     /// it spawns afterwards: call it before the vCPU threads exist.
     pub fn new(control: Arc<VmmControl>) -> nix::Result<Self> {
+        // Blocked and never read: husk-vmm outlives its supervisor. It runs
+        // in a process group of its own, which huskd's exit orphans, and the
+        // kernel then sends SIGHUP to the group if a member is stopped.
+        let mut hangup = SigSet::empty();
+        hangup.add(Signal::SIGHUP);
+        hangup.thread_block()?;
         let mut mask = SigSet::empty();
         mask.add(Signal::SIGTERM);
         mask.add(Signal::SIGINT);

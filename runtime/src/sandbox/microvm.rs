@@ -514,20 +514,30 @@ impl SandboxDriver for MicroVmDriver {
                         source: std::io::Error::from(std::io::ErrorKind::NotFound),
                     });
                 }
+                // Recorded before the VMM is asked: should huskd die before
+                // the answer, the slot is known, and releasing the image (as
+                // the next huskd does for a half-created container) empties
+                // it whether or not the VMM filled it.
+                let freed_at = table.slots[index].freed_at;
+                table.slots[index].image = Some(image.id.to_owned());
+                self.save_table(id, dir, &table)?;
                 let request = serde_json::json!({
                     "op": "attach_disk",
                     "index": index,
                     "path": image.erofs,
                 });
-                api_call(&dir.join(API_SOCKET), &request)
-                    .await
-                    .map_err(|detail| SandboxError::Vmm {
+                if let Err(detail) = api_call(&dir.join(API_SOCKET), &request).await {
+                    table.slots[index] = Slot {
+                        image: None,
+                        freed_at,
+                    };
+                    self.save_table(id, dir, &table)?;
+                    return Err(SandboxError::Vmm {
                         id: id.to_owned(),
                         what: format!("attaching {} to disk slot {index}", image.erofs.display()),
                         detail,
-                    })?;
-                table.slots[index].image = Some(image.id.to_owned());
-                self.save_table(id, dir, &table)?;
+                    });
+                }
                 let device = device(index)?;
                 info!(image = image.id, slot = index, %device, "image attached");
                 Ok(RootfsPlan::BlockDevice(device))
