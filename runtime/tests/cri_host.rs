@@ -1241,3 +1241,12 @@ async fn huskd_killed_mid_call_leaves_nothing_of_that_call() {
     f.remove_pod(&survivor).await;
     f.huskd.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_behaviours_kubelets_suite_checks() {
+    let (mut f, pod, config) = Fixture::with_pod("conformance").await;
+    let image = f.image.clone();
+    support::check_cri_conformance(&mut f.rt, &pod, &config, &image).await;
+    f.remove_pod(&pod).await;
+    f.huskd.terminate();
+}

@@ -493,6 +493,9 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     }
     assert!(!disks().contains("sha256:"), "{}", disks());
 
+    // What kubelet's validation suite checks, in a VM.
+    support::check_cri_conformance(&mut rt, &pod, &pod_config, &image).await;
+
     // The VM dies under a running container: the pod reads NOTREADY and the
     // container EXITED, and stop/remove still clean everything up.
     let last = rt

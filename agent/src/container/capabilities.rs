@@ -48,12 +48,18 @@ pub struct CapabilitySets {
     pub ambient: CapsHashSet,
 }
 
-/// Maps the spec's capabilities to this kernel's. Names the caps crate or the
-/// running kernel does not know are skipped, so a spec written for a newer
-/// kernel still runs.
+/// Maps the spec's capabilities to the ones this agent holds. Names the caps
+/// crate or the running kernel does not know are skipped, so a spec written
+/// for a newer kernel still runs; so are capabilities outside the agent's
+/// own bounding set, which no process it starts can have: a privileged
+/// container (or one that adds `ALL`) gets every capability the runtime has,
+/// as with containerd, on hosts that withhold some from the runtime.
 pub fn from_spec(spec: &LinuxCapabilities) -> Result<CapabilitySets, CapabilitiesError> {
     // Probed with PR_CAPBSET_READ: needs no /proc, which the container may not have yet.
-    let supported = caps::runtime::thread_all_supported();
+    let supported: CapsHashSet = caps::runtime::thread_all_supported()
+        .into_iter()
+        .filter(|&cap| caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false))
+        .collect();
     if supported.is_empty() {
         return Err(CapabilitiesError::Probe);
     }
@@ -66,7 +72,12 @@ pub fn from_spec(spec: &LinuxCapabilities) -> Result<CapabilitySets, Capabilitie
                 match name.parse::<Capability>() {
                     Ok(cap) if supported.contains(&cap) => Some(cap),
                     _ => {
-                        debug!(capability = %name, set = which, "capability unknown to this kernel, skipped");
+                        debug!(
+                            capability = %name,
+                            set = which,
+                            "capability unknown to this kernel or outside the agent's \
+                             bounding set, skipped"
+                        );
                         None
                     }
                 }
@@ -165,6 +176,27 @@ mod tests {
                 ..CapabilitySets::default()
             }
         );
+    }
+
+    #[test]
+    fn capabilities_the_agent_lacks_are_left_out() {
+        // A child whose bounding set lacks CAP_SYS_RESOURCE, as this
+        // machine's runtime does: a privileged spec names it, and gets the rest.
+        let status = in_child(|| {
+            if caps::drop(None, CapSet::Bounding, Capability::CAP_SYS_RESOURCE).is_err() {
+                return 10;
+            }
+            let all = from_spec(&spec(json!({
+                "bounding": ["CAP_SYS_RESOURCE", "CAP_CHOWN"],
+                "effective": ["CAP_SYS_RESOURCE", "CAP_CHOWN"],
+                "permitted": ["CAP_SYS_RESOURCE", "CAP_CHOWN"]
+            })));
+            match all {
+                Ok(sets) if sets.effective == caps_set(&[Capability::CAP_CHOWN]) => 0,
+                _ => 11,
+            }
+        });
+        assert_eq!(status, WaitStatus::Exited(status.pid().expect("pid"), 0));
     }
 
     /// Forks a child that runs `body` and exits with its code. The child

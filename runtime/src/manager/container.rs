@@ -661,7 +661,12 @@ impl Manager {
         }
         let lock = self.pod_lock(&record.pod_id);
         let _guard = lock.lock().await;
-        self.state.delete_container(id)?;
+        {
+            // Under the records lock: an exit watcher's update (a read,
+            // then a write) cannot bring the record back.
+            let _records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            self.state.delete_container(id)?;
+        }
         self.forget_attach_point(id);
         if pod.state == PodState::Ready {
             self.release_unused_image(&pod, &record.image_id).await;

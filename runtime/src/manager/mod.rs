@@ -169,6 +169,27 @@ pub fn new_id() -> Result<String> {
     Ok(hex::encode(bytes))
 }
 
+/// `id` itself if it is one of `ids`, else the one of `ids` it is a prefix
+/// of; none is NotFound, several is InvalidArgument naming how many.
+fn resolve_id(what: &str, id: &str, ids: impl Iterator<Item = String>) -> Result<String> {
+    let mut matches = Vec::new();
+    for candidate in ids {
+        if candidate == id {
+            return Ok(candidate);
+        }
+        if candidate.starts_with(id) {
+            matches.push(candidate);
+        }
+    }
+    match matches.len() {
+        0 => Err(CriError::NotFound(format!("{what} {id:?} not found"))),
+        1 => Ok(matches.swap_remove(0)),
+        n => Err(CriError::InvalidArgument(format!(
+            "{what} id prefix {id:?} is ambiguous: {n} ids start with it"
+        ))),
+    }
+}
+
 /// Whether every `selector` label is in `labels`.
 pub fn labels_match(selector: &HashMap<String, String>, labels: &HashMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -242,6 +263,24 @@ impl Manager {
         self.state
             .pod(id)?
             .ok_or_else(|| CriError::NotFound(format!("pod sandbox {id:?} not found")))
+    }
+
+    /// The full id of the pod `id` names: the pod with that id, or the one
+    /// pod whose id starts with it (crictl prints 13 characters).
+    pub fn resolve_pod(&self, id: &str) -> Result<String> {
+        let ids = self.state.pods()?.into_iter().map(|p| p.id);
+        resolve_id("pod sandbox", id, ids)
+    }
+
+    /// The full id of the container `id` names, as [`resolve_pod`](Self::resolve_pod).
+    pub fn resolve_container(&self, id: &str) -> Result<String> {
+        let ids = self
+            .state
+            .containers()?
+            .into_iter()
+            .filter(|c| c.state != ContainerState::Creating)
+            .map(|c| c.id);
+        resolve_id("container", id, ids)
     }
 
     /// A container CRI knows: one still being created is not found yet.
@@ -335,5 +374,28 @@ impl Manager {
             .into_iter()
             .map(|c| c.image_id)
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_resolve_by_unique_prefix() {
+        let ids = || ["abc123".to_owned(), "abd456".to_owned(), "ab".to_owned()].into_iter();
+        assert_eq!(resolve_id("pod", "abc", ids()).unwrap(), "abc123");
+        // An exact id wins over the ids it is a prefix of.
+        assert_eq!(resolve_id("pod", "ab", ids()).unwrap(), "ab");
+        let ambiguous = resolve_id("pod", "a", ids()).unwrap_err();
+        assert!(
+            matches!(ambiguous, CriError::InvalidArgument(_)),
+            "{ambiguous}"
+        );
+        assert!(ambiguous.to_string().contains("3 ids"), "{ambiguous}");
+        assert!(matches!(
+            resolve_id("pod", "x", ids()),
+            Err(CriError::NotFound(_))
+        ));
     }
 }

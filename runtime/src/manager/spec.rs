@@ -108,6 +108,11 @@ pub enum SpecError {
     UnknownUser(String),
     #[error("group {0:?} is not in the image's /etc/group")]
     UnknownGroup(String),
+    #[error(
+        "run_as_group {0} is set without run_as_user or run_as_username: a group needs a user \
+         (as in containerd and CRI-O)"
+    )]
+    GroupWithoutUser(i64),
     #[error("seccomp profile {0:?} is not supported yet (only RuntimeDefault and Unconfined)")]
     Seccomp(String),
     #[error("mount {0:?}: {1}")]
@@ -226,6 +231,11 @@ pub fn process_user(
     };
     let run_as_user = sc.and_then(|s| s.run_as_user.as_ref()).map(|v| v.value);
     let run_as_username = sc.map(|s| s.run_as_username.as_str()).unwrap_or_default();
+    if let Some(gid) = sc.and_then(|s| s.run_as_group.as_ref()) {
+        if run_as_user.is_none() && run_as_username.is_empty() {
+            return Err(SpecError::GroupWithoutUser(gid.value));
+        }
+    }
     let (uid, passwd_gid) = if let Some(uid) = run_as_user {
         (
             u32::try_from(uid).map_err(|_| SpecError::UnknownUser(uid.to_string()))?,
@@ -660,6 +670,21 @@ mod tests {
             process_user(&c, &image(&[], &[], "7:8"), root.path()).unwrap(),
             (1000, 1001, vec![5])
         );
+        // A group with a user is taken; a group alone is refused.
+        let with_group = |user: Option<i64>| {
+            let mut c = config(&["sh"], &[]);
+            c.linux = Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    run_as_user: user.map(|value| cri::Int64Value { value }),
+                    run_as_group: Some(cri::Int64Value { value: 60 }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            process_user(&c, &image(&[], &[], "husk"), root.path())
+        };
+        assert_eq!(with_group(Some(1000)).unwrap(), (1000, 60, vec![]));
+        assert_eq!(with_group(None), Err(SpecError::GroupWithoutUser(60)));
     }
 
     #[test]

@@ -53,6 +53,30 @@ async fn to_completion<T: Send + 'static>(
         .map_err(Status::from)
 }
 
+impl Runtime {
+    /// The full id of the pod a request names (by id or unique prefix).
+    fn pod_id(&self, id: &str) -> Result<String, Status> {
+        let id = required(id, "pod_sandbox_id")?;
+        Ok(self.manager.resolve_pod(id)?)
+    }
+
+    /// The full id of the container a request names (by id or unique prefix).
+    fn container_id(&self, id: &str) -> Result<String, Status> {
+        let id = required(id, "container_id")?;
+        Ok(self.manager.resolve_container(id)?)
+    }
+}
+
+/// For the calls the CRI makes idempotent (stopping and removing): an id
+/// that names nothing means there is nothing left to do.
+fn unless_gone(id: Result<String, Status>) -> Result<Option<String>, Status> {
+    match id {
+        Ok(id) => Ok(Some(id)),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+        Err(status) => Err(status),
+    }
+}
+
 fn required<'a>(id: &'a str, what: &str) -> Result<&'a str, Status> {
     if id.is_empty() {
         Err(Status::invalid_argument(format!("{what} is required")))
@@ -103,7 +127,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?.to_owned();
+        let Some(id) = unless_gone(self.pod_id(&request.pod_sandbox_id))? else {
+            return Ok(Response::new(cri::StopPodSandboxResponse {}));
+        };
         let manager = self.manager.clone();
         to_completion(async move { manager.stop_pod_sandbox(&id).await }).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
@@ -114,7 +140,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?.to_owned();
+        let Some(id) = unless_gone(self.pod_id(&request.pod_sandbox_id))? else {
+            return Ok(Response::new(cri::RemovePodSandboxResponse {}));
+        };
         let manager = self.manager.clone();
         to_completion(async move { manager.remove_pod_sandbox(&id).await }).await?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
@@ -125,7 +153,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
+        let id = &self.pod_id(&request.pod_sandbox_id)?;
         let (status, info) = self.manager.pod_sandbox_status(id, request.verbose).await?;
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(status),
@@ -150,7 +178,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
         let request = request.into_inner();
-        let pod = required(&request.pod_sandbox_id, "pod_sandbox_id")?.to_owned();
+        let pod = self.pod_id(&request.pod_sandbox_id)?;
         let config = request
             .config
             .ok_or_else(|| Status::invalid_argument("CreateContainer needs a config"))?;
@@ -166,7 +194,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?.to_owned();
+        let id = self.container_id(&request.container_id)?;
         let manager = self.manager.clone();
         to_completion(async move { manager.start_container(&id).await }).await?;
         Ok(Response::new(cri::StartContainerResponse {}))
@@ -177,7 +205,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?.to_owned();
+        let Some(id) = unless_gone(self.container_id(&request.container_id))? else {
+            return Ok(Response::new(cri::StopContainerResponse {}));
+        };
         let manager = self.manager.clone();
         to_completion(async move { manager.stop_container(&id, request.timeout).await }).await?;
         Ok(Response::new(cri::StopContainerResponse {}))
@@ -188,7 +218,9 @@ impl RuntimeService for Runtime {
         request: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?.to_owned();
+        let Some(id) = unless_gone(self.container_id(&request.container_id))? else {
+            return Ok(Response::new(cri::RemoveContainerResponse {}));
+        };
         let manager = self.manager.clone();
         to_completion(async move { manager.remove_container(&id).await }).await?;
         Ok(Response::new(cri::RemoveContainerResponse {}))
@@ -210,7 +242,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
+        let id = &self.container_id(&request.container_id)?;
         let status = self.manager.container_status(id).await?;
         Ok(Response::new(cri::ContainerStatusResponse {
             status: Some(status),
@@ -223,7 +255,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
+        let id = &self.container_id(&request.container_id)?;
         self.manager
             .update_container_resources(id, request.linux)
             .await?;
@@ -235,7 +267,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
+        let id = &self.container_id(&request.container_id)?;
         self.manager.reopen_container_log(id).await?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
@@ -245,7 +277,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
+        let id = &self.container_id(&request.container_id)?;
         let out = self
             .manager
             .exec_sync(id, request.cmd, request.timeout)
@@ -262,7 +294,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
+        let id = &self.container_id(&request.container_id)?;
         if request.cmd.is_empty() {
             return Err(Status::invalid_argument("Exec needs a command"));
         }
@@ -286,7 +318,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
+        let id = &self.container_id(&request.container_id)?;
         if !(request.stdin || request.stdout || request.stderr) {
             return Err(Status::invalid_argument(
                 "Attach needs one of stdin, stdout and stderr",
@@ -308,7 +340,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
+        let id = &self.pod_id(&request.pod_sandbox_id)?;
         forwardable_pod(&self.manager, id)?;
         let url = self.streaming()?.url(StreamRequest::PortForward(request))?;
         Ok(Response::new(cri::PortForwardResponse { url }))
@@ -319,7 +351,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.container_id, "container_id")?;
+        let id = &self.container_id(&request.container_id)?;
         let stats = self.manager.one_container_stats(id).await?;
         Ok(Response::new(cri::ContainerStatsResponse {
             stats: Some(stats),
@@ -342,7 +374,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
         let request = request.into_inner();
-        let id = required(&request.pod_sandbox_id, "pod_sandbox_id")?;
+        let id = &self.pod_id(&request.pod_sandbox_id)?;
         let stats = self.manager.pod_sandbox_stats(id).await?;
         Ok(Response::new(cri::PodSandboxStatsResponse {
             stats: Some(stats),

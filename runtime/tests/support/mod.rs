@@ -447,6 +447,123 @@ pub async fn run_container(
     id
 }
 
+/// CRI behaviours kubelet's validation suite checks, in the ready pod `pod`
+/// (config `pod_config`) with `image` pulled; on either driver:
+/// - the ids crictl prints (13 characters) name pods and containers;
+/// - Stop and Remove of ids that name nothing succeed (idempotent);
+/// - run_as_group without run_as_user is InvalidArgument;
+/// - RemoveContainer of a running container kills it, and it is gone from
+///   the very next list (several times: it used to race its exit watcher);
+/// - a privileged container runs;
+/// - StopContainer of an exited container returns at once.
+pub async fn check_cri_conformance(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &k8s_cri::v1::PodSandboxConfig,
+    image: &str,
+) {
+    use k8s_cri::v1 as cri;
+    let short = &pod[..13];
+    let status = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: short.into(),
+            verbose: false,
+        })
+        .await
+        .expect("PodSandboxStatus by a 13-character id")
+        .into_inner();
+    assert_eq!(status.status.expect("status").id, pod);
+    let gone = "f".repeat(64);
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: gone.clone(),
+    })
+    .await
+    .expect("StopPodSandbox of nothing is OK");
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: gone.clone(),
+        timeout: 1,
+    })
+    .await
+    .expect("StopContainer of nothing is OK");
+
+    let mut lonely_group = container_config("lonely-group", image, &["true"], "");
+    lonely_group.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_group: Some(cri::Int64Value { value: 60 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let refused = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(lonely_group),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect_err("run_as_group without a user");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    for attempt in 0..3 {
+        let name = format!("removed-running-{attempt}");
+        let config = container_config(&name, image, &["sleep", "600"], "");
+        let id = run_container(rt, pod, config, Some(pod_config.clone())).await;
+        // By the short id, as `crictl rm -f` does.
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: id[..13].into(),
+        })
+        .await
+        .expect("RemoveContainer of a running container");
+        let listed = rt
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .expect("ListContainers")
+            .into_inner()
+            .containers;
+        assert!(
+            listed.iter().all(|c| c.id != id),
+            "removed, yet listed: {listed:?}"
+        );
+    }
+
+    // A privileged container (all the capabilities the runtime holds, even
+    // where the host withholds some from it) runs; and so does `true` here.
+    let mut privileged = container_config("done", image, &["true"], "");
+    privileged.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let done = run_container(rt, pod, privileged, Some(pod_config.clone())).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exited = loop {
+        let status = container_status(rt, &done).await;
+        if status.state == cri::ContainerState::ContainerExited as i32 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "`true` never exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(exited.exit_code, 0, "privileged `true`: {exited:?}");
+    let t = Instant::now();
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: done.clone(),
+        timeout: 60,
+    })
+    .await
+    .expect("StopContainer of an exited container");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "it waited: {:?}",
+        t.elapsed()
+    );
+    rt.remove_container(cri::RemoveContainerRequest { container_id: done })
+        .await
+        .expect("RemoveContainer");
+}
+
 /// Stops and removes a pod, which must succeed.
 pub async fn remove_pod(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
