@@ -226,12 +226,7 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     huskd = Huskd::spawn(&socket, &args);
     rt = RuntimeServiceClient::new(huskd.connect().await);
-    let containers = rt
-        .list_containers(cri::ListContainersRequest { filter: None })
-        .await
-        .expect("ListContainers")
-        .into_inner()
-        .containers;
+    let containers = support::list_containers(&mut rt).await;
     assert!(
         containers.is_empty(),
         "the half-created container is listed: {containers:?}"

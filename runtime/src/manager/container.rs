@@ -469,6 +469,7 @@ impl Manager {
                 rootfs: &rootfs,
                 resolv_conf: resolv_conf.as_deref(),
                 hosts: hosts.as_deref(),
+                in_vm: driver.runs_in_vm(),
             })?;
             let spec_json = serde_json::to_vec(&spec).map_err(|e| CriError::Io {
                 what: "encoding the OCI spec".into(),

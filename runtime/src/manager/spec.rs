@@ -117,6 +117,47 @@ pub enum SpecError {
     Seccomp(String),
     #[error("mount {0:?}: {1}")]
     Mount(String, String),
+    #[error(
+        "the node's {0} namespace cannot be shared with a pod in a VM (the microvm \
+         handler): run the pod with the host handler"
+    )]
+    NodeNamespaceInVm(&'static str),
+}
+
+/// The container's namespaces (OCI `linux.namespaces`, all new ones; what
+/// is not listed is the agent's). IPC and UTS are the pod's (the agent's
+/// own) unless CONTAINER asks for the container's own. PID: CONTAINER is
+/// the container's own; in a VM, POD is the guest's, which all the pod's
+/// containers share (on the host driver a pod-wide one is not built yet:
+/// POD gets the container's own), and NODE (the host's) is refused, as is
+/// IPC NODE: a VM cannot share the node's.
+fn namespaces(
+    options: Option<&cri::NamespaceOption>,
+    in_vm: bool,
+) -> Result<Vec<Value>, SpecError> {
+    use cri::NamespaceMode;
+    let pid = options.map(|n| n.pid()).unwrap_or(NamespaceMode::Container);
+    let ipc = options.map(|n| n.ipc()).unwrap_or(NamespaceMode::Pod);
+    if in_vm {
+        for (what, mode) in [("PID", pid), ("IPC", ipc)] {
+            if mode == NamespaceMode::Node {
+                return Err(SpecError::NodeNamespaceInVm(what));
+            }
+        }
+    }
+    let mut namespaces = vec![json!({"type": "mount"})];
+    let own_pid = match pid {
+        NamespaceMode::Node => false,
+        NamespaceMode::Pod => !in_vm,
+        _ => true,
+    };
+    if own_pid {
+        namespaces.push(json!({"type": "pid"}));
+    }
+    if ipc == NamespaceMode::Container {
+        namespaces.push(json!({"type": "ipc"}));
+    }
+    Ok(namespaces)
 }
 
 /// What the spec is built from.
@@ -131,6 +172,9 @@ pub struct SpecInput<'a> {
     pub resolv_conf: Option<&'a Path>,
     /// The pod's hosts file, likewise.
     pub hosts: Option<&'a Path>,
+    /// The pod is a VM of its own: the node's namespaces are out of reach,
+    /// and the guest's PID namespace is the pod's.
+    pub in_vm: bool,
 }
 
 /// The process's argv: Docker's rules for command/args vs entrypoint/cmd.
@@ -387,7 +431,6 @@ pub fn resources(r: &cri::LinuxContainerResources) -> Value {
 
 /// The whole spec.
 pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
-    use cri::NamespaceMode;
     let config = input.config;
     let linux = config.linux.as_ref();
     let sc = linux.and_then(|l| l.security_context.as_ref());
@@ -474,18 +517,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         }));
     }
 
-    let ns_options = sc.and_then(|s| s.namespace_options.as_ref());
-    let mut namespaces = vec![json!({"type": "mount"})];
-    // A pod-wide PID namespace is not supported yet: POD gets the
-    // container's own, NODE the host's (the agent's).
-    if ns_options.map(|n| n.pid()) != Some(NamespaceMode::Node) {
-        namespaces.push(json!({"type": "pid"}));
-    }
-    // IPC and UTS are the pod's (the agent's own) unless asked otherwise.
-    if ns_options.map(|n| n.ipc()) == Some(NamespaceMode::Container) {
-        namespaces.push(json!({"type": "ipc"}));
-    }
-
+    let namespaces = namespaces(sc.and_then(|s| s.namespace_options.as_ref()), input.in_vm)?;
     let mut linux_spec = json!({"namespaces": namespaces});
     if !privileged {
         let masked = sc
@@ -581,6 +613,37 @@ mod tests {
             args: args.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn namespaces_by_mode_and_driver() {
+        use cri::NamespaceMode::{Container, Node, Pod};
+        let types = |pid, ipc, in_vm| {
+            let options = cri::NamespaceOption {
+                pid: pid as i32,
+                ipc: ipc as i32,
+                ..Default::default()
+            };
+            namespaces(Some(&options), in_vm).map(|list| {
+                list.iter()
+                    .map(|n| n["type"].as_str().unwrap_or_default().to_owned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(types(Container, Pod, false).unwrap(), ["mount", "pid"]);
+        assert_eq!(types(Container, Pod, true).unwrap(), ["mount", "pid"]);
+        // POD: the guest's in a VM; the container's own on the host (for now).
+        assert_eq!(types(Pod, Pod, true).unwrap(), ["mount"]);
+        assert_eq!(types(Pod, Pod, false).unwrap(), ["mount", "pid"]);
+        assert_eq!(types(Node, Container, false).unwrap(), ["mount", "ipc"]);
+        assert_eq!(
+            types(Node, Pod, true),
+            Err(SpecError::NodeNamespaceInVm("PID"))
+        );
+        assert_eq!(
+            types(Container, Node, true),
+            Err(SpecError::NodeNamespaceInVm("IPC"))
+        );
     }
 
     #[test]

@@ -340,6 +340,17 @@ pub async fn list_pods(
         .items
 }
 
+/// Every container huskd lists.
+pub async fn list_containers(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+) -> Vec<k8s_cri::v1::Container> {
+    rt.list_containers(k8s_cri::v1::ListContainersRequest { filter: None })
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers
+}
+
 /// A pod's CRI status, which must be there.
 pub async fn pod_status(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
@@ -514,12 +525,7 @@ pub async fn check_cri_conformance(
         })
         .await
         .expect("RemoveContainer of a running container");
-        let listed = rt
-            .list_containers(cri::ListContainersRequest { filter: None })
-            .await
-            .expect("ListContainers")
-            .into_inner()
-            .containers;
+        let listed = list_containers(rt).await;
         assert!(
             listed.iter().all(|c| c.id != id),
             "removed, yet listed: {listed:?}"
