@@ -175,8 +175,10 @@ impl Manager {
                             apply_exit(r, &exit);
                         }
                     });
-                    if let Err(e) = recorded {
-                        warn!(container = id, "recording the exit: {e}");
+                    match recorded {
+                        // Removed meanwhile (RemoveContainer kills first).
+                        Ok(_) | Err(CriError::NotFound(_)) => {}
+                        Err(e) => warn!(container = id, "recording the exit: {e}"),
                     }
                     info!(
                         container = id,
