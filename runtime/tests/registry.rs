@@ -95,6 +95,8 @@ async fn pull_list_status_remove_against_a_real_registry() {
         format!("{host}/husk/busybox@{manifest_digest}"),
         record.id.to_string(),
         record.id.hex().to_owned(),
+        // The IMAGE ID crictl prints.
+        record.id.hex()[..13].to_owned(),
     ] {
         assert_eq!(
             store.status(&query).unwrap().as_ref(),
@@ -103,6 +105,13 @@ async fn pull_list_status_remove_against_a_real_registry() {
         );
     }
     assert_eq!(store.status(&format!("{host}/husk/other:1")).unwrap(), None);
+    // A hex prefix of no id is no image.
+    let other = if record.id.hex().starts_with('0') {
+        "1"
+    } else {
+        "0"
+    };
+    assert_eq!(store.status(other).unwrap(), None);
     let usage = store.fs_info().unwrap();
     assert!(
         usage.used_bytes > 2 * 900_000 && usage.inodes_used > 10,

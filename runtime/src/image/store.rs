@@ -34,6 +34,8 @@ const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 pub enum StoreError {
     #[error(transparent)]
     Reference(#[from] ReferenceError),
+    #[error("image id prefix {prefix:?} is ambiguous: {count} image ids start with it")]
+    AmbiguousId { prefix: String, count: usize },
     #[error(transparent)]
     Pull(#[from] PullError),
     #[error(transparent)]
@@ -588,11 +590,81 @@ fn find<'a>(
             .find(|r| r.repo_digests.contains(&name))
             .map(|r| (r, Match::Digest(name.clone()))));
     }
-    let Some(tag) = reference.repo_tag() else {
+    let tagged = reference.repo_tag().and_then(|tag| {
+        records
+            .iter()
+            .find(|r| r.repo_tags.contains(&tag))
+            .map(|r| (r, Match::Tag(tag.clone())))
+    });
+    if tagged.is_some() {
+        return Ok(tagged);
+    }
+    // What crictl prints as IMAGE ID: the first 13 hex digits of the id.
+    // A name wins over an id prefix, as in containerd.
+    if !query.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(None);
-    };
-    Ok(records
-        .iter()
-        .find(|r| r.repo_tags.contains(&tag))
-        .map(|r| (r, Match::Tag(tag.clone()))))
+    }
+    let prefix = query.to_ascii_lowercase();
+    let mut matching = records.iter().filter(|r| r.id.hex().starts_with(&prefix));
+    match (matching.next(), matching.count()) {
+        (None, _) => Ok(None),
+        (Some(record), 0) => Ok(Some((record, Match::Id))),
+        (Some(_), more) => Err(StoreError::AmbiguousId {
+            prefix,
+            count: more + 1,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(config: &[u8], tag: &str) -> ImageRecord {
+        ImageRecord {
+            id: Digest::of(config),
+            repo_tags: vec![tag.to_owned()],
+            repo_digests: vec![],
+            manifest_digest: Digest::of(b"m"),
+            index_digest: None,
+            size: 1,
+            user: String::new(),
+            entrypoint: vec![],
+            cmd: vec![],
+            env: vec![],
+            working_dir: String::new(),
+            stop_signal: None,
+            layers: vec![],
+        }
+    }
+
+    #[test]
+    fn ids_match_by_unique_hex_prefix_after_names() {
+        let records: Vec<ImageRecord> = (0u8..40)
+            .map(|i| record(&[i], &format!("docker.io/library/i{i}:latest")))
+            .collect();
+        let first = &records[0];
+        let found = |query: &str| find(&records, query).map(|hit| hit.map(|(r, _)| r.id.clone()));
+        assert_eq!(
+            found(&first.id.hex()[..13]).unwrap(),
+            Some(first.id.clone())
+        );
+        // 40 ids over 16 first digits: some digit starts two of them.
+        let shared = (0..16)
+            .map(|d| format!("{d:x}"))
+            .find(|d| {
+                records
+                    .iter()
+                    .filter(|r| r.id.hex().starts_with(d.as_str()))
+                    .count()
+                    > 1
+            })
+            .expect("a shared first digit");
+        assert!(matches!(
+            found(&shared),
+            Err(StoreError::AmbiguousId { .. })
+        ));
+        // A name wins over an id prefix.
+        assert_eq!(found("i1").unwrap(), Some(records[1].id.clone()));
+    }
 }

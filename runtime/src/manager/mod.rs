@@ -88,7 +88,9 @@ impl From<CriError> for tonic::Status {
             CriError::AlreadyExists(_) => Status::already_exists(message),
             CriError::Unimplemented(_) => Status::unimplemented(message),
             CriError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
-            CriError::Image(StoreError::Reference(_)) => Status::invalid_argument(message),
+            CriError::Image(StoreError::Reference(_) | StoreError::AmbiguousId { .. }) => {
+                Status::invalid_argument(message)
+            }
             CriError::Image(StoreError::InUse { .. }) => Status::failed_precondition(message),
             // No manifest for this platform is not found, as containerd says.
             CriError::Image(StoreError::Pull(e))
