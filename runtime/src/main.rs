@@ -70,6 +70,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), HuskdError> {
+    // First: a SIGTERM during the start-up cleanup stops huskd once it is
+    // done, rather than killing it halfway.
+    let mut term = signal(SignalKind::terminate()).map_err(HuskdError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(HuskdError::Signals)?;
     for dir in [&config.root, &config.state] {
         std::fs::create_dir_all(dir).map_err(|source| HuskdError::Dir {
             path: dir.clone(),
@@ -95,7 +99,6 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     if let Err(why) = microvm.check() {
         warn!("the microvm sandbox driver cannot start pods: {why}");
     }
-    let listener = server::bind(&config.listen)?;
     info!(
         listen = %config.listen.display(),
         root = %config.root.display(),
@@ -136,8 +139,8 @@ async fn run(config: Config) -> Result<(), HuskdError> {
                 (Err(why), None)
             }
         };
-    let mut term = signal(SignalKind::terminate()).map_err(HuskdError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(HuskdError::Signals)?;
+    // The socket appears once huskd can serve (clients wait for it).
+    let listener = server::bind(&socket)?;
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
