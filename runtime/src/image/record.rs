@@ -104,24 +104,35 @@ pub struct ContainerConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(user: &str) -> ImageRecord {
+impl ImageRecord {
+    /// A record of nothing but the id of `config`, for unit tests to fill in.
+    pub fn bare(config: &[u8]) -> ImageRecord {
         ImageRecord {
-            id: Digest::of(b"c"),
+            id: Digest::of(config),
             repo_tags: vec![],
             repo_digests: vec![],
             manifest_digest: Digest::of(b"m"),
             index_digest: None,
             size: 1,
-            user: user.into(),
+            user: String::new(),
             entrypoint: vec![],
             cmd: vec![],
             env: vec![],
             working_dir: String::new(),
             stop_signal: None,
             layers: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(user: &str) -> ImageRecord {
+        ImageRecord {
+            user: user.into(),
+            ..ImageRecord::bare(b"c")
         }
     }
 

@@ -622,19 +622,8 @@ mod tests {
 
     fn record(config: &[u8], tag: &str) -> ImageRecord {
         ImageRecord {
-            id: Digest::of(config),
             repo_tags: vec![tag.to_owned()],
-            repo_digests: vec![],
-            manifest_digest: Digest::of(b"m"),
-            index_digest: None,
-            size: 1,
-            user: String::new(),
-            entrypoint: vec![],
-            cmd: vec![],
-            env: vec![],
-            working_dir: String::new(),
-            stop_signal: None,
-            layers: vec![],
+            ..ImageRecord::bare(config)
         }
     }
 

@@ -1,6 +1,7 @@
 //! Pod sandboxes: run, stop, remove, status, list.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +10,8 @@ use k8s_cri::v1 as cri;
 use tracing::{info, warn};
 
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
-use crate::network::{self, link, NetworkError, POD_IFNAME, VM_TAP};
-use crate::sandbox::{kill_processes_naming, SandboxSpec};
+use crate::network::{self, link, NetworkError, PodNetwork, POD_IFNAME, VM_TAP};
+use crate::sandbox::{kill_processes_naming, SandboxDriver, SandboxSpec};
 use crate::state::{ContainerState, PodRecord, PodState};
 
 /// How long a stopping agent has to exit after Shutdown.
@@ -216,9 +217,7 @@ impl Manager {
     /// logged: this is already the cleanup.
     pub(super) async fn undo_start(&self, record: &PodRecord) {
         let id = &record.id;
-        // Any process of it, also one started before its pid was recorded.
-        kill_processes_naming(&record.dir);
-        match self.driver(&record.driver) {
+        let drivers = match self.driver(&record.driver) {
             Ok(driver) => {
                 if record.pid != 0 {
                     if let Err(e) = driver
@@ -228,13 +227,41 @@ impl Manager {
                         warn!(sandbox = %id, "{e}");
                     }
                 }
-                if let Err(e) = driver.kill_leftovers(id).await {
-                    warn!(sandbox = %id, "{e}");
-                }
+                vec![driver]
             }
-            Err(e) => warn!(sandbox = %id, "{e}"),
+            Err(e) => {
+                warn!(sandbox = %id, "{e}");
+                vec![]
+            }
+        };
+        self.clear_sandbox(id, &record.dir, record.network.as_ref(), &drivers)
+            .await;
+        if let Err(e) = self.state.delete_pod(id) {
+            warn!(sandbox = %id, "{e}");
         }
-        let network = match &record.network {
+        self.forget_pod_lock(id);
+    }
+
+    /// Ends what sandbox `id` left outside its record: every process whose
+    /// command line names `dir` (also one started before its pid was
+    /// recorded), what `drivers` leave behind (host cgroups), its network
+    /// (as `network` records it, else whatever namespace exists), and `dir`.
+    /// Failures are logged: this is already the cleanup. Returns the pids
+    /// it killed.
+    pub(super) async fn clear_sandbox(
+        &self,
+        id: &str,
+        dir: &Path,
+        network: Option<&PodNetwork>,
+        drivers: &[Arc<dyn SandboxDriver>],
+    ) -> Vec<u32> {
+        let pids = kill_processes_naming(dir);
+        for driver in drivers {
+            if let Err(e) = driver.kill_leftovers(id).await {
+                warn!(sandbox = %id, "{e}");
+            }
+        }
+        let torn_down = match network {
             Some(network) => self.config.network.teardown(id, network).await,
             // Set up, maybe, but not yet recorded.
             None if network::netns::path_for(id).exists() => {
@@ -242,18 +269,15 @@ impl Manager {
             }
             None => Ok(()),
         };
-        if let Err(e) = network {
+        if let Err(e) = torn_down {
             warn!(sandbox = %id, "{e}");
         }
-        if let Err(e) = std::fs::remove_dir_all(&record.dir) {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(sandbox = %id, "removing {}: {e}", record.dir.display());
+                warn!(sandbox = %id, "removing {}: {e}", dir.display());
             }
         }
-        if let Err(e) = self.state.delete_pod(id) {
-            warn!(sandbox = %id, "{e}");
-        }
-        self.forget_pod_lock(id);
+        pids
     }
 
     /// Stops every container, shuts the agent down and ends its process. Idempotent.

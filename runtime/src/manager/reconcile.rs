@@ -13,8 +13,6 @@ use std::collections::HashSet;
 use tracing::{info, instrument, warn};
 
 use super::{Manager, Result};
-use crate::network::netns;
-use crate::sandbox::kill_processes_naming;
 use crate::state::{ContainerState, PodState};
 
 impl Manager {
@@ -64,24 +62,11 @@ impl Manager {
             if known.contains(id.as_str()) {
                 continue;
             }
-            let dir = entry.path();
-            let pids = kill_processes_naming(&dir);
-            for driver in [&self.host, &self.microvm] {
-                if let Err(e) = driver.kill_leftovers(&id).await {
-                    warn!(sandbox = %id, "{e}");
-                }
-            }
-            if netns::path_for(&id).exists() {
-                if let Err(e) = self.config.network.teardown_unrecorded(&id).await {
-                    warn!(sandbox = %id, "{e}");
-                }
-            }
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => info!(sandbox = %id, ?pids,
-                    "a sandbox huskd has no record of: killed its processes, removed its \
-                     cgroups, network and directory"),
-                Err(e) => warn!(sandbox = %id, "removing {}: {e}", dir.display()),
-            }
+            let drivers = [self.host.clone(), self.microvm.clone()];
+            let pids = self.clear_sandbox(&id, &entry.path(), None, &drivers).await;
+            info!(sandbox = %id, ?pids,
+                "a sandbox huskd has no record of: killed its processes, removed its \
+                 cgroups, network and directory");
         }
         Ok(())
     }

@@ -587,23 +587,15 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::Digest;
 
     fn image(entrypoint: &[&str], cmd: &[&str], user: &str) -> ImageRecord {
         ImageRecord {
-            id: Digest::of(b"c"),
-            repo_tags: vec![],
-            repo_digests: vec![],
-            manifest_digest: Digest::of(b"m"),
-            index_digest: None,
-            size: 1,
             user: user.into(),
             entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
             cmd: cmd.iter().map(|s| s.to_string()).collect(),
             env: vec!["PATH=/bin".into(), "A=image".into()],
             working_dir: "/home".into(),
-            stop_signal: None,
-            layers: vec![],
+            ..ImageRecord::bare(b"c")
         }
     }
 
