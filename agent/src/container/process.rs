@@ -9,6 +9,8 @@ use husk_proto::v1;
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use procfs_core::process::Status;
+use procfs_core::FromRead;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
@@ -16,6 +18,47 @@ use super::cgroup::Cgroup;
 use super::stdio::ProcessIo;
 use super::ContainerError;
 use crate::reaper::{Exit, Reaper};
+
+/// How long a dropped signal waits for the process to install a handler:
+/// programs do that as they start, well within this.
+const HANDLER_WATCH: Duration = Duration::from_secs(10);
+const HANDLER_POLL: Duration = Duration::from_millis(10);
+
+/// What the kernel does with a signal sent to a process now.
+#[derive(Debug, PartialEq, Eq)]
+enum Disposition {
+    /// A handler runs.
+    Handled,
+    /// The process ignores it (SIG_IGN).
+    Ignored,
+    /// The default action (terminate, stop…) happens.
+    Default,
+    /// The default action is dropped: the process is its PID namespace's
+    /// init, which gets from outside only the signals it handles.
+    DroppedByInit,
+}
+
+impl Disposition {
+    /// `None` for SIGKILL and SIGSTOP, which are never dropped, and when
+    /// the process is gone.
+    fn of(pid: i32, signal: Signal) -> Option<Disposition> {
+        if matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
+            return None;
+        }
+        let status = Status::from_file(format!("/proc/{pid}/status")).ok()?;
+        let bit = 1u64 << (signal as i32 - 1);
+        let is_init = status.nspid.as_ref().and_then(|ids| ids.last()) == Some(&1);
+        Some(if status.sigcgt & bit != 0 {
+            Disposition::Handled
+        } else if status.sigign & bit != 0 {
+            Disposition::Ignored
+        } else if is_init {
+            Disposition::DroppedByInit
+        } else {
+            Disposition::Default
+        })
+    }
+}
 
 /// An exit the agent knows better than the process's own status does.
 pub struct Failure {
@@ -146,18 +189,52 @@ impl ProcessEntry {
         }
     }
 
-    /// Signals the process unless it has exited (then there is nothing to do).
-    pub fn signal(&self, signal: Signal) -> Result<(), ContainerError> {
+    /// Signals the process unless it has exited (then there is nothing to
+    /// do). A signal the kernel drops because the process is its PID
+    /// namespace's init without a handler yet is sent again once it has one.
+    pub fn signal(self: &Arc<Self>, signal: Signal) -> Result<(), ContainerError> {
         if self.exited() {
             return Ok(());
         }
+        // Read before sending: a handler seen now is one the signal reaches.
+        let dropped = Disposition::of(self.pid, signal) == Some(Disposition::DroppedByInit);
         match kill(Pid::from_raw(self.pid), signal) {
-            Ok(()) | Err(Errno::ESRCH) => Ok(()),
-            Err(err) => Err(ContainerError::Io {
-                what: format!("sending {signal} to {}", self.pid),
-                source: err.into(),
-            }),
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Ok(()),
+            Err(err) => {
+                return Err(ContainerError::Io {
+                    what: format!("sending {signal} to {}", self.pid),
+                    source: err.into(),
+                })
+            }
         }
+        if dropped {
+            self.resend_once_handled(signal);
+        }
+        Ok(())
+    }
+
+    /// A stop that comes right after start (critest stops 3 ms after
+    /// StartContainer) can reach a program before it installs its handler,
+    /// and an init ignores what it does not handle: watch for the handler
+    /// for a while and send `signal` again once it is there.
+    fn resend_once_handled(self: &Arc<Self>, signal: Signal) {
+        let entry = self.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + HANDLER_WATCH;
+            while tokio::time::Instant::now() < deadline && !entry.exited() {
+                tokio::time::sleep(HANDLER_POLL).await;
+                match Disposition::of(entry.pid, signal) {
+                    Some(Disposition::DroppedByInit) => continue,
+                    Some(Disposition::Handled) => {
+                        debug!(pid = entry.pid, %signal, "handler installed; sending again");
+                        let _ = kill(Pid::from_raw(entry.pid), signal);
+                    }
+                    Some(Disposition::Ignored | Disposition::Default) | None => {}
+                }
+                return;
+            }
+        });
     }
 
     /// SIGKILLs the process if it is still running after `timeout`.

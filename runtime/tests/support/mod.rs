@@ -532,6 +532,31 @@ pub async fn check_cri_conformance(
         );
     }
 
+    // A stop right after the start (critest stops 3 ms later) reaches the
+    // program once it handles SIGTERM, though it is its PID namespace's
+    // init and the first SIGTERM came before its handler: exit 7 is the
+    // handler's, a lost SIGTERM would end in SIGKILL (137) a minute later.
+    let late_trap = "sleep 0.5; trap 'exit 7' TERM; while true; do sleep 0.1; done";
+    let config = container_config("late-trap", image, &["sh", "-c", late_trap], "");
+    let trapping = run_container(rt, pod, config, Some(pod_config.clone())).await;
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: trapping.clone(),
+        timeout: 60,
+    })
+    .await
+    .expect("StopContainer right after StartContainer");
+    let stopped = container_status(rt, &trapping).await;
+    assert_eq!(
+        (stopped.state, stopped.exit_code),
+        (cri::ContainerState::ContainerExited as i32, 7),
+        "the SIGTERM did not reach the handler: {stopped:?}"
+    );
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: trapping,
+    })
+    .await
+    .expect("RemoveContainer");
+
     // A privileged container (all the capabilities the runtime holds, even
     // where the host withholds some from it) runs; and so does `true` here.
     let mut privileged = container_config("done", image, &["true"], "");
