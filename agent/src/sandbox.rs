@@ -212,15 +212,19 @@ impl Sandbox {
     }
 }
 
-/// Whether this process has UTS and network namespaces other than PID 1's.
+/// Whether this process has UTS and network namespaces other than its
+/// parent's: PID 1 of a guest does; on the host, the parent is huskd, which
+/// gave the agent its own unless the pod shares the node's network. (Not
+/// init's: /proc/1 may be closed even to root.)
 pub fn owns_namespaces() -> bool {
     if std::process::id() == 1 {
         return true;
     }
+    let parent = nix::unistd::getppid();
     ["uts", "net"].iter().all(|ns| {
         let ours = fs::metadata(format!("/proc/self/ns/{ns}")).map(|m| m.ino());
-        let init = fs::metadata(format!("/proc/1/ns/{ns}")).map(|m| m.ino());
-        matches!((ours, init), (Ok(a), Ok(b)) if a != b)
+        let huskd = fs::metadata(format!("/proc/{parent}/ns/{ns}")).map(|m| m.ino());
+        matches!((ours, huskd), (Ok(a), Ok(b)) if a != b)
     })
 }
 

@@ -1246,6 +1246,64 @@ async fn cri_behaviours_kubelets_suite_checks() {
     let (mut f, pod, config) = Fixture::with_pod("conformance").await;
     let image = f.image.clone();
     support::check_cri_conformance(&mut f.rt, &pod, &config, &image).await;
+    check_node_ipc(&mut f.rt, &pod, &config, &image).await;
     f.remove_pod(&pod).await;
     f.huskd.terminate();
+}
+
+/// IPC NODE: a shared memory segment made on the host is one the container
+/// sees (in /proc/sysvipc/shm, which shows the reader's IPC namespace), and
+/// a container with the pod's IPC namespace does not see it.
+async fn check_node_ipc(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    image: &str,
+) {
+    let made = support::run("ipcmk", &[&"-M", &"4096"]);
+    let shmid = made
+        .split_whitespace()
+        .last()
+        .expect("ipcmk prints the segment's id")
+        .to_owned();
+    let segment_ids = |listing: &str| -> Vec<String> {
+        listing
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            .collect()
+    };
+    let mut seen = Vec::new();
+    for ipc in [cri::NamespaceMode::Node, cri::NamespaceMode::Pod] {
+        let mut config = container_config("ipc", image, &["sleep", "600"], "");
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    pid: cri::NamespaceMode::Container as i32,
+                    ipc: ipc as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = support::run_container(rt, pod, config, Some(pod_config.clone())).await;
+        let listing = support::exec_sync(rt, &id, &["cat", "/proc/sysvipc/shm"]).await;
+        seen.push(segment_ids(&String::from_utf8_lossy(&listing.stdout)));
+        rt.remove_container(cri::RemoveContainerRequest { container_id: id })
+            .await
+            .expect("RemoveContainer");
+    }
+    support::run("ipcrm", &[&"-m", &shmid]);
+    assert!(
+        seen[0].contains(&shmid),
+        "IPC NODE: {shmid} not in {:?}",
+        seen[0]
+    );
+    assert!(
+        !seen[1].contains(&shmid),
+        "IPC POD: {shmid} in {:?}",
+        seen[1]
+    );
 }

@@ -10,6 +10,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -69,6 +70,14 @@ fn pod_config(name: &str, host_port: i32, dir: &Path) -> cri::PodSandboxConfig {
         }),
         hostname: name.into(),
         log_directory: dir.join(name).display().to_string(),
+        // One in the pod's IPC namespace, one in its network namespace.
+        linux: Some(cri::LinuxPodSandboxConfig {
+            sysctls: HashMap::from([
+                ("kernel.shm_rmid_forced".into(), "1".into()),
+                ("net.ipv4.ip_local_port_range".into(), "20000 40000".into()),
+            ]),
+            ..Default::default()
+        }),
         dns_config: Some(cri::DnsConfig {
             servers: vec!["10.199.0.10".into()],
             searches: vec!["net.svc.cluster.local".into(), "svc.cluster.local".into()],
@@ -254,8 +263,35 @@ async fn two_pods_talk(handler: &str, patience: Duration) {
         "{resolv}"
     );
     assert!(resolv.contains("options ndots:5"), "{resolv}");
-    let hostname = exec(&mut rt, &a.container, &["cat", "/etc/hosts"]).await;
-    assert!(hostname.contains(&a.ip), "{hostname}");
+    let hosts = exec(&mut rt, &a.container, &["cat", "/etc/hosts"]).await;
+    assert!(hosts.contains(&a.ip), "{hosts}");
+    // The pod's own hostname and sysctls, in its own namespaces.
+    assert_eq!(
+        exec(&mut rt, &a.container, &["busybox", "hostname"]).await,
+        "pod-a\n"
+    );
+    let sysctls = exec(
+        &mut rt,
+        &a.container,
+        &[
+            "cat",
+            "/proc/sys/kernel/shm_rmid_forced",
+            "/proc/sys/net/ipv4/ip_local_port_range",
+        ],
+    )
+    .await;
+    assert_eq!(
+        sysctls.split_whitespace().collect::<Vec<_>>(),
+        ["1", "20000", "40000"],
+        "{sysctls}"
+    );
+    let host_range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("the host's port range");
+    assert_ne!(
+        host_range.split_whitespace().collect::<Vec<_>>(),
+        ["20000", "40000"],
+        "the pod's sysctl changed the host's"
+    );
 
     let veths: Vec<String> = [&a, &b].iter().map(|p| host_veth_index(&p.id)).collect();
     if handler == "host" {

@@ -159,9 +159,10 @@ impl Manager {
                 }
                 _ => (vec![], vec![]),
             };
-            // A VM is the pod's own machine: its hostname is the pod's. On
-            // the host driver the host's UTS name stays.
-            let hostname = if driver.runs_in_vm() {
+            // A VM, and a host agent with a network of its own, have their
+            // own UTS namespace: the pod's hostname goes there. A host-network
+            // pod keeps the node's name, as kubelet expects.
+            let hostname = if driver.runs_in_vm() || !host_network {
                 config.hostname.clone()
             } else {
                 String::new()

@@ -126,7 +126,8 @@ pub enum SpecError {
 
 /// The container's namespaces (OCI `linux.namespaces`, all new ones; what
 /// is not listed is the agent's). IPC and UTS are the pod's (the agent's
-/// own) unless CONTAINER asks for the container's own. PID: CONTAINER is
+/// own) unless CONTAINER asks for the container's own, or NODE the node's.
+/// PID: CONTAINER is
 /// the container's own; in a VM, POD is the guest's, which all the pod's
 /// containers share (on the host driver a pod-wide one is not built yet:
 /// POD gets the container's own), and NODE (the host's) is refused, as is
@@ -154,8 +155,15 @@ fn namespaces(
     if own_pid {
         namespaces.push(json!({"type": "pid"}));
     }
-    if ipc == NamespaceMode::Container {
-        namespaces.push(json!({"type": "ipc"}));
+    match ipc {
+        NamespaceMode::Container => namespaces.push(json!({"type": "ipc"})),
+        // The host agent has an IPC namespace of its own (the pod's): the
+        // node's is huskd's. (Not init's: /proc/1 may be closed to huskd.)
+        NamespaceMode::Node => namespaces.push(json!({
+            "type": "ipc",
+            "path": format!("/proc/{}/ns/ipc", std::process::id()),
+        })),
+        _ => {}
     }
     Ok(namespaces)
 }
@@ -628,6 +636,15 @@ mod tests {
         assert_eq!(types(Pod, Pod, true).unwrap(), ["mount"]);
         assert_eq!(types(Pod, Pod, false).unwrap(), ["mount", "pid"]);
         assert_eq!(types(Node, Container, false).unwrap(), ["mount", "ipc"]);
+        let node_ipc = cri::NamespaceOption {
+            pid: Node as i32,
+            ipc: Node as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            namespaces(Some(&node_ipc), false).unwrap()[1],
+            json!({"type": "ipc", "path": format!("/proc/{}/ns/ipc", std::process::id())})
+        );
         assert_eq!(
             types(Node, Pod, true),
             Err(SpecError::NodeNamespaceInVm("PID"))
