@@ -128,7 +128,11 @@ async fn serve(args: &Args, pid1: bool) -> Result<(), AgentError> {
         stop::on_termination_signals(stop.clone()).map_err(AgentError::Signals)?;
     }
     let reaper = Reaper::spawn().map_err(AgentError::Reaper)?;
-    let containers = Arc::new(Containers::new(&args.state_dir, reaper));
+    let containers = Arc::new(Containers::new(
+        &args.state_dir,
+        reaper,
+        sandbox::node_mount_namespace(),
+    ));
     let sandbox = Sandbox::new(&args.state_dir, sandbox::owns_namespaces());
     let listen = &args.listen;
     // Held to the end: dropping it removes the unix socket file.

@@ -217,15 +217,26 @@ impl Sandbox {
 /// gave the agent its own unless the pod shares the node's network. (Not
 /// init's: /proc/1 may be closed even to root.)
 pub fn owns_namespaces() -> bool {
-    if std::process::id() == 1 {
-        return true;
-    }
+    std::process::id() == 1
+        || ["uts", "net"]
+            .iter()
+            .all(|kind| parents_other_namespace(kind).is_some())
+}
+
+/// The node's mount namespace, for a host agent (which has one of its own,
+/// made when its pod started); `None` in a guest.
+pub fn node_mount_namespace() -> Option<fs::File> {
+    (std::process::id() != 1)
+        .then(|| parents_other_namespace("mnt"))
+        .flatten()
+}
+
+/// The parent's namespace of `kind`, opened, if it is not ours.
+fn parents_other_namespace(kind: &str) -> Option<fs::File> {
     let parent = nix::unistd::getppid();
-    ["uts", "net"].iter().all(|ns| {
-        let ours = fs::metadata(format!("/proc/self/ns/{ns}")).map(|m| m.ino());
-        let huskd = fs::metadata(format!("/proc/{parent}/ns/{ns}")).map(|m| m.ino());
-        matches!((ours, huskd), (Ok(a), Ok(b)) if a != b)
-    })
+    let theirs = fs::File::open(format!("/proc/{parent}/ns/{kind}")).ok()?;
+    let ours = fs::metadata(format!("/proc/self/ns/{kind}")).ok()?;
+    (theirs.metadata().ok()?.ino() != ours.ino()).then_some(theirs)
 }
 
 #[cfg(test)]

@@ -1247,6 +1247,8 @@ async fn cri_behaviours_kubelets_suite_checks() {
     let image = f.image.clone();
     support::check_cri_conformance(&mut f.rt, &pod, &config, &image).await;
     check_node_ipc(&mut f.rt, &pod, &config, &image).await;
+    check_readonly_mount(&mut f.rt, &pod, &config, &image, f.dir.path()).await;
+    check_mount_propagation(&mut f.rt, &pod, &config, &image, f.dir.path()).await;
     f.remove_pod(&pod).await;
     f.huskd.terminate();
 }
@@ -1306,4 +1308,150 @@ async fn check_node_ipc(
         "IPC POD: {shmid} in {:?}",
         seen[1]
     );
+}
+
+/// A `readonly` mount is read-only in the container, and the mounts below
+/// its source stay as they were (writable): not recursive.
+async fn check_readonly_mount(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    image: &str,
+    dir: &Path,
+) {
+    let source = dir.join("ro-volume");
+    let below = source.join("below");
+    std::fs::create_dir_all(&below).expect("volume dir");
+    // Mounted after the pod started, as kubelet mounts a pod's volumes.
+    let mut host_mounts = HostMounts::default();
+    host_mounts.mount(&["-t", "tmpfs", "tmpfs"], &below);
+    let mut config = container_config("ro-volume", image, &["sleep", "600"], "");
+    config.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: source.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let id = support::run_container(rt, pod, config, Some(pod_config.clone())).await;
+    let top = support::exec_sync(rt, &id, &["busybox", "touch", "/data/top"]).await;
+    let sub = support::exec_sync(rt, &id, &["busybox", "touch", "/data/below/sub"]).await;
+    rt.remove_container(cri::RemoveContainerRequest { container_id: id })
+        .await
+        .expect("RemoveContainer");
+    assert!(
+        below.join("sub").exists(),
+        "the write below it did not reach the host"
+    );
+    assert_ne!(top.exit_code, 0, "a write to the read-only mount: {top:?}");
+    assert!(
+        String::from_utf8_lossy(&top.stderr).contains("Read-only"),
+        "{top:?}"
+    );
+    assert_eq!(sub.exit_code, 0, "a write below it: {sub:?}");
+}
+
+/// Mounts made on the host, unmounted (lazily, last first) when dropped.
+#[derive(Default)]
+struct HostMounts(Vec<PathBuf>);
+
+impl HostMounts {
+    fn mount(&mut self, args: &[&str], target: &Path) {
+        let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
+        all.push(&target);
+        support::run("mount", &all);
+        self.0.push(target.to_owned());
+    }
+}
+
+impl Drop for HostMounts {
+    fn drop(&mut self) {
+        for target in self.0.iter().rev() {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(target)
+                .status();
+        }
+    }
+}
+
+/// Mount propagation, with the volume's source a shared mount on the host
+/// (as kubelet's directory is on a systemd host): PRIVATE sees nothing
+/// mounted on the host later, HOST_TO_CONTAINER (rslave) does, and
+/// BIDIRECTIONAL (rshared, privileged) does and also shows the host what
+/// the container mounts.
+async fn check_mount_propagation(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    image: &str,
+    dir: &Path,
+) {
+    use cri::MountPropagation::{
+        PropagationBidirectional, PropagationHostToContainer, PropagationPrivate,
+    };
+    let source = dir.join("propagated");
+    std::fs::create_dir_all(&source).expect("volume dir");
+    let mut host_mounts = HostMounts::default();
+    host_mounts.mount(&["--bind", source.to_str().expect("utf-8 path")], &source);
+    support::run("mount", &[&"--make-rshared", &source]);
+    let mut containers = Vec::new();
+    for (name, propagation) in [
+        ("private", PropagationPrivate),
+        ("to-container", PropagationHostToContainer),
+        ("both-ways", PropagationBidirectional),
+    ] {
+        let mut config = container_config(name, image, &["sleep", "600"], "");
+        config.mounts = vec![cri::Mount {
+            container_path: "/vol".into(),
+            host_path: source.display().to_string(),
+            propagation: propagation as i32,
+            ..Default::default()
+        }];
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                privileged: propagation == PropagationBidirectional,
+                // The image's user is 1000: mounting takes root.
+                run_as_user: Some(cri::Int64Value { value: 0 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = support::run_container(rt, pod, config, Some(pod_config.clone())).await;
+        containers.push((name, id));
+    }
+    let from_host = source.join("from-host");
+    std::fs::create_dir_all(&from_host).expect("mount point");
+    host_mounts.mount(&["-t", "tmpfs", "tmpfs"], &from_host);
+    std::fs::write(from_host.join("mark"), "host").expect("mark");
+    let mut seen = Vec::new();
+    for (name, id) in &containers {
+        let out = support::exec_sync(rt, id, &["cat", "/vol/from-host/mark"]).await;
+        seen.push((*name, out.exit_code == 0));
+    }
+    let both_ways = &containers[2].1;
+    let mounted = support::exec_sync(
+        rt,
+        both_ways,
+        &["busybox", "mount", "-t", "tmpfs", "tmpfs", "/vol/from-host"],
+    )
+    .await;
+    assert_eq!(mounted.exit_code, 0, "mount in the container: {mounted:?}");
+    // The container's mount covers the host's: the mark is gone on the host too.
+    let host_sees_it = !from_host.join("mark").exists();
+    host_mounts.0.push(from_host.clone());
+    for (_, id) in containers {
+        rt.remove_container(cri::RemoveContainerRequest { container_id: id })
+            .await
+            .expect("RemoveContainer");
+    }
+    assert_eq!(
+        seen,
+        [
+            ("private", false),
+            ("to-container", true),
+            ("both-ways", true)
+        ],
+        "which containers saw the host's later mount"
+    );
+    assert!(host_sees_it, "the host does not see the container's mount");
 }

@@ -19,11 +19,12 @@
 //! docs/measurements.md), where libcontainer with libseccomp would add
 //! several.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -38,6 +39,8 @@ use nix::unistd::{
     ForkResult, Gid, Uid,
 };
 use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp, Mount, PosixRlimitType, Process, Spec};
+use rustix::fs::CWD;
+use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
 use serde::{Deserialize, Serialize};
 
 use super::paths::secure_join;
@@ -62,6 +65,13 @@ pub struct InitConfig {
     /// The process to run, complete (an exec's is merged with its container's).
     pub process: Process,
     pub seccomp: Option<LinuxSeccomp>,
+    /// The mount namespace a container's bind mount sources are in, when
+    /// it is not the agent's: a host agent's namespace was copied from the
+    /// node's when the pod started and misses what was mounted since
+    /// (kubelet mounts a pod's volumes later) wherever the node's mounts do
+    /// not propagate.
+    #[serde(default)]
+    pub bind_sources_from: Option<PathBuf>,
     pub target: Target,
 }
 
@@ -178,8 +188,13 @@ fn stage(
     for procs in &config.cgroup_procs {
         fs::write(procs, "0").context(|| format!("joining cgroup {}", procs.display()))?;
     }
+    let mut bind_sources = BindSources::new();
     let exec_root = match &config.target {
         Target::Container { spec, .. } => {
+            if let Some(namespace) = &config.bind_sources_from {
+                let mounts = spec.mounts().as_deref().unwrap_or_default();
+                bind_sources = open_bind_sources(mounts, namespace)?;
+            }
             enter_new_namespaces(spec)?;
             None
         }
@@ -196,7 +211,7 @@ fn stage(
     }
     let tty = config.process.terminal() == Some(true);
     if let Target::Container { spec, rootfs } = &config.target {
-        build_container(spec, rootfs)?;
+        build_container(spec, rootfs, bind_sources)?;
         if tty {
             open_terminal(console, &config.process)?;
         }
@@ -286,8 +301,50 @@ fn join_namespaces_of(pid: i32) -> Result<File, InitError> {
     Ok(root)
 }
 
+/// Bind mount sources already opened (as detached mount trees), by the
+/// index of their mount in the spec.
+type BindSources = HashMap<usize, OwnedFd>;
+
+/// A bind mount's source, and whether its submounts come along.
+fn bind_source(m: &Mount) -> Option<(&Path, bool)> {
+    let (flags, _, _) = parse_options(m.options().as_deref().unwrap_or_default());
+    let is_bind = m.typ().as_deref() == Some("bind") || flags.contains(MsFlags::MS_BIND);
+    let source = m.source().as_deref()?;
+    is_bind.then_some((source, flags.contains(MsFlags::MS_REC)))
+}
+
+/// Clones the trees at the bind mounts' sources in mount namespace
+/// `namespace` (open_tree), then comes back to this one.
+fn open_bind_sources(mounts: &[Mount], namespace: &Path) -> Result<BindSources, InitError> {
+    let ours = File::open("/proc/self/ns/mnt").context(|| "opening /proc/self/ns/mnt".into())?;
+    let theirs = File::open(namespace).context(|| format!("opening {}", namespace.display()))?;
+    setns(&theirs, CloneFlags::CLONE_NEWNS)
+        .context(|| format!("joining mount namespace {}", namespace.display()))?;
+    let opened = mounts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, m)| bind_source(m).map(|source| (index, source)))
+        .map(|(index, (source, recursive))| {
+            let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+            if recursive {
+                flags |= OpenTreeFlags::AT_RECURSIVE;
+            }
+            open_tree(CWD, source, flags)
+                .map(|tree| (index, tree))
+                .map_err(|e| InitError::Io(format!("bind source {}", source.display()), e.into()))
+        })
+        .collect();
+    // Back whatever happened: the rest happens in this namespace.
+    setns(&ours, CloneFlags::CLONE_NEWNS).context(|| "returning to our mount namespace".into())?;
+    opened
+}
+
 /// Builds the container's filesystem view and moves into it.
-fn build_container(spec: &Spec, rootfs: &Path) -> Result<(), InitError> {
+fn build_container(
+    spec: &Spec,
+    rootfs: &Path,
+    mut bind_sources: BindSources,
+) -> Result<(), InitError> {
     // Nothing done here may propagate back to the agent's namespace.
     mount(
         None::<&str>,
@@ -298,8 +355,8 @@ fn build_container(spec: &Spec, rootfs: &Path) -> Result<(), InitError> {
     )
     .context(|| "making / private".into())?;
     let mounts = spec.mounts().clone().unwrap_or_default();
-    for m in &mounts {
-        mount_one(rootfs, m)?;
+    for (index, m) in mounts.iter().enumerate() {
+        mount_one(rootfs, m, bind_sources.remove(&index))?;
     }
     if mounts.iter().any(|m| m.destination() == Path::new("/dev")) {
         populate_dev(rootfs)?;
@@ -387,7 +444,9 @@ fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
     (flags, propagation, data.join(","))
 }
 
-fn mount_one(rootfs: &Path, m: &Mount) -> Result<(), InitError> {
+/// Mounts `m` below `rootfs`; a bind mount's source is `opened` when
+/// `open_bind_sources` opened it.
+fn mount_one(rootfs: &Path, m: &Mount, opened: Option<OwnedFd>) -> Result<(), InitError> {
     let destination = m.destination();
     let target = secure_join(rootfs, destination)
         .context(|| format!("resolving mount destination {}", destination.display()))?;
@@ -401,12 +460,32 @@ fn mount_one(rootfs: &Path, m: &Mount) -> Result<(), InitError> {
             .source()
             .as_deref()
             .ok_or_else(|| InitError::Invalid(format!("{}: no source", what())))?;
-        let source_is_dir = fs::metadata(source)
-            .context(|| format!("bind source {}", source.display()))?
-            .is_dir();
-        create_mount_point(&target, source_is_dir).context(what)?;
-        let bind = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
-        mount(Some(source), &target, None::<&str>, bind, None::<&str>).context(what)?;
+        match opened {
+            Some(tree) => {
+                let tree = File::from(tree);
+                let source_is_dir = tree
+                    .metadata()
+                    .context(|| format!("bind source {}", source.display()))?
+                    .is_dir();
+                create_mount_point(&target, source_is_dir).context(what)?;
+                move_mount(
+                    &tree,
+                    "",
+                    CWD,
+                    &target,
+                    MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+                )
+                .map_err(|e| InitError::Io(what(), e.into()))?;
+            }
+            None => {
+                let source_is_dir = fs::metadata(source)
+                    .context(|| format!("bind source {}", source.display()))?
+                    .is_dir();
+                create_mount_point(&target, source_is_dir).context(what)?;
+                let bind = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
+                mount(Some(source), &target, None::<&str>, bind, None::<&str>).context(what)?;
+            }
+        }
         let rest = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
         if !rest.is_empty() {
             // Bind mounts ignore flags until remounted.

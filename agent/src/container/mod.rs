@@ -13,6 +13,8 @@ mod spec;
 pub(crate) mod stdio;
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -114,6 +116,9 @@ pub struct Containers {
     table: Mutex<HashMap<String, Arc<Container>>>,
     /// Ids being created or removed: taken, but not in `table` (yet or any more).
     busy: Mutex<HashSet<String>>,
+    /// The node's mount namespace, where bind mount sources are found (see
+    /// `InitConfig::bind_sources_from`); `None` in a guest.
+    node_mounts: Option<File>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -121,13 +126,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Containers {
-    pub fn new(state_dir: &Path, reaper: Reaper) -> Containers {
+    pub fn new(state_dir: &Path, reaper: Reaper, node_mounts: Option<File>) -> Containers {
         Containers {
             state_dir: state_dir.to_path_buf(),
             reaper,
             pod_cgroup: Mutex::new(PathBuf::from(DEFAULT_POD_CGROUP)),
             table: Mutex::default(),
             busy: Mutex::default(),
+            node_mounts,
         }
     }
 
@@ -258,6 +264,14 @@ impl Containers {
         let config = InitConfig {
             cgroup_procs: cgroup.procs_files(),
             seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
+            // The stage is another process: it opens the namespace through ours.
+            bind_sources_from: self.node_mounts.as_ref().map(|file| {
+                PathBuf::from(format!(
+                    "/proc/{}/fd/{}",
+                    std::process::id(),
+                    file.as_raw_fd()
+                ))
+            }),
             process,
             target: Target::Container {
                 spec: Box::new(spec.clone()),
@@ -361,6 +375,7 @@ impl Containers {
                 .linux()
                 .as_ref()
                 .and_then(|l| l.seccomp().clone()),
+            bind_sources_from: None,
             process,
             target: Target::Exec {
                 pid: container.main.pid,
