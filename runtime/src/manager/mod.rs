@@ -9,6 +9,7 @@ mod output;
 mod pod;
 mod reconcile;
 mod resources;
+mod seccomp;
 pub mod spec;
 mod stats;
 mod watch;

@@ -7,6 +7,7 @@ use std::path::Path;
 use k8s_cri::v1 as cri;
 use serde_json::{json, Value};
 
+use super::seccomp::{self, SeccompProfileError};
 use crate::image::ImageRecord;
 
 /// containerd's default capability set.
@@ -72,32 +73,6 @@ pub const ALL_CAPS: [&str; 41] = [
     "CAP_CHECKPOINT_RESTORE",
 ];
 
-/// huskd's RuntimeDefault seccomp profile: a small denylist (everything is
-/// allowed except these, which fail with EPERM). It keeps containers from
-/// the kernel's module, kexec, reboot, swap, keyring, BPF and perf
-/// interfaces; it is deliberately narrower than Docker's allowlist.
-pub const RUNTIME_DEFAULT_DENIED: [&str; 19] = [
-    "acct",
-    "add_key",
-    "bpf",
-    "delete_module",
-    "finit_module",
-    "init_module",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "open_by_handle_at",
-    "perf_event_open",
-    "quotactl",
-    "reboot",
-    "request_key",
-    "swapoff",
-    "swapon",
-    "userfaultfd",
-    "vm86",
-];
-
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -113,8 +88,8 @@ pub enum SpecError {
          (as in containerd and CRI-O)"
     )]
     GroupWithoutUser(i64),
-    #[error("seccomp profile {0:?} is not supported yet (only RuntimeDefault and Unconfined)")]
-    Seccomp(String),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompProfileError),
     #[error("mount {0:?}: {1}")]
     Mount(String, String),
     #[error(
@@ -366,41 +341,6 @@ pub fn capabilities(sc: Option<&cri::LinuxContainerSecurityContext>) -> Vec<Stri
     caps.into_iter().collect()
 }
 
-fn seccomp(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<Option<Value>, SpecError> {
-    use cri::security_profile::ProfileType;
-    let privileged = sc.is_some_and(|s| s.privileged);
-    let profile = sc.and_then(|s| s.seccomp.as_ref());
-    // kubelet before 1.19 named the profile in this deprecated field.
-    #[allow(deprecated)]
-    let deprecated_path = sc
-        .map(|s| s.seccomp_profile_path.as_str())
-        .unwrap_or_default();
-    let runtime_default = match profile {
-        Some(p) => match ProfileType::try_from(p.profile_type) {
-            Ok(ProfileType::RuntimeDefault) => true,
-            Ok(ProfileType::Unconfined) => false,
-            _ => return Err(SpecError::Seccomp(format!("localhost/{}", p.localhost_ref))),
-        },
-        None => match deprecated_path {
-            "" | "unconfined" => false,
-            "runtime/default" | "docker/default" => true,
-            other => return Err(SpecError::Seccomp(other.to_owned())),
-        },
-    };
-    if privileged || !runtime_default {
-        return Ok(None);
-    }
-    Ok(Some(json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "syscalls": [{
-            "names": RUNTIME_DEFAULT_DENIED,
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": 1
-        }]
-    })))
-}
-
 /// OCI `linux.resources` from CRI's. Fields left 0 or empty are not set:
 /// at creation the cgroup's defaults stand, in an update its current values.
 pub fn resources(r: &cri::LinuxContainerResources) -> Value {
@@ -566,7 +506,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         linux_spec["maskedPaths"] = json!(masked);
         linux_spec["readonlyPaths"] = json!(readonly);
     }
-    if let Some(profile) = seccomp(sc)? {
+    if let Some(profile) = seccomp::profile(sc, &caps)? {
         linux_spec["seccomp"] = profile;
     }
     if let Some(r) = linux.and_then(|l| l.resources.as_ref()) {
@@ -784,27 +724,5 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(capabilities(Some(&sc)).len(), ALL_CAPS.len());
-    }
-
-    #[test]
-    fn runtime_default_seccomp_is_the_denylist() {
-        let sc = cri::LinuxContainerSecurityContext {
-            seccomp: Some(cri::SecurityProfile {
-                profile_type: 0,
-                localhost_ref: String::new(),
-            }),
-            ..Default::default()
-        };
-        let profile = seccomp(Some(&sc)).unwrap().unwrap();
-        assert_eq!(profile["defaultAction"], "SCMP_ACT_ALLOW");
-        assert!(seccomp(None).unwrap().is_none());
-        let sc = cri::LinuxContainerSecurityContext {
-            seccomp: Some(cri::SecurityProfile {
-                profile_type: 2,
-                localhost_ref: "x.json".into(),
-            }),
-            ..Default::default()
-        };
-        assert!(seccomp(Some(&sc)).is_err());
     }
 }

@@ -557,6 +557,75 @@ pub async fn check_cri_conformance(
     .await
     .expect("RemoveContainer");
 
+    // A Localhost seccomp profile (Docker's format, a file on the node)
+    // blocks what it lists: sethostname(2) here, with EOPNOTSUPP, where the
+    // kernel alone says EPERM (the process lacks CAP_SYS_ADMIN).
+    let profile = tempfile::NamedTempFile::new().expect("profile file");
+    std::fs::write(
+        profile.path(),
+        r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86"]}],
+            "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 95}]}"#,
+    )
+    .expect("write the profile");
+    let mut outcomes = Vec::new();
+    for localhost_ref in [Some(profile.path().display().to_string()), None] {
+        let mut config = container_config("seccomp", image, &["sleep", "600"], "");
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp: localhost_ref.map(|path| cri::SecurityProfile {
+                    profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                    localhost_ref: path,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = run_container(rt, pod, config, Some(pod_config.clone())).await;
+        let out = exec_sync(rt, &id, &["busybox", "hostname", "renamed"]).await;
+        outcomes.push((
+            out.exit_code,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+        rt.remove_container(cri::RemoveContainerRequest { container_id: id })
+            .await
+            .expect("RemoveContainer");
+    }
+    assert!(
+        outcomes[0].0 != 0 && outcomes[0].1.contains("not supported"),
+        "sethostname under the profile: {:?}",
+        outcomes[0]
+    );
+    assert!(
+        outcomes[1].0 != 0 && outcomes[1].1.contains("not permitted"),
+        "sethostname without it: {:?}",
+        outcomes[1]
+    );
+    let mut missing = container_config("no-profile", image, &["true"], "");
+    missing.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                localhost_ref: "/nonexistent/profile.json".into(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let refused = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(missing),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect_err("a profile that is not there");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("/nonexistent/profile.json"),
+        "{refused:?}"
+    );
+
     // A privileged container (all the capabilities the runtime holds, even
     // where the host withholds some from it) runs; and so does `true` here.
     let mut privileged = container_config("done", image, &["true"], "");
