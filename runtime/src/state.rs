@@ -105,6 +105,18 @@ pub struct ContainerRecord {
     pub exit_code: i32,
     pub reason: String,
     pub message: String,
+    /// The identity the container's first process got: CRI's
+    /// ContainerStatus.user. `None` for records older than it.
+    #[serde(default)]
+    pub user: Option<ProcessUser>,
+}
+
+/// A process's uid, gid and supplementary groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 /// The database, and every record in memory in front of it: lookups and

@@ -1332,12 +1332,43 @@ async fn check_readonly_mount(
         readonly: true,
         ..Default::default()
     }];
-    let id = support::run_container(rt, pod, config, Some(pod_config.clone())).await;
+    let id = support::run_container(rt, pod, config.clone(), Some(pod_config.clone())).await;
     let top = support::exec_sync(rt, &id, &["busybox", "touch", "/data/top"]).await;
     let sub = support::exec_sync(rt, &id, &["busybox", "touch", "/data/below/sub"]).await;
     rt.remove_container(cri::RemoveContainerRequest { container_id: id })
         .await
         .expect("RemoveContainer");
+    // Recursive read-only, which Status says the host handler supports:
+    // the mount below is read-only too.
+    let status = support::runtime_status(rt).await;
+    let host = status
+        .runtime_handlers
+        .iter()
+        .find(|h| h.name == "host")
+        .and_then(|h| h.features)
+        .expect("the host handler's features");
+    assert!(host.recursive_read_only_mounts);
+    config.mounts[0].recursive_read_only = true;
+    let id = support::run_container(rt, pod, config.clone(), Some(pod_config.clone())).await;
+    let sub_rro = support::exec_sync(rt, &id, &["busybox", "touch", "/data/below/rro"]).await;
+    rt.remove_container(cri::RemoveContainerRequest { container_id: id })
+        .await
+        .expect("RemoveContainer");
+    assert!(
+        sub_rro.exit_code != 0 && String::from_utf8_lossy(&sub_rro.stderr).contains("Read-only"),
+        "a write below a recursively read-only mount: {sub_rro:?}"
+    );
+    // Recursive read-only needs a read-only mount.
+    config.mounts[0].readonly = false;
+    let refused = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect_err("recursive_read_only without readonly");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(
         below.join("sub").exists(),
         "the write below it did not reach the host"

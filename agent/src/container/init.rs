@@ -421,6 +421,8 @@ fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
             "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
             "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
             "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
+            // Recursive read-only: not a mount(2) flag, see `mount_one`.
+            RECURSIVE_READONLY => continue,
             "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
             | "runbindable" => {
                 propagation |= match option.trim_start_matches('r') {
@@ -442,6 +444,39 @@ fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
         flags = (flags | set) - clear;
     }
     (flags, propagation, data.join(","))
+}
+
+/// runc's mount option for a read-only mount whose submounts are read-only too.
+const RECURSIVE_READONLY: &str = "rro";
+
+/// Makes the mount at `target` and every mount below it read-only
+/// (mount_setattr with AT_RECURSIVE, Linux 5.12; rustix has no wrapper).
+fn make_recursively_readonly(target: &Path) -> Result<(), InitError> {
+    let what = || format!("making {} recursively read-only", target.display());
+    let path = CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| InitError::Invalid(format!("{}: NUL in the path", what())))?;
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is a NUL-terminated string and `attr` a mount_attr,
+    // both alive across the call; the size passed is attr's.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if result != 0 {
+        return Err(InitError::Sys(what(), Errno::last()));
+    }
+    Ok(())
 }
 
 /// Mounts `m` below `rootfs`; a bind mount's source is `opened` when
@@ -525,6 +560,13 @@ fn mount_one(rootfs: &Path, m: &Mount, opened: Option<OwnedFd>) -> Result<(), In
             None::<&str>,
         )
         .context(what)?;
+    }
+    if m.options()
+        .iter()
+        .flatten()
+        .any(|o| o == RECURSIVE_READONLY)
+    {
+        make_recursively_readonly(&target)?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::spec::{self, SpecInput};
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
 use crate::sandbox::{ImageFiles, RootfsPlan};
-use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState};
+use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState, ProcessUser};
 
 /// ExecSync keeps at most this much of each stream, as containerd does.
 const MAX_EXEC_OUTPUT: usize = 16 << 20;
@@ -435,6 +435,7 @@ impl Manager {
             exit_code: 0,
             reason: String::new(),
             message: String::new(),
+            user: None,
             config: config.clone(),
         };
         // Recorded before the agent is asked, so that a crash leaves
@@ -471,6 +472,7 @@ impl Manager {
                 hosts: hosts.as_deref(),
                 in_vm: driver.runs_in_vm(),
             })?;
+            let user = serde_json::from_value(spec["process"]["user"].clone()).ok();
             let spec_json = serde_json::to_vec(&spec).map_err(|e| CriError::Io {
                 what: "encoding the OCI spec".into(),
                 source: e.into(),
@@ -508,13 +510,17 @@ impl Manager {
                 .map_err(agent_err(format!(
                     "creating container {} in pod {pod_id}",
                     meta.name
-                )))
+                )))?;
+            Ok(user)
         }
         .await;
-        if let Err(err) = created {
-            self.state.delete_container(&id)?;
-            self.release_unused_image(&pod, &image_id).await;
-            return Err(err);
+        match created {
+            Ok(user) => record.user = user.map(|u: OciUser| u.into()),
+            Err(err) => {
+                self.state.delete_container(&id)?;
+                self.release_unused_image(&pod, &image_id).await;
+                return Err(err);
+            }
         }
         record.state = ContainerState::Created;
         self.state.put_container(&record)?;
@@ -926,6 +932,26 @@ pub fn cri_state(state: ContainerState) -> cri::ContainerState {
     }
 }
 
+/// `process.user` of the OCI spec huskd built.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OciUser {
+    uid: u32,
+    gid: u32,
+    #[serde(default)]
+    additional_gids: Vec<u32>,
+}
+
+impl From<OciUser> for ProcessUser {
+    fn from(user: OciUser) -> ProcessUser {
+        ProcessUser {
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.additional_gids,
+        }
+    }
+}
+
 fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
     cri::ContainerStatus {
         id: r.id.clone(),
@@ -948,6 +974,13 @@ fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
         image_id: r.image_id.clone(),
+        user: r.user.as_ref().map(|u| cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: u.uid.into(),
+                gid: u.gid.into(),
+                supplemental_groups: u.groups.iter().map(|&g| g.into()).collect(),
+            }),
+        }),
         resources: r
             .config
             .linux
@@ -957,6 +990,5 @@ fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
                 linux: Some(linux),
                 windows: None,
             }),
-        ..Default::default()
     }
 }

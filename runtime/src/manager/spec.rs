@@ -226,8 +226,35 @@ fn primary_gid(rootfs: &Path, uid: u32) -> u32 {
         .unwrap_or(0)
 }
 
+/// The name of uid `uid` per /etc/passwd.
+fn user_name(rootfs: &Path, uid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() >= 3 && fields[2].parse() == Ok(uid)).then(|| fields[0].to_owned())
+    })
+}
+
+/// The gids of the groups /etc/group lists `user` as a member of.
+fn member_gids(rootfs: &Path, user: &str) -> Vec<u32> {
+    let text = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let members = fields.get(3)?;
+            members
+                .split(',')
+                .any(|member| !member.is_empty() && member == user)
+                .then(|| fields.get(2)?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
 /// uid and gid: run_as_user / run_as_username / run_as_group first, then the
-/// image's `User` (`uid`, `name`, `uid:gid`, `name:group`).
+/// image's `User` (`uid`, `name`, `uid:gid`, `name:group`). Supplementary
+/// groups: the config's, and under the Merge policy (the default) also
+/// those the image's /etc/group makes the user a member of, as containerd.
 pub fn process_user(
     config: &cri::ContainerConfig,
     image: &ImageRecord,
@@ -282,7 +309,7 @@ pub fn process_user(
     } else {
         passwd_gid.unwrap_or_else(|| primary_gid(rootfs, uid))
     };
-    let groups = sc
+    let mut groups: Vec<u32> = sc
         .map(|s| {
             s.supplemental_groups
                 .iter()
@@ -290,6 +317,26 @@ pub fn process_user(
                 .collect()
         })
         .unwrap_or_default();
+    let strict =
+        sc.is_some_and(|s| s.supplemental_groups_policy() == cri::SupplementalGroupsPolicy::Strict);
+    if !strict {
+        let name = match (run_as_username, image_user) {
+            ("", image_user)
+                if run_as_user.is_none()
+                    && !image_user.is_empty()
+                    && image_user.parse::<u32>().is_err() =>
+            {
+                Some(image_user.to_owned())
+            }
+            ("", _) => user_name(rootfs, uid),
+            (name, _) => Some(name.to_owned()),
+        };
+        for gid in name.map(|n| member_gids(rootfs, &n)).unwrap_or_default() {
+            if !groups.contains(&gid) {
+                groups.push(gid);
+            }
+        }
+    }
     Ok((uid, gid, groups))
 }
 
@@ -458,6 +505,17 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         let mut options = vec!["rbind", propagation];
         if m.readonly {
             options.push("ro");
+        }
+        if m.recursive_read_only {
+            // As the CRI says: only on a read-only mount without propagation.
+            if !m.readonly || propagation != "rprivate" {
+                return Err(SpecError::Mount(
+                    m.container_path.clone(),
+                    "recursive_read_only needs readonly and PROPAGATION_PRIVATE".into(),
+                ));
+            }
+            // runc's name for it: the agent makes every mount below read-only too.
+            options.push("rro");
         }
         mounts.push(json!({
             "destination": m.container_path, "type": "bind",
@@ -697,6 +755,42 @@ mod tests {
         };
         assert_eq!(with_group(Some(1000)).unwrap(), (1000, 60, vec![]));
         assert_eq!(with_group(None), Err(SpecError::GroupWithoutUser(60)));
+    }
+
+    #[test]
+    fn supplemental_groups_merge_the_images_unless_strict() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nhusk:x:1000:1000::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.path().join("etc/group"),
+            "husk:x:1000:\nstaff:x:50:root,husk\naudio:x:63:other\ntools:x:70:husk\n",
+        )
+        .unwrap();
+        let groups = |user: Option<i64>, policy| {
+            let mut c = config(&["sh"], &[]);
+            c.linux = Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    run_as_user: user.map(|value| cri::Int64Value { value }),
+                    supplemental_groups: vec![5, 50],
+                    supplemental_groups_policy: policy as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            process_user(&c, &image(&[], &[], "husk"), root.path())
+                .unwrap()
+                .2
+        };
+        use cri::SupplementalGroupsPolicy::{Merge, Strict};
+        assert_eq!(groups(None, Merge), [5, 50, 70]);
+        assert_eq!(groups(Some(1000), Merge), [5, 50, 70]);
+        assert_eq!(groups(Some(0), Merge), [5, 50]);
+        assert_eq!(groups(None, Strict), [5, 50]);
     }
 
     #[test]

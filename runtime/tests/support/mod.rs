@@ -557,6 +557,44 @@ pub async fn check_cri_conformance(
     .await
     .expect("RemoveContainer");
 
+    // Supplementary groups, Strict: exactly the config's, in the process and
+    // in ContainerStatus.user (which Status says huskd reports).
+    let features = runtime_status(rt).await.features.expect("runtime features");
+    assert!(features.supplemental_groups_policy);
+    let mut strict = container_config("groups", image, &["sleep", "600"], "");
+    strict.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 1234 }),
+            supplemental_groups: vec![5678],
+            supplemental_groups_policy: cri::SupplementalGroupsPolicy::Strict as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let grouped = run_container(rt, pod, strict, Some(pod_config.clone())).await;
+    let status = exec_sync(rt, &grouped, &["cat", "/proc/self/status"]).await;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let line = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|rest| rest.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(line("Uid:")[0], "1234", "{status}");
+    assert_eq!(line("Groups:"), ["5678"], "{status}");
+    let user = container_status(rt, &grouped)
+        .await
+        .user
+        .and_then(|u| u.linux)
+        .expect("ContainerStatus.user");
+    assert_eq!((user.uid, user.supplemental_groups), (1234, vec![5678]));
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: grouped,
+    })
+    .await
+    .expect("RemoveContainer");
+
     // A Localhost seccomp profile (Docker's format, a file on the node)
     // blocks what it lists: sethostname(2) here, with EOPNOTSUPP, where the
     // kernel alone says EPERM (the process lacks CAP_SYS_ADMIN).
