@@ -1246,6 +1246,7 @@ async fn cri_behaviours_kubelets_suite_checks() {
     let (mut f, pod, config) = Fixture::with_pod("conformance").await;
     let image = f.image.clone();
     support::check_cri_conformance(&mut f.rt, &pod, &config, &image).await;
+    support::check_pid_namespaces(&mut f.rt, &pod, &config, &image, false).await;
     check_node_ipc(&mut f.rt, &pod, &config, &image).await;
     check_readonly_mount(&mut f.rt, &pod, &config, &image, f.dir.path()).await;
     check_mount_propagation(&mut f.rt, &pod, &config, &image, f.dir.path()).await;

@@ -495,7 +495,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
 
     // What kubelet's validation suite checks, in a VM.
     support::check_cri_conformance(&mut rt, &pod, &pod_config, &image).await;
-    check_pid_namespaces(&mut rt, &pod, &pod_config, &image).await;
+    support::check_pid_namespaces(&mut rt, &pod, &pod_config, &image, true).await;
 
     // The VM dies under a running container: the pod reads NOTREADY and the
     // container EXITED, and stop/remove still clean everything up.
@@ -585,57 +585,4 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     );
     let pods = support::list_pods(&mut rt).await;
     assert!(pods.is_empty(), "{pods:?}");
-}
-
-/// In a VM: containers with PID namespace POD see each other's processes
-/// (the guest's namespace is the pod's), and the node's PID namespace is
-/// refused with a reason.
-async fn check_pid_namespaces(
-    rt: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    pod_config: &cri::PodSandboxConfig,
-    image: &str,
-) {
-    let with_pid = |name: &str, command: &[&str], mode: cri::NamespaceMode| {
-        let mut config = container_config(name, image, command, "");
-        config.linux = Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    pid: mode as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        config
-    };
-    let refused = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(with_pid("host-pid", &["true"], cri::NamespaceMode::Node)),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect_err("hostPID in a VM");
-    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains("PID namespace"), "{refused:?}");
-
-    let mut ids = Vec::new();
-    for name in ["peer-a", "peer-b"] {
-        let config = with_pid(name, &["sleep", "600"], cri::NamespaceMode::Pod);
-        ids.push(support::run_container(rt, pod, config, Some(pod_config.clone())).await);
-    }
-    let ps = support::exec_sync(rt, &ids[1], &["busybox", "ps"]).await;
-    let listing = String::from_utf8_lossy(&ps.stdout);
-    assert_eq!(
-        listing.matches("sleep 600").count(),
-        2,
-        "peer-b sees both sleeps: {listing}"
-    );
-    for id in ids {
-        rt.remove_container(cri::RemoveContainerRequest { container_id: id })
-            .await
-            .expect("remove a peer");
-    }
 }

@@ -81,6 +81,9 @@ pub enum Target {
     Container { spec: Box<Spec>, rootfs: PathBuf },
     /// Another process in the container whose main process is `pid`.
     Exec { pid: i32 },
+    /// PID 1 of a new PID namespace, which does nothing but reap: a host
+    /// pod's own namespace, which its containers join (see `pod_pid`).
+    PidNamespaceHolder,
 }
 
 /// What the stage and its child tell the agent, one JSON line each.
@@ -199,6 +202,10 @@ fn stage(
             None
         }
         Target::Exec { pid } => Some(join_namespaces_of(*pid)?),
+        Target::PidNamespaceHolder => {
+            unshare(CloneFlags::CLONE_NEWPID).context(|| "unshare(CLONE_NEWPID)".into())?;
+            None
+        }
     };
     // SAFETY: this process is single-threaded (freshly exec'd, no threads
     // started), so the child may do anything.
@@ -208,6 +215,9 @@ fn stage(
             std::process::exit(0)
         }
         ForkResult::Child => {}
+    }
+    if let Target::PidNamespaceHolder = config.target {
+        hold_pid_namespace();
     }
     let tty = config.process.terminal() == Some(true);
     if let Target::Container { spec, rootfs } = &config.target {
@@ -230,6 +240,17 @@ fn stage(
         }
     }
     run_process(&config.process, config.seccomp.as_ref(), channel)
+}
+
+/// Reaps whatever the namespace's processes leave to their init, for as
+/// long as the namespace should live: its end is a SIGKILL (an init gets
+/// no other signal it does not handle).
+fn hold_pid_namespace() -> ! {
+    loop {
+        if let Err(Errno::ECHILD) = nix::sys::wait::waitpid(None, None) {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
 }
 
 /// Unshares the namespaces `spec` asks for without a path and joins those

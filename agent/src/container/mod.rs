@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod init;
 mod launch;
 pub mod paths;
+mod pod_pid;
 mod process;
 mod rootfs;
 pub mod seccomp;
@@ -21,13 +22,14 @@ use std::time::{Duration, SystemTime};
 
 use husk_proto::v1::{self, rootfs_source};
 use nix::sys::signal::Signal;
-use oci_spec::runtime::{LinuxResources, Spec};
+use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResources, Spec};
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{info, warn};
 
 use self::cgroup::Cgroup;
 use self::init::{InitConfig, Target};
 use self::launch::{launch, InitChannel, LaunchError};
+use self::pod_pid::PodPidNamespace;
 pub use self::process::ProcessEntry;
 use self::process::{unix_nanos, Failure};
 use self::rootfs::{Rootfs, RootfsError, Source, DEFAULT_WRITABLE_BYTES};
@@ -119,6 +121,8 @@ pub struct Containers {
     /// The node's mount namespace, where bind mount sources are found (see
     /// `InitConfig::bind_sources_from`); `None` in a guest.
     node_mounts: Option<File>,
+    /// A host pod's PID namespace, for containers whose spec lists none.
+    pod_pid: PodPidNamespace,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -134,6 +138,7 @@ impl Containers {
             table: Mutex::default(),
             busy: Mutex::default(),
             node_mounts,
+            pod_pid: PodPidNamespace::default(),
         }
     }
 
@@ -188,9 +193,17 @@ impl Containers {
     pub async fn create(&self, request: v1::CreateContainerRequest) -> Result<u32, ContainerError> {
         let id = request.container_id;
         spec::check_id("container id", &id)?;
-        let spec = spec::parse_spec(&request.oci_spec_json)?;
+        let mut spec = spec::parse_spec(&request.oci_spec_json)?;
         let rootfs_request = request.rootfs.unwrap_or_default();
         let _reservation = self.reserve(&id)?;
+        // A spec that lists no PID namespace shares the pod's: in a guest
+        // the agent's own, on the host (where the agent's is the node's)
+        // the one kept for the pod.
+        if self.node_mounts.is_some() && !lists_namespace(&spec, LinuxNamespaceType::Pid) {
+            let pod_cgroup = lock(&self.pod_cgroup).clone();
+            let path = self.pod_pid.path(pod_cgroup, &self.reaper).await?;
+            add_namespace(&mut spec, LinuxNamespaceType::Pid, path)?;
+        }
 
         let cgroup = Cgroup::create(&lock(&self.pod_cgroup).join(&id))?;
         let mut rootfs = None;
@@ -538,8 +551,8 @@ impl Containers {
         Ok(stats)
     }
 
-    /// Kills and removes every container, then the pod's cgroup: the agent
-    /// is shutting down.
+    /// Kills and removes every container, then the pod's PID namespace
+    /// and cgroup: the agent is shutting down.
     pub async fn remove_all(&self) {
         let ids: Vec<String> = lock(&self.table).keys().cloned().collect();
         for id in ids {
@@ -547,12 +560,38 @@ impl Containers {
                 warn!("removing container {id} at shutdown: {err}");
             }
         }
+        self.pod_pid.end().await;
         let pod = lock(&self.pod_cgroup).clone();
         // Opening is creating (idempotent): the pod cgroup may not exist yet.
         if let Err(err) = Cgroup::create(&pod).and_then(|cgroup| cgroup.remove()) {
             warn!("removing the pod cgroup {}: {err}", pod.display());
         }
     }
+}
+
+fn lists_namespace(spec: &Spec, typ: LinuxNamespaceType) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|list| list.iter().any(|n| n.typ() == typ))
+}
+
+fn add_namespace(
+    spec: &mut Spec,
+    typ: LinuxNamespaceType,
+    path: PathBuf,
+) -> Result<(), ContainerError> {
+    let namespace = LinuxNamespaceBuilder::default()
+        .typ(typ)
+        .path(path)
+        .build()
+        .map_err(|e| ContainerError::InvalidArgument(format!("namespace: {e}")))?;
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.push(namespace);
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+    Ok(())
 }
 
 /// Frees a reserved id when dropped, however the create or remove ended.

@@ -99,14 +99,13 @@ pub enum SpecError {
     NodeNamespaceInVm(&'static str),
 }
 
-/// The container's namespaces (OCI `linux.namespaces`, all new ones; what
-/// is not listed is the agent's). IPC and UTS are the pod's (the agent's
-/// own) unless CONTAINER asks for the container's own, or NODE the node's.
-/// PID: CONTAINER is
-/// the container's own; in a VM, POD is the guest's, which all the pod's
-/// containers share (on the host driver a pod-wide one is not built yet:
-/// POD gets the container's own), and NODE (the host's) is refused, as is
-/// IPC NODE: a VM cannot share the node's.
+/// The container's namespaces (OCI `linux.namespaces`: new ones, or a
+/// path to join; what is not listed is the pod's). IPC and UTS are the
+/// pod's (the agent's own) unless CONTAINER asks for the container's own,
+/// or NODE the node's (huskd's: not init's, as /proc/1 may be closed to
+/// huskd). PID: CONTAINER is the container's own, POD the pod's (the
+/// guest's in a VM, on the host one the agent keeps for the pod), NODE
+/// the node's. A VM cannot share the node's PID or IPC namespace: refused.
 fn namespaces(
     options: Option<&cri::NamespaceOption>,
     in_vm: bool,
@@ -121,23 +120,16 @@ fn namespaces(
             }
         }
     }
+    let node = |kind: &str| json!({"type": kind, "path": format!("/proc/{}/ns/{kind}", std::process::id())});
     let mut namespaces = vec![json!({"type": "mount"})];
-    let own_pid = match pid {
-        NamespaceMode::Node => false,
-        NamespaceMode::Pod => !in_vm,
-        _ => true,
-    };
-    if own_pid {
-        namespaces.push(json!({"type": "pid"}));
+    match pid {
+        NamespaceMode::Container => namespaces.push(json!({"type": "pid"})),
+        NamespaceMode::Node => namespaces.push(node("pid")),
+        _ => {}
     }
     match ipc {
         NamespaceMode::Container => namespaces.push(json!({"type": "ipc"})),
-        // The host agent has an IPC namespace of its own (the pod's): the
-        // node's is huskd's. (Not init's: /proc/1 may be closed to huskd.)
-        NamespaceMode::Node => namespaces.push(json!({
-            "type": "ipc",
-            "path": format!("/proc/{}/ns/ipc", std::process::id()),
-        })),
+        NamespaceMode::Node => namespaces.push(node("ipc")),
         _ => {}
     }
     Ok(namespaces)
@@ -630,18 +622,25 @@ mod tests {
         };
         assert_eq!(types(Container, Pod, false).unwrap(), ["mount", "pid"]);
         assert_eq!(types(Container, Pod, true).unwrap(), ["mount", "pid"]);
-        // POD: the guest's in a VM; the container's own on the host (for now).
+        // POD: not listed, the pod's (the agent knows which).
         assert_eq!(types(Pod, Pod, true).unwrap(), ["mount"]);
-        assert_eq!(types(Pod, Pod, false).unwrap(), ["mount", "pid"]);
-        assert_eq!(types(Node, Container, false).unwrap(), ["mount", "ipc"]);
+        assert_eq!(types(Pod, Pod, false).unwrap(), ["mount"]);
+        assert_eq!(
+            types(Node, Container, false).unwrap(),
+            ["mount", "pid", "ipc"]
+        );
         let node_ipc = cri::NamespaceOption {
             pid: Node as i32,
             ipc: Node as i32,
             ..Default::default()
         };
+        let huskd = std::process::id();
         assert_eq!(
-            namespaces(Some(&node_ipc), false).unwrap()[1],
-            json!({"type": "ipc", "path": format!("/proc/{}/ns/ipc", std::process::id())})
+            namespaces(Some(&node_ipc), false).unwrap()[1..],
+            [
+                json!({"type": "pid", "path": format!("/proc/{huskd}/ns/pid")}),
+                json!({"type": "ipc", "path": format!("/proc/{huskd}/ns/ipc")})
+            ]
         );
         assert_eq!(
             types(Node, Pod, true),

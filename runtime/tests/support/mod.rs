@@ -702,6 +702,85 @@ pub async fn check_cri_conformance(
         .expect("RemoveContainer");
 }
 
+/// PID namespaces: POD puts a pod's containers in one (each sees the
+/// other's process, and on the host driver not the node's); NODE the
+/// node's (on the host driver it sees the node's agents; in a VM it is
+/// refused).
+pub async fn check_pid_namespaces(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &k8s_cri::v1::PodSandboxConfig,
+    image: &str,
+    in_vm: bool,
+) {
+    use k8s_cri::v1 as cri;
+    let with_pid = |name: &str, mode: cri::NamespaceMode| {
+        let mut config = container_config(name, image, &["sleep", "600"], "");
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: mode as i32,
+                    network: pod_config
+                        .linux
+                        .as_ref()
+                        .and_then(|l| l.security_context.as_ref())
+                        .and_then(|s| s.namespace_options.as_ref())
+                        .map_or(0, |n| n.network),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        config
+    };
+    let ps = |out: k8s_cri::v1::ExecSyncResponse| String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut ids = Vec::new();
+    if in_vm {
+        let refused = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(with_pid("host-pid", cri::NamespaceMode::Node)),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .expect_err("hostPID in a VM");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("PID namespace"), "{refused:?}");
+    } else {
+        let config = with_pid("host-pid", cri::NamespaceMode::Node);
+        let id = run_container(rt, pod, config, Some(pod_config.clone())).await;
+        let listing = ps(exec_sync(rt, &id, &["busybox", "ps"]).await);
+        assert!(
+            listing.contains("husk-agent"),
+            "hostPID sees the node's: {listing}"
+        );
+        ids.push(id);
+    }
+    let mut peers = Vec::new();
+    for name in ["peer-a", "peer-b"] {
+        let config = with_pid(name, cri::NamespaceMode::Pod);
+        peers.push(run_container(rt, pod, config, Some(pod_config.clone())).await);
+    }
+    let listing = ps(exec_sync(rt, &peers[1], &["busybox", "ps"]).await);
+    assert_eq!(
+        listing.matches("sleep 600").count(),
+        2,
+        "peer-b sees both sleeps, and no others: {listing}"
+    );
+    // On the host the pod's namespace is its own, not the node's (in a VM
+    // the agent is the guest's, and the pod's, init).
+    assert!(
+        in_vm || !listing.contains("husk-agent"),
+        "a POD container sees the node's processes: {listing}"
+    );
+    for id in ids.into_iter().chain(peers) {
+        rt.remove_container(cri::RemoveContainerRequest { container_id: id })
+            .await
+            .expect("remove a peer");
+    }
+}
+
 /// Stops and removes a pod, which must succeed.
 pub async fn remove_pod(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
