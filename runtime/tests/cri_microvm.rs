@@ -496,6 +496,24 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     // What kubelet's validation suite checks, in a VM.
     support::check_cri_conformance(&mut rt, &pod, &pod_config, &image).await;
     support::check_pid_namespaces(&mut rt, &pod, &pod_config, &image, true).await;
+    // A VM's volumes are copies: propagation to or from the node cannot be.
+    let mut propagated = container_config("propagated", &image, &["true"], "");
+    propagated.mounts = vec![cri::Mount {
+        container_path: "/vol".into(),
+        host_path: dir.path().display().to_string(),
+        propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+        ..Default::default()
+    }];
+    let refused = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(propagated),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect_err("propagation in a VM");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("propagation"), "{refused:?}");
 
     // The VM dies under a running container: the pod reads NOTREADY and the
     // container EXITED, and stop/remove still clean everything up.

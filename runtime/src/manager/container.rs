@@ -249,6 +249,18 @@ async fn copy_mounts(
             pod.id
         )));
     }
+    // A copy has no mounts to share with the node either way.
+    if let Some(m) = mounts
+        .iter()
+        .find(|m| m.propagation() != cri::MountPropagation::PropagationPrivate)
+    {
+        return Err(CriError::InvalidArgument(format!(
+            "mount {}: propagation {:?} needs the node's live directory, and a VM (the microvm \
+             handler) gets a copy of it: use PRIVATE, or the host handler",
+            m.container_path,
+            m.propagation()
+        )));
+    }
     let copy = |client: &mut Agent, request: agent::CopyFileRequest| {
         let mut client = client.clone();
         async move {
