@@ -990,11 +990,26 @@ async fn a_killed_host_agent_takes_its_containers_with_it() {
             &["sh", "-c", "sleep 1000 & sleep 1000"],
         )
         .await;
-    // The sleeper, and the forker's two sleeps (its shell execs the last).
+    // One in the pod's PID namespace, whose holder process is the pod's too.
+    let mut shared = container_config("shared-pid", &f.image, &["sleep", "1000"], "");
+    shared.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                pid: cri::NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let shared = support::run_container(&mut f.rt, &pod, shared, Some(config.clone())).await;
+    // The sleeper, the forker's two sleeps (its shell execs the last), the
+    // shared one's sleep and the PID namespace's holder.
     let deadline = Instant::now() + PATIENCE;
     let pids = loop {
         let pids = pod_pids(&pod);
-        if pids.len() >= 3 {
+        if pids.len() >= 5 {
             break pids;
         }
         assert!(Instant::now() < deadline, "pod processes: {pids:?}");
@@ -1021,7 +1036,7 @@ async fn a_killed_host_agent_takes_its_containers_with_it() {
     }
     let status = support::pod_status(&mut f.rt, &pod).await;
     assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
-    for id in [&sleeper, &forker] {
+    for id in [&sleeper, &forker, &shared] {
         let status = wait_exited(&mut f.rt, id).await;
         assert_eq!((status.exit_code, status.reason.as_str()), (137, "Error"));
         assert!(status.message.contains("ended unexpectedly"), "{status:?}");
