@@ -14,9 +14,9 @@ fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
         h.set_mode(0o644);
         h.set_size(data.len() as u64);
         h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, path, *data).unwrap();
+        b.append_data(&mut h, path, *data).expect("tar a file");
     }
-    b.into_inner().unwrap()
+    b.into_inner().expect("finish the tar")
 }
 
 fn sha(data: &[u8]) -> String {
@@ -28,7 +28,7 @@ fn config(user: &str) -> Vec<u8> {
         "architecture": "amd64", "os": "linux",
         "config": { "User": user, "Cmd": ["/hello"] },
     }))
-    .unwrap()
+    .expect("encode the image config")
 }
 
 #[tokio::test]

@@ -279,7 +279,8 @@ impl Api {
         loop {
             match UnixStream::connect(path) {
                 Ok(s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("set the API socket's read timeout");
                     return Self {
                         reader: BufReader::new(s),
                     };
@@ -294,10 +295,12 @@ impl Api {
 
     fn call(&mut self, request: &str) -> serde_json::Value {
         let stream = self.reader.get_mut();
-        stream.write_all(request.as_bytes()).unwrap();
-        stream.write_all(b"\n").unwrap();
+        stream
+            .write_all(request.as_bytes())
+            .and_then(|()| stream.write_all(b"\n"))
+            .expect("send an API request");
         let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
+        self.reader.read_line(&mut line).expect("read an API reply");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
     }
 }

@@ -121,7 +121,8 @@ pub fn busybox_layer() -> Vec<u8> {
         h.set_mode(0o755);
         h.set_size(0);
         h.set_mtime(1_700_000_000);
-        tar.append_data(&mut h, path, std::io::empty()).unwrap();
+        tar.append_data(&mut h, path, std::io::empty())
+            .expect("tar a directory");
     };
     for d in ["bin", "etc", "tmp", "home/husk"] {
         dir(&mut tar, d);
@@ -132,7 +133,7 @@ pub fn busybox_layer() -> Vec<u8> {
     h.set_size(busybox.len() as u64);
     h.set_mtime(1_700_000_000);
     tar.append_data(&mut h, "bin/busybox", busybox.as_slice())
-        .unwrap();
+        .expect("tar busybox");
     for applet in ["sh", "ls", "echo", "cat", "sleep", "id", "true"] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
@@ -140,22 +141,23 @@ pub fn busybox_layer() -> Vec<u8> {
         h.set_size(0);
         h.set_mtime(1_700_000_000);
         tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
-            .unwrap();
+            .expect("tar an applet link");
     }
     let passwd = b"root:x:0:0:root:/root:/bin/sh\nhusk:x:1000:1000:husk:/home/husk:/bin/sh\n";
     let mut h = tar::Header::new_gnu();
     h.set_mode(0o644);
     h.set_size(passwd.len() as u64);
     h.set_mtime(1_700_000_000);
-    tar.append_data(&mut h, "etc/passwd", &passwd[..]).unwrap();
-    gzip(&tar.into_inner().unwrap())
+    tar.append_data(&mut h, "etc/passwd", &passwd[..])
+        .expect("tar /etc/passwd");
+    gzip(&tar.into_inner().expect("finish the tar"))
 }
 
 /// `data` gzip-compressed, as layers are pushed.
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(data).unwrap();
-    gz.finish().unwrap()
+    gz.write_all(data).expect("gzip in memory");
+    gz.finish().expect("gzip in memory")
 }
 
 /// An image config for `arch` with the busybox layer's diff id.
@@ -172,7 +174,7 @@ pub fn layers_config(arch: &str, layers: &[&[u8]], user: &str, cmd: &[&str]) -> 
             let mut tar = Vec::new();
             flate2::read::GzDecoder::new(*gz)
                 .read_to_end(&mut tar)
-                .unwrap();
+                .expect("gunzip a layer");
             format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar)))
         })
         .collect();
@@ -187,7 +189,7 @@ pub fn layers_config(arch: &str, layers: &[&[u8]], user: &str, cmd: &[&str]) -> 
         },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     }))
-    .unwrap()
+    .expect("encode the image config")
 }
 
 fn client() -> Client {
