@@ -326,12 +326,17 @@ fn join_namespaces_of(pid: i32) -> Result<File, InitError> {
 /// index of their mount in the spec.
 type BindSources = HashMap<usize, OwnedFd>;
 
+/// Whether a mount of type `typ` with `flags` is a bind mount.
+fn is_bind(typ: &str, flags: MsFlags) -> bool {
+    typ == "bind" || flags.contains(MsFlags::MS_BIND)
+}
+
 /// A bind mount's source, and whether its submounts come along.
 fn bind_source(m: &Mount) -> Option<(&Path, bool)> {
     let (flags, _, _) = parse_options(m.options().as_deref().unwrap_or_default());
-    let is_bind = m.typ().as_deref() == Some("bind") || flags.contains(MsFlags::MS_BIND);
     let source = m.source().as_deref()?;
-    is_bind.then_some((source, flags.contains(MsFlags::MS_REC)))
+    is_bind(m.typ().as_deref().unwrap_or("none"), flags)
+        .then_some((source, flags.contains(MsFlags::MS_REC)))
 }
 
 /// Clones the trees at the bind mounts' sources in mount namespace
@@ -508,7 +513,7 @@ fn mount_one(rootfs: &Path, m: &Mount, opened: Option<OwnedFd>) -> Result<(), In
         .context(|| format!("resolving mount destination {}", destination.display()))?;
     let typ = m.typ().as_deref().unwrap_or("none");
     let (flags, propagation, data) = parse_options(m.options().as_deref().unwrap_or_default());
-    let is_bind = typ == "bind" || flags.contains(MsFlags::MS_BIND);
+    let is_bind = is_bind(typ, flags);
     let what = || format!("mounting {typ} on {}", destination.display());
 
     if is_bind {
@@ -516,28 +521,24 @@ fn mount_one(rootfs: &Path, m: &Mount, opened: Option<OwnedFd>) -> Result<(), In
             .source()
             .as_deref()
             .ok_or_else(|| InitError::Invalid(format!("{}: no source", what())))?;
-        match opened {
-            Some(tree) => {
-                let tree = File::from(tree);
-                let source_is_dir = tree
-                    .metadata()
-                    .context(|| format!("bind source {}", source.display()))?
-                    .is_dir();
-                create_mount_point(&target, source_is_dir).context(what)?;
-                move_mount(
-                    &tree,
-                    "",
-                    CWD,
-                    &target,
-                    MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-                )
-                .map_err(|e| InitError::Io(what(), e.into()))?;
-            }
+        let tree = opened.map(File::from);
+        let source_is_dir = match &tree {
+            Some(tree) => tree.metadata(),
+            None => fs::metadata(source),
+        }
+        .context(|| format!("bind source {}", source.display()))?
+        .is_dir();
+        create_mount_point(&target, source_is_dir).context(what)?;
+        match &tree {
+            Some(tree) => move_mount(
+                tree,
+                "",
+                CWD,
+                &target,
+                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            )
+            .map_err(|e| InitError::Io(what(), e.into()))?,
             None => {
-                let source_is_dir = fs::metadata(source)
-                    .context(|| format!("bind source {}", source.display()))?
-                    .is_dir();
-                create_mount_point(&target, source_is_dir).context(what)?;
                 let bind = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
                 mount(Some(source), &target, None::<&str>, bind, None::<&str>).context(what)?;
             }

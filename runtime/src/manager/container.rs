@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::spec::{self, SpecInput};
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
 use crate::sandbox::{ImageFiles, RootfsPlan};
-use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState, ProcessUser};
+use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState};
 
 /// ExecSync keeps at most this much of each stream, as containerd does.
 const MAX_EXEC_OUTPUT: usize = 16 << 20;
@@ -475,7 +475,7 @@ impl Manager {
             let hosts = (!pod.shared_dir.is_empty()
                 && (!driver.shares_host_fs() || shared_hosts.exists()))
             .then_some(shared_hosts);
-            let spec = spec::build(&SpecInput {
+            let (spec, user) = spec::build(&SpecInput {
                 config: &spec_config,
                 pod: &pod.config,
                 image: &image,
@@ -484,7 +484,6 @@ impl Manager {
                 hosts: hosts.as_deref(),
                 in_vm: driver.runs_in_vm(),
             })?;
-            let user = serde_json::from_value(spec["process"]["user"].clone()).ok();
             let spec_json = serde_json::to_vec(&spec).map_err(|e| CriError::Io {
                 what: "encoding the OCI spec".into(),
                 source: e.into(),
@@ -527,7 +526,7 @@ impl Manager {
         }
         .await;
         match created {
-            Ok(user) => record.user = user.map(|u: OciUser| u.into()),
+            Ok(user) => record.user = Some(user),
             Err(err) => {
                 self.state.delete_container(&id)?;
                 self.release_unused_image(&pod, &image_id).await;
@@ -941,26 +940,6 @@ pub fn cri_state(state: ContainerState) -> cri::ContainerState {
         ContainerState::Running => cri::ContainerState::ContainerRunning,
         ContainerState::Exited => cri::ContainerState::ContainerExited,
         ContainerState::Unknown => cri::ContainerState::ContainerUnknown,
-    }
-}
-
-/// `process.user` of the OCI spec huskd built.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct OciUser {
-    uid: u32,
-    gid: u32,
-    #[serde(default)]
-    additional_gids: Vec<u32>,
-}
-
-impl From<OciUser> for ProcessUser {
-    fn from(user: OciUser) -> ProcessUser {
-        ProcessUser {
-            uid: user.uid,
-            gid: user.gid,
-            groups: user.additional_gids,
-        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! `includes`/`excludes` conditions on capabilities, architectures and the
 //! kernel version.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use k8s_cri::v1 as cri;
@@ -100,15 +101,15 @@ pub fn profile(
         path: path.to_owned(),
         reason,
     };
-    let size = std::fs::metadata(path)
-        .map_err(|e| unreadable(e.to_string()))?
-        .len();
-    if size > MAX_PROFILE_BYTES {
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_PROFILE_BYTES + 1).read_to_end(&mut text))
+        .map_err(|e| unreadable(e.to_string()))?;
+    if text.len() as u64 > MAX_PROFILE_BYTES {
         return Err(unreadable(format!(
-            "{size} bytes is too large for a profile"
+            "more than {MAX_PROFILE_BYTES} bytes is too large for a profile"
         )));
     }
-    let text = std::fs::read(path).map_err(|e| unreadable(e.to_string()))?;
     let docker: DockerProfile =
         serde_json::from_slice(&text).map_err(|e| unreadable(format!("not a profile: {e}")))?;
     Ok(Some(docker.to_oci(caps, &kernel_version())))

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::seccomp::{self, SeccompProfileError};
 use crate::image::ImageRecord;
+use crate::state::ProcessUser;
 
 /// containerd's default capability set.
 pub const DEFAULT_CAPS: [&str; 14] = [
@@ -416,8 +417,8 @@ pub fn resources(r: &cri::LinuxContainerResources) -> Value {
     Value::Object(out)
 }
 
-/// The whole spec.
-pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
+/// The whole spec, and the identity its process gets (for ContainerStatus).
+pub fn build(input: &SpecInput<'_>) -> Result<(Value, ProcessUser), SpecError> {
     let config = input.config;
     let linux = config.linux.as_ref();
     let sc = linux.and_then(|l| l.security_context.as_ref());
@@ -444,7 +445,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         "noNewPrivileges": sc.is_some_and(|s| s.no_new_privs),
     });
     if !groups.is_empty() {
-        process["user"]["additionalGids"] = json!(groups);
+        process["user"]["additionalGids"] = json!(&groups);
     }
 
     let mut sys_options = vec!["nosuid", "noexec", "nodev"];
@@ -571,7 +572,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         "io.kubernetes.cri.container-type".into(),
         "container".into(),
     );
-    Ok(json!({
+    let spec = json!({
         "ociVersion": "1.0.2",
         "process": process,
         "root": {"path": "rootfs", "readonly": sc.is_some_and(|s| s.readonly_rootfs)},
@@ -579,7 +580,8 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         "mounts": mounts,
         "annotations": annotations,
         "linux": linux_spec,
-    }))
+    });
+    Ok((spec, ProcessUser { uid, gid, groups }))
 }
 
 #[cfg(test)]
