@@ -18,6 +18,7 @@ use crate::control::{Outcome, SignalWatcher, StopReason, StopWatcher, VmmControl
 use crate::devices::irq::IrqLine;
 use crate::devices::serial::{ConsoleSink, SerialConsole};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
@@ -60,6 +61,8 @@ pub enum BuildError {
     Net(#[from] crate::devices::virtio::net::NetError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error(transparent)]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
     #[error("cannot open the console log {path}: {source}")]
@@ -146,6 +149,9 @@ impl Vmm {
         // IRQs they have without a network.
         for net in &config.nets {
             devices.push(Box::new(Net::new(net)?));
+        }
+        for fs in &config.fs {
+            devices.push(Box::new(Fs::new(fs, control.clone())?));
         }
         let irq_count = (layout::LAST_DEVICE_IRQ - layout::FIRST_DEVICE_IRQ + 1) as usize;
         if devices.len() > irq_count {

@@ -28,6 +28,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, each backed by an existing tap, in guest order.
     pub nets: Vec<NetConfig>,
+    /// virtio-fs devices, each served by a vhost-user backend.
+    pub fs: Vec<FsConfig>,
     /// Empty read-only disk slots the control API can fill after boot.
     pub spare_disks: usize,
     pub console_log: Option<PathBuf>,
@@ -91,27 +93,73 @@ impl FromStr for NetConfig {
 
     /// `tap=NAME,mac=AA:BB:CC:DD:EE:FF[,mtu=N]`, keys in any order.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (mut tap, mut mac, mut mtu) = (None, None, None);
-        for part in s.split(',') {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("net '{s}': expected key=value, got '{part}'"))?;
-            let slot_taken = match key {
-                "tap" => tap.replace(parse_ifname(value)?).is_some(),
-                "mac" => mac.replace(parse_mac(value)?).is_some(),
-                "mtu" => mtu.replace(parse_mtu(value)?).is_some(),
-                _ => return Err(format!("net '{s}': unknown key '{key}' (tap, mac, mtu)")),
-            };
-            if slot_taken {
-                return Err(format!("net '{s}': '{key}' given twice"));
-            }
-        }
+        let [tap, mac, mtu] = parse_keyed("net", s, ["tap", "mac", "mtu"])?;
         Ok(Self {
-            tap: tap.ok_or_else(|| format!("net '{s}': tap=NAME is required"))?,
-            mac: mac.ok_or_else(|| format!("net '{s}': mac=AA:BB:CC:DD:EE:FF is required"))?,
-            mtu: mtu.unwrap_or(DEFAULT_NET_MTU),
+            tap: parse_ifname(tap.ok_or_else(|| format!("net '{s}': tap=NAME is required"))?)?,
+            mac: parse_mac(
+                mac.ok_or_else(|| format!("net '{s}': mac=AA:BB:CC:DD:EE:FF is required"))?,
+            )?,
+            mtu: mtu.map(parse_mtu).transpose()?.unwrap_or(DEFAULT_NET_MTU),
         })
     }
+}
+
+/// The longest tag a virtio-fs device has (its config space field).
+pub const MAX_FS_TAG_LEN: usize = 36;
+
+/// One virtio-fs device and the vhost-user backend serving it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// What the guest mounts (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// The backend's listening socket.
+    pub socket: PathBuf,
+}
+
+impl FromStr for FsConfig {
+    type Err = String;
+
+    /// `tag=NAME,socket=PATH`, keys in any order.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let [tag, socket] = parse_keyed("fs", s, ["tag", "socket"])?;
+        let tag = tag.ok_or_else(|| format!("fs '{s}': tag=NAME is required"))?;
+        if tag.is_empty() || tag.len() > MAX_FS_TAG_LEN {
+            return Err(format!(
+                "fs '{s}': the tag must be 1-{MAX_FS_TAG_LEN} bytes"
+            ));
+        }
+        let socket = socket.ok_or_else(|| format!("fs '{s}': socket=PATH is required"))?;
+        if socket.is_empty() {
+            return Err(format!("fs '{s}': socket=PATH is empty"));
+        }
+        Ok(Self {
+            tag: tag.to_owned(),
+            socket: socket.into(),
+        })
+    }
+}
+
+/// Splits `key=value,...` into the values of `keys`, in their order; an
+/// unknown or repeated key is an error naming the device kind `what`.
+fn parse_keyed<'a, const N: usize>(
+    what: &str,
+    s: &'a str,
+    keys: [&str; N],
+) -> Result<[Option<&'a str>; N], String> {
+    let mut values = [None; N];
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{what} '{s}': expected key=value, got '{part}'"))?;
+        let slot = keys
+            .iter()
+            .position(|k| *k == key)
+            .ok_or_else(|| format!("{what} '{s}': unknown key '{key}' ({})", keys.join(", ")))?;
+        if values[slot].replace(value).is_some() {
+            return Err(format!("{what} '{s}': '{key}' given twice"));
+        }
+    }
+    Ok(values)
 }
 
 fn parse_ifname(name: &str) -> Result<String, String> {
@@ -229,6 +277,30 @@ mod tests {
             "tap0,mac=02:00:00:00:00:01",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn fs_syntax() {
+        let fs: FsConfig = "socket=/run/v.sock,tag=husk-volumes".parse().unwrap();
+        assert_eq!(
+            fs,
+            FsConfig {
+                tag: "husk-volumes".into(),
+                socket: "/run/v.sock".into(),
+            }
+        );
+        for bad in [
+            "",
+            "tag=a",
+            "socket=/s",
+            "tag=,socket=/s",
+            "tag=a,socket=",
+            "tag=a,socket=/s,cache=auto",
+            "tag=a,tag=b,socket=/s",
+            &format!("tag={},socket=/s", "t".repeat(MAX_FS_TAG_LEN + 1)),
+        ] {
+            assert!(bad.parse::<FsConfig>().is_err(), "accepted {bad:?}");
         }
     }
 }

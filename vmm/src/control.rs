@@ -17,6 +17,8 @@ pub enum StopReason {
     ApiShutdown,
     /// SIGTERM or SIGINT: how a supervisor (huskd) or a person stops a VM.
     Signal(Signal),
+    /// A device can no longer serve the guest (its backend went away).
+    DeviceFailed(String),
 }
 
 /// The outcome of a VM run, as the process reports it.
@@ -26,6 +28,8 @@ pub enum Outcome {
     Shutdown,
     /// The guest kernel panicked, triple-faulted, or KVM could not go on.
     GuestDied(String),
+    /// A device's backend failed, which the guest cannot survive.
+    DeviceFailed(String),
 }
 
 impl Outcome {
@@ -33,6 +37,7 @@ impl Outcome {
         match self {
             Outcome::Shutdown => 0,
             Outcome::GuestDied(_) => 2,
+            Outcome::DeviceFailed(_) => 3,
         }
     }
 }
@@ -85,6 +90,7 @@ impl VmmControl {
                 Outcome::GuestDied(format!("the guest triple-faulted on {state}"))
             }
             StopReason::Vcpu(VcpuStop::Fatal(why)) => Outcome::GuestDied(why.clone()),
+            StopReason::DeviceFailed(why) => Outcome::DeviceFailed(why.clone()),
         })
     }
 }

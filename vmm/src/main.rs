@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use husk_vmm::config::{
-    DiskConfig, NetConfig, PvmMode, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
-    DEFAULT_MEM_MIB,
+    DiskConfig, FsConfig, NetConfig, PvmMode, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
 };
 use husk_vmm::{Outcome, Vmm};
 
@@ -25,7 +25,8 @@ enum Command {
     ///
     /// Exit status: 0 when the guest shut down (or the API asked), 1 when the
     /// VM could not be built, 2 when the guest died (panic, triple fault, an
-    /// instruction KVM could not run).
+    /// instruction KVM could not run), 3 when a device's backend went away
+    /// (a virtio-fs backend closed its socket).
     Run(RunArgs),
 }
 
@@ -61,6 +62,12 @@ struct RunArgs {
     /// repeatable, in guest order (eth0, eth1, ...).
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
+    /// A virtio-fs device served by a vhost-user backend (virtiofsd) already
+    /// listening on SOCKET: tag=NAME,socket=SOCKET; repeatable. The guest
+    /// mounts it with `mount -t virtiofs NAME DIR`. Guest memory is then
+    /// shared with the backend.
+    #[arg(long = "fs")]
+    fs: Vec<FsConfig>,
     /// Empty read-only disk slots after the --disk ones, for attach_disk later.
     #[arg(long, default_value_t = 0)]
     spare_disks: usize,
@@ -89,6 +96,7 @@ impl From<RunArgs> for VmConfig {
             }),
             disks: a.disks,
             nets: a.nets,
+            fs: a.fs,
             spare_disks: a.spare_disks,
             console_log: a.console_log,
             api_sock: a.api_sock,
@@ -115,9 +123,11 @@ fn main() -> ExitCode {
             tracing::info!("guest shut down");
             ExitCode::SUCCESS
         }
-        Ok(outcome @ Outcome::GuestDied(_)) => {
-            if let Outcome::GuestDied(why) = &outcome {
-                eprintln!("husk-vmm: guest died: {why}");
+        Ok(outcome) => {
+            match &outcome {
+                Outcome::GuestDied(why) => eprintln!("husk-vmm: guest died: {why}"),
+                Outcome::DeviceFailed(why) => eprintln!("husk-vmm: device failed: {why}"),
+                Outcome::Shutdown => {}
             }
             ExitCode::from(outcome.exit_code())
         }

@@ -1,8 +1,13 @@
 //! The KVM VM: guest memory slots and the in-kernel interrupt controllers.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::fs::File;
+use std::sync::Arc;
+
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::arch::layout;
 
@@ -31,13 +36,9 @@ impl Vm {
     pub fn new(mem_bytes: u64) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_bytes)
-            .into_iter()
-            .map(|(start, len)| (GuestAddress(start), len as usize))
-            .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+        let mem = guest_ram(mem_bytes).map_err(|reason| VmError::Memory {
             mib: mem_bytes >> 20,
-            reason: e.to_string(),
+            reason,
         })?;
         let vm = Self { kvm, fd, mem };
         vm.register_memory()?;
@@ -81,4 +82,31 @@ impl Vm {
         };
         self.fd.create_pit2(pit).map_err(setup("the in-kernel PIT"))
     }
+}
+
+/// Guest RAM as shared mappings of one memfd, each region at its offset:
+/// a vhost-user backend (virtiofsd) maps the same file to reach the
+/// guest's buffers. Pages are allocated on first touch, as with anonymous
+/// memory.
+fn guest_ram(mem_bytes: u64) -> Result<GuestMemoryMmap, String> {
+    let fd =
+        nix::sys::memfd::memfd_create("husk-guest-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| format!("memfd_create: {e}"))?;
+    let file = Arc::new(File::from(fd));
+    file.set_len(mem_bytes)
+        .map_err(|e| format!("sizing the memfd: {e}"))?;
+    let mut offset = 0u64;
+    let ranges: Vec<_> = layout::ram_regions(mem_bytes)
+        .into_iter()
+        .map(|(start, len)| {
+            let range = (
+                GuestAddress(start),
+                len as usize,
+                Some(FileOffset::from_arc(file.clone(), offset)),
+            );
+            offset += len;
+            range
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|e| e.to_string())
 }

@@ -7,6 +7,7 @@
 pub mod block;
 #[cfg(test)]
 mod fake_driver;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod vsock;
@@ -92,6 +93,8 @@ pub enum ActivateError {
     QueueCount { got: usize, want: usize },
     #[error("the driver's queue {0} is not valid in guest memory")]
     InvalidQueue(usize),
+    #[error("the device's backend: {0}")]
+    Backend(String),
 }
 
 /// One virtio device, transport-independent.
