@@ -4,8 +4,10 @@
 # (guest-image/build.sh checks those again itself), and huskd's image store's
 # tools and test fixtures: mkfs.erofs/fsck.erofs, a loopback OCI registry and a
 # static busybox to build test images from; pod networking: the CNI plugins,
-# iptables (portmap) and iproute2 (huskd's taps, the tests' namespaces); and a
-# Python venv with grpcio for runtime/tests/cri_grpcio.rs. Idempotent; needs root.
+# iptables (portmap) and iproute2 (huskd's taps, the tests' namespaces); a
+# Python venv with grpcio for runtime/tests/cri_grpcio.rs; and virtiofsd, which
+# serves microVM pods' volumes (Debian 12 has no package of it: built from
+# crates.io, pinned, into /usr/local/bin). Idempotent; needs root.
 set -euo pipefail
 
 PACKAGES=(
@@ -13,6 +15,7 @@ PACKAGES=(
 	linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils build-essential
 	erofs-utils docker-registry busybox-static
 	containernetworking-plugins iptables iproute2
+	libcap-ng-dev libseccomp-dev
 )
 
 # A gRPC client on gRPC's C core, which names a unix socket's path as
@@ -48,6 +51,18 @@ grpcio_venv() {
 	echo "$GRPCIO_PINS" | "${sudo[@]}" tee "$stamp" >/dev/null
 }
 
+VIRTIOFSD_VERSION=1.14.0
+
+virtiofsd() {
+	if [[ $(/usr/local/bin/virtiofsd --version 2>/dev/null) == *" $VIRTIOFSD_VERSION" ]]; then
+		echo "[install-deps] virtiofsd $VIRTIOFSD_VERSION present"
+		return
+	fi
+	echo "[install-deps] building virtiofsd $VIRTIOFSD_VERSION (about a minute)"
+	"${sudo[@]}" env "PATH=$PATH" cargo install --quiet --locked --root /usr/local \
+		--version "$VIRTIOFSD_VERSION" virtiofsd
+}
+
 missing=()
 for p in "${PACKAGES[@]}"; do
 	status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) || true
@@ -60,3 +75,4 @@ else
 	apt_install "${missing[@]}"
 fi
 grpcio_venv
+virtiofsd

@@ -1,16 +1,15 @@
 //! The pod as a whole: hostname, sysctls, network interfaces and routes
-//! (inside a microVM), DNS and hosts files, and the shared directory
-//! kubelet's files are copied into.
+//! (inside a microVM), DNS and hosts files, the shared directory huskd
+//! writes them into, and the virtio-fs mount kubelet's volumes arrive by.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use husk_proto::v1::{self, FileKind};
+use husk_proto::v1;
 use tracing::info;
 
-use crate::container::paths::is_plain_relative;
 use crate::network::{self, NetworkError};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +50,17 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
     move |source| SandboxError::Io { what, source }
 }
 
-/// Files CopyFile accepts per call: the gRPC message limit (4 MiB) bounds it anyway.
-const MAX_CHUNK: usize = 4 << 20;
+/// Below the shared directory: where the pod's virtio-fs device is mounted.
+const VOLUMES_DIR: &str = "volumes";
+
+/// Where a set-up pod's files are, as the agent sees them.
+#[derive(Debug)]
+pub struct SandboxDirs {
+    /// Where SetupSandbox writes resolv.conf and hosts.
+    pub shared: PathBuf,
+    /// The mounted volumes filesystem, when the pod has one.
+    pub volumes: Option<PathBuf>,
+}
 
 pub struct Sandbox {
     shared_dir: PathBuf,
@@ -70,14 +78,16 @@ impl Sandbox {
     }
 
     #[tracing::instrument(skip_all, fields(sandbox = %request.sandbox_id))]
-    pub fn setup(&self, request: &v1::SetupSandboxRequest) -> Result<PathBuf, SandboxError> {
+    pub fn setup(&self, request: &v1::SetupSandboxRequest) -> Result<SandboxDirs, SandboxError> {
         // Checked whole before anything changes.
         let network = network::Plan::new(&request.interfaces, &request.routes)?;
-        let wants_namespaced =
-            !request.hostname.is_empty() || !request.sysctls.is_empty() || !network.is_empty();
+        let wants_namespaced = !request.hostname.is_empty()
+            || !request.sysctls.is_empty()
+            || !network.is_empty()
+            || !request.volumes_tag.is_empty();
         if wants_namespaced && !self.owns_namespaces {
             return Err(SandboxError::FailedPrecondition(
-                "this agent shares the host's UTS and network namespaces: it will not set a hostname, sysctls, interfaces or routes".into(),
+                "this agent shares the host's UTS and network namespaces: it will not set a hostname, sysctls, interfaces, routes or a volumes filesystem".into(),
             ));
         }
         fs::create_dir_all(&self.shared_dir)
@@ -111,102 +121,41 @@ impl Sandbox {
                     .map_err(io_error(format!("writing {}", path.display())))?;
             }
         }
+        let volumes = (!request.volumes_tag.is_empty())
+            .then(|| self.mount_volumes(&request.volumes_tag))
+            .transpose()?;
         info!("set up");
-        Ok(self.shared_dir.clone())
+        Ok(SandboxDirs {
+            shared: self.shared_dir.clone(),
+            volumes,
+        })
     }
 
-    /// Writes one entry below the shared directory, following no symlink on the way.
-    #[tracing::instrument(skip_all, fields(path = %request.path))]
-    pub fn copy_file(&self, request: &v1::CopyFileRequest) -> Result<(), SandboxError> {
-        let relative = Path::new(&request.path);
-        if !is_plain_relative(relative) {
-            return Err(SandboxError::InvalidArgument(format!(
-                "{:?} must be a relative path without '..'",
-                request.path
-            )));
-        }
-        if request.data.len() > MAX_CHUNK {
-            return Err(SandboxError::InvalidArgument(
-                "chunk larger than 4 MiB".into(),
-            ));
-        }
-        fs::create_dir_all(&self.shared_dir)
-            .map_err(io_error(format!("creating {}", self.shared_dir.display())))?;
-        let parent = self.checked_parent(relative)?;
-        let name = relative.file_name().ok_or_else(|| {
-            SandboxError::InvalidArgument(format!("{:?} names no file", request.path))
-        })?;
-        let path = parent.join(name);
-        let mode = request.mode & 0o7777;
-        let kind = FileKind::try_from(request.kind).map_err(|_| {
-            SandboxError::InvalidArgument(format!("unknown file kind {}", request.kind))
-        })?;
-        let what = || format!("writing {}", path.display());
-        match kind {
-            FileKind::Directory => {
-                match fs::symlink_metadata(&path) {
-                    Ok(meta) if meta.is_dir() => {}
-                    Ok(_) => {
-                        return Err(SandboxError::FailedPrecondition(format!(
-                            "{} exists and is not a directory",
-                            request.path
-                        )))
-                    }
-                    Err(_) => fs::create_dir(&path).map_err(io_error(what()))?,
-                }
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                    .map_err(io_error(what()))?;
-            }
-            FileKind::Symlink => {
-                match fs::symlink_metadata(&path) {
-                    Ok(meta) if meta.is_dir() => {
-                        return Err(SandboxError::FailedPrecondition(format!(
-                            "{} is a directory",
-                            request.path
-                        )))
-                    }
-                    Ok(_) => fs::remove_file(&path).map_err(io_error(what()))?,
-                    Err(_) => {}
-                }
-                symlink(&request.symlink_target, &path).map_err(io_error(what()))?;
-            }
-            FileKind::Regular => {
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(request.offset == 0)
-                    .mode(mode)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(io_error(what()))?;
-                file.seek(SeekFrom::Start(request.offset))
-                    .map_err(io_error(what()))?;
-                file.write_all(&request.data).map_err(io_error(what()))?;
-                file.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(io_error(what()))?;
-            }
-        }
-        std::os::unix::fs::lchown(&path, Some(request.uid), Some(request.gid))
-            .map_err(io_error(what()))
-    }
+    /// Mounts the pod's virtio-fs device `tag` at `<shared>/volumes`, once:
+    /// a second setup finds it mounted.
+    fn mount_volumes(&self, tag: &str) -> Result<PathBuf, SandboxError> {
+        use nix::mount::{mount, MsFlags};
 
-    /// The parent directory of `relative`, checked to be real directories
-    /// (no symlinks) all the way from the shared directory.
-    fn checked_parent(&self, relative: &Path) -> Result<PathBuf, SandboxError> {
-        let mut dir = self.shared_dir.clone();
-        let parent = relative.parent().unwrap_or(Path::new(""));
-        for part in parent.components() {
-            dir.push(part);
-            let meta = fs::symlink_metadata(&dir).map_err(io_error(format!(
-                "parent {} (copy parents first)",
-                dir.display()
-            )))?;
-            if !meta.is_dir() || meta.file_type().is_symlink() {
-                return Err(SandboxError::InvalidArgument(format!(
-                    "{} is not a directory",
-                    dir.display()
-                )));
-            }
+        let dir = self.shared_dir.join(VOLUMES_DIR);
+        fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
+        let device = |path: &Path| fs::metadata(path).map(|m| m.dev());
+        let mounted = device(&dir).map_err(io_error(format!("reading {}", dir.display())))?
+            != device(&self.shared_dir)
+                .map_err(io_error(format!("reading {}", self.shared_dir.display())))?;
+        if !mounted {
+            // No nosuid/nodev: the same flags a bind of the host path has.
+            mount(
+                Some(tag),
+                &dir,
+                Some("virtiofs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| SandboxError::Io {
+                what: format!("mounting virtio-fs {tag:?} at {}", dir.display()),
+                source: e.into(),
+            })?;
+            info!(tag, dir = %dir.display(), "volumes mounted");
         }
         Ok(dir)
     }

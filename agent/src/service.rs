@@ -72,9 +72,13 @@ impl Agent for AgentService {
     ) -> Result<Response<v1::SetupSandboxResponse>, Status> {
         let request = request.into_inner();
         self.containers.set_sandbox(&request.sandbox_id)?;
-        let shared_dir = self.sandbox.setup(&request)?;
+        let dirs = self.sandbox.setup(&request)?;
         Ok(Response::new(v1::SetupSandboxResponse {
-            shared_dir: shared_dir.display().to_string(),
+            shared_dir: dirs.shared.display().to_string(),
+            volumes_dir: dirs
+                .volumes
+                .map(|dir| dir.display().to_string())
+                .unwrap_or_default(),
         }))
     }
 
@@ -259,14 +263,6 @@ impl Agent for AgentService {
         pty.resize(rows, cols)
             .map_err(|err| Status::internal(format!("resizing the tty: {err}")))?;
         Ok(Response::new(v1::ResizeTtyResponse {}))
-    }
-
-    async fn copy_file(
-        &self,
-        request: Request<v1::CopyFileRequest>,
-    ) -> Result<Response<v1::CopyFileResponse>, Status> {
-        self.sandbox.copy_file(&request.into_inner())?;
-        Ok(Response::new(v1::CopyFileResponse {}))
     }
 
     async fn update_container_resources(

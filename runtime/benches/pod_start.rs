@@ -35,16 +35,7 @@ use tonic::transport::Channel;
 use support::{push_busybox, AgentSweeper, Huskd, Registry};
 
 fn main() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "both drivers need namespaces and mounts (and microvm /dev/kvm): run this as root"
-    );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(bench());
+    support::bench_main(bench());
 }
 
 async fn bench() {
@@ -121,15 +112,7 @@ async fn bench() {
         let ready = t0.elapsed();
         if run == 0 {
             // Which KVM kind and VM size every figure below comes from.
-            let info = rt
-                .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: pod.clone(),
-                    verbose: true,
-                })
-                .await
-                .map(|r| r.into_inner().info.remove("info").unwrap_or_default())
-                .unwrap_or_default();
-            println!("sandbox: {info}");
+            println!("sandbox: {}", support::pod_info(&mut rt, &pod).await);
         }
         let container = rt
             .create_container(cri::CreateContainerRequest {

@@ -30,16 +30,7 @@ use tonic::transport::Channel;
 use support::{container_config, push_busybox, AgentSweeper, Huskd, Registry};
 
 fn main() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the host driver needs namespaces, mounts and cgroups: run this as root"
-    );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(bench());
+    support::bench_main(bench());
 }
 
 /// How long each of one pod's calls took.

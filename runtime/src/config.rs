@@ -19,6 +19,7 @@
 //! agent_timeout_secs = 30             # each call into a pod's agent; a silent guest's pod goes NOTREADY
 //! husk_vmm = "/usr/bin/husk-vmm"      # default: next to huskd
 //! husk_agent = "/usr/bin/husk-agent"  # default: next to huskd
+//! virtiofsd = "/usr/libexec/virtiofsd" # default: on $PATH, else this
 //! log_level = "info"
 //! cni_conf_dir = "/etc/cni/net.d"     # the first *.conflist/*.conf/*.json wins
 //! cni_bin_dir = "/usr/lib/cni"
@@ -40,7 +41,9 @@ use serde::Deserialize;
 
 use crate::image::RegistryConfig;
 use crate::network::{Network, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR};
-use crate::sandbox::microvm::{DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL};
+use crate::sandbox::microvm::{
+    default_virtiofsd, DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL,
+};
 use crate::sandbox::sizing::VmSizing;
 use crate::sandbox::{longest_socket_path, MAX_SOCKET_PATH};
 use crate::streaming::DEFAULT_TOKEN_TTL;
@@ -113,6 +116,10 @@ pub struct Cli {
     /// husk-agent, which the host driver runs [default: next to huskd].
     #[arg(long, value_name = "PATH")]
     pub husk_agent: Option<PathBuf>,
+    /// virtiofsd, which serves each microvm pod's volumes [default: on
+    /// $PATH, else /usr/libexec/virtiofsd].
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
     /// The configuration file; a missing default file is fine, a missing
     /// named one is an error [default: /etc/husk/config.toml].
     #[arg(long, value_name = "FILE")]
@@ -157,6 +164,7 @@ pub struct FileConfig {
     pub agent_timeout_secs: Option<u64>,
     pub husk_vmm: Option<PathBuf>,
     pub husk_agent: Option<PathBuf>,
+    pub virtiofsd: Option<PathBuf>,
     pub log_level: Option<String>,
     pub cni_conf_dir: Option<PathBuf>,
     pub cni_bin_dir: Option<PathBuf>,
@@ -186,6 +194,7 @@ pub struct Config {
     pub agent_timeout: Duration,
     pub husk_vmm: PathBuf,
     pub husk_agent: PathBuf,
+    pub virtiofsd: PathBuf,
     pub log_level: String,
     pub registry: RegistryConfig,
     pub network: Network,
@@ -373,6 +382,11 @@ impl Config {
             agent_timeout,
             husk_vmm,
             husk_agent,
+            virtiofsd: cli
+                .virtiofsd
+                .clone()
+                .or(file.virtiofsd)
+                .unwrap_or_else(default_virtiofsd),
             log_level: cli
                 .log_level
                 .clone()

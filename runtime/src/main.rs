@@ -88,6 +88,7 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     ));
     let microvm = Arc::new(MicroVmDriver::new(MicroVmConfig {
         vmm: config.husk_vmm.clone(),
+        virtiofsd: config.virtiofsd.clone(),
         kernel: config.guest_kernel.clone(),
         initrd: config.guest_initrd.clone(),
         sizing: config.guest_sizing,

@@ -61,6 +61,10 @@ pub struct PodRecord {
     pub pid: u32,
     /// The agent's shared directory (SetupSandbox's answer).
     pub shared_dir: String,
+    /// Where the agent mounted the pod's volumes (SetupSandbox's answer);
+    /// empty when its driver needs none.
+    #[serde(default)]
+    pub volumes_dir: String,
     /// The pod's network while it is set up; None for hostNetwork pods and
     /// once torn down.
     #[serde(default)]
@@ -324,6 +328,7 @@ mod tests {
                     agent_socket: "/run/husk/sandboxes/p1/agent.sock".into(),
                     pid: 42,
                     shared_dir: String::new(),
+                    volumes_dir: String::new(),
                     network: None,
                     vm_size: None,
                     failure: None,

@@ -25,7 +25,9 @@ use support::streaming::{
     attach_output, exec_url, exit_code_of, ws_collect, ws_connect, ws_forward, ws_frame,
     ws_read_until, Ws,
 };
-use support::{container_config, exec_sync, guest_diagnostics, vmms_under, Huskd, VmReaper};
+use support::{
+    container_config, exec_sync, guest_diagnostics, virtiofsds_under, vmms_under, Huskd, VmReaper,
+};
 
 /// Container steps in a PVM guest take seconds each.
 const PATIENCE: Duration = Duration::from_secs(300);
@@ -103,6 +105,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     let logs = dir.path().join("logs");
+    let _mounts = support::MountSweeper(dir.path().to_path_buf());
     let _reaper = VmReaper(state.clone());
     let socket = dir.path().join("husk.sock");
     // guest_max_vcpus: the default is the host's CPU count, which differs
@@ -289,7 +292,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     assert!(log.contains(" stderr F oops\n"), "{log}");
 
     // A long-running container of the same image (the same disk), with
-    // kubelet-style host files copied into the guest.
+    // kubelet-style host files (through the pod's virtio-fs).
     let host_files = dir.path().join("host-files");
     std::fs::create_dir_all(host_files.join("dir/sub")).expect("mkdir");
     std::fs::write(host_files.join("hosts"), "10.0.0.1 husk-test\n").expect("write");
@@ -496,12 +499,21 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     // What kubelet's validation suite checks, in a VM.
     support::check_cri_conformance(&mut rt, &pod, &pod_config, &image).await;
     support::check_pid_namespaces(&mut rt, &pod, &pod_config, &image, true).await;
-    // A VM's volumes are copies: propagation to or from the node cannot be.
+    check_live_volumes(
+        &mut rt,
+        &pod,
+        &pod_config,
+        &image,
+        &dir.path().join("volumes"),
+        &sandbox_dir,
+    )
+    .await;
+    // Mounts made in a VM cannot reach the node.
     let mut propagated = container_config("propagated", &image, &["true"], "");
     propagated.mounts = vec![cri::Mount {
         container_path: "/vol".into(),
         host_path: dir.path().display().to_string(),
-        propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+        propagation: cri::MountPropagation::PropagationBidirectional as i32,
         ..Default::default()
     }];
     let refused = rt
@@ -590,6 +602,13 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         vmms_under(&sandbox_dir).is_empty(),
         "husk-vmm outlived StopPodSandbox"
     );
+    assert!(
+        virtiofsds_under(&sandbox_dir).is_empty(),
+        "virtiofsd outlived StopPodSandbox"
+    );
+    let mounts = support::mounts_under(&sandbox_dir);
+    assert!(mounts.is_empty(), "left mounted: {mounts:?}");
+    assert!(!sandbox_dir.join("fs.sock").exists());
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
         pod_sandbox_id: pod.clone(),
     })
@@ -603,4 +622,295 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     );
     let pods = support::list_pods(&mut rt).await;
     assert!(pods.is_empty(), "{pods:?}");
+
+    // A pod whose virtiofsd dies: its VM stops (a guest with a dead
+    // filesystem would hang), the pod reads NOTREADY saying why, and stop
+    // and remove leave no daemon, bind or socket.
+    let vm2_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "vm2".into(),
+            uid: "uid-vm2".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        ..Default::default()
+    };
+    let vm2 = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(vm2_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox vm2: {}", e.message()))
+        .into_inner()
+        .pod_sandbox_id;
+    let vm2_dir = state.join("sandboxes").join(&vm2);
+    let vm2_volume = dir.path().join("vm2-volume");
+    let mut vm2_sleeper = container_config("sleeper", &image, &["sleep", "600"], "");
+    vm2_sleeper.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: vm2_volume.display().to_string(),
+        ..Default::default()
+    }];
+    support::run_container(&mut rt, &vm2, vm2_sleeper, Some(vm2_config)).await;
+    assert!(
+        vm2_volume.is_dir(),
+        "a missing host path is made a directory"
+    );
+    // virtiofsd and the child it serves from (its namespace sandbox).
+    let daemons = virtiofsds_under(&vm2_dir);
+    assert!(!daemons.is_empty(), "no virtiofsd for the pod");
+    for pid in daemons {
+        // The child dies with its parent: it may be gone already.
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => panic!("kill virtiofsd {pid}: {e}"),
+        }
+    }
+    let (took, info) = support::wait_pod_failed(&mut rt, &vm2, PATIENCE).await;
+    eprintln!("virtiofsd killed → pod NOTREADY: {took:?}");
+    assert!(
+        info.contains("virtio-fs") && info.contains("backend closed"),
+        "the failure names the volumes' backend: {info}"
+    );
+    support::remove_pod(&mut rt, &vm2).await;
+    assert!(vmms_under(&state).is_empty(), "husk-vmm left running");
+    assert!(
+        virtiofsds_under(&state).is_empty(),
+        "virtiofsd left running"
+    );
+    let mounts = support::mounts_under(&state);
+    assert!(mounts.is_empty(), "left mounted: {mounts:?}");
+    assert!(!vm2_dir.exists(), "{} left behind", vm2_dir.display());
+}
+
+/// Runs `cmd` in `container` until its output is `want`; how long that took.
+async fn exec_until(
+    rt: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    cmd: &[&str],
+    want: &str,
+    within: Duration,
+) -> Duration {
+    let began = Instant::now();
+    loop {
+        let out = exec_sync(rt, container, cmd).await;
+        if out.exit_code == 0 && out.stdout == want.as_bytes() {
+            return began.elapsed();
+        }
+        assert!(
+            began.elapsed() < within,
+            "{cmd:?} still gives {out:?} after {within:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Kubelet's volumes in a VM are the node's files, live, through virtio-fs
+/// (issue 15): shared between containers, the host's changes seen (also
+/// kubelet's atomic `..data` swap), read-only honoured, propagation from
+/// the node as asked, the termination log reaching the host, a volume far
+/// larger than a copy could be. `host` is a scratch directory on the node.
+async fn check_live_volumes(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    image: &str,
+    host: &Path,
+    sandbox_dir: &Path,
+) {
+    let shared = host.join("shared");
+    std::fs::create_dir_all(&shared).expect("mkdir");
+    let mount = |container_path: &str, host_path: &Path, readonly: bool| cri::Mount {
+        container_path: container_path.into(),
+        host_path: host_path.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+
+    // kubelet's atomic writer: key → ..data/key, ..data → ..<timestamp>.
+    let config = host.join("configmap");
+    std::fs::create_dir_all(config.join("..v1")).expect("mkdir");
+    std::fs::write(config.join("..v1/key"), "v1\n").expect("write");
+    std::os::unix::fs::symlink("..v1", config.join("..data")).expect("symlink");
+    std::os::unix::fs::symlink("..data/key", config.join("key")).expect("symlink");
+
+    // 1 GiB, sparse on the host, with a marker in its last bytes.
+    let big = host.join("big");
+    std::fs::create_dir_all(&big).expect("mkdir");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(big.join("disk.img")).expect("create");
+        file.set_len(1 << 30).expect("truncate");
+        file.write_all_at(b"end-of-1GiB\n", (1 << 30) - 12)
+            .expect("marker");
+    }
+
+    let mut writer = container_config(
+        "vol-writer",
+        image,
+        &["sh", "-c", "echo from-writer > /shared/w; sleep 600"],
+        "",
+    );
+    writer.mounts = vec![
+        mount("/shared", &shared, false),
+        mount("/config", &config, true),
+        mount("/big", &big, false),
+    ];
+    let writer = support::run_container(rt, pod, writer, Some(pod_config.clone())).await;
+    let mut reader = container_config("vol-reader", image, &["sleep", "600"], "");
+    reader.mounts = vec![mount("/shared", &shared, false)];
+    let reader = support::run_container(rt, pod, reader, Some(pod_config.clone())).await;
+
+    // One container writes, the other reads, the host sees it; and back.
+    exec_until(
+        rt,
+        &reader,
+        &["cat", "/shared/w"],
+        "from-writer\n",
+        PATIENCE,
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(shared.join("w")).expect("the host sees the write"),
+        "from-writer\n"
+    );
+    let out = exec_sync(rt, &reader, &["sh", "-c", "echo from-reader > /shared/r"]).await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    exec_until(
+        rt,
+        &writer,
+        &["cat", "/shared/r"],
+        "from-reader\n",
+        PATIENCE,
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(shared.join("r")).expect("host"),
+        "from-reader\n"
+    );
+
+    // The host's changes reach a running container.
+    std::fs::write(shared.join("h"), "host-1\n").expect("write");
+    exec_until(rt, &reader, &["cat", "/shared/h"], "host-1\n", PATIENCE).await;
+    std::fs::write(shared.join("h"), "host-2\n").expect("write");
+    let took = exec_until(
+        rt,
+        &reader,
+        &["cat", "/shared/h"],
+        "host-2\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    eprintln!("a file rewritten on the host, seen in the guest after {took:?}");
+    exec_until(rt, &writer, &["cat", "/config/key"], "v1\n", PATIENCE).await;
+    std::fs::create_dir_all(config.join("..v2")).expect("mkdir");
+    std::fs::write(config.join("..v2/key"), "v2\n").expect("write");
+    std::os::unix::fs::symlink("..v2", config.join("..data_tmp")).expect("symlink");
+    std::fs::rename(config.join("..data_tmp"), config.join("..data")).expect("swap");
+    std::fs::remove_dir_all(config.join("..v1")).expect("rm old");
+    let took = exec_until(
+        rt,
+        &writer,
+        &["cat", "/config/key"],
+        "v2\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    eprintln!("kubelet's ..data swap on the host, seen in the guest after {took:?}");
+
+    // Read-only is read-only.
+    let out = exec_sync(rt, &writer, &["sh", "-c", "echo x > /config/new"]).await;
+    assert_ne!(out.exit_code, 0, "a write to a read-only volume: {out:?}");
+    assert!(!config.join("new").exists());
+
+    // 1 GiB through, end to end.
+    let out = exec_sync(
+        rt,
+        &writer,
+        &[
+            "sh",
+            "-c",
+            "stat -c %s /big/disk.img; tail -c 12 /big/disk.img",
+        ],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "1073741824\nend-of-1GiB\n",
+        "{out:?}"
+    );
+
+    // The node's later mounts below a volume: a HOST_TO_CONTAINER mount
+    // sees them, a PRIVATE one does not (the source is shared, as kubelet's
+    // directory is on systemd hosts).
+    let node_dir = host.join("propagating");
+    std::fs::create_dir_all(node_dir.join("sub")).expect("mkdir");
+    support::run("mount", &[&"--bind", &node_dir, &node_dir]);
+    support::run("mount", &[&"--make-shared", &node_dir]);
+    let mut watcher = container_config("vol-propagation", image, &["sleep", "600"], "");
+    watcher.mounts = vec![
+        cri::Mount {
+            propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+            ..mount("/following", &node_dir, true)
+        },
+        mount("/private", &node_dir, true),
+    ];
+    let watcher = support::run_container(rt, pod, watcher, Some(pod_config.clone())).await;
+    support::run("mount", &[&"-t", &"tmpfs", &"tmpfs", &node_dir.join("sub")]);
+    std::fs::write(node_dir.join("sub/later"), "later\n").expect("write");
+    let took = exec_until(
+        rt,
+        &watcher,
+        &["cat", "/following/sub/later"],
+        "later\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    eprintln!("a node mount below a HOST_TO_CONTAINER volume, seen after {took:?}");
+    let out = exec_sync(rt, &watcher, &["ls", "/private/sub"]).await;
+    assert_eq!(
+        (out.exit_code, out.stdout.as_slice()),
+        (0, &b""[..]),
+        "a PRIVATE volume saw the node's later mount: {out:?}"
+    );
+    // Lazily: virtiofsd may still hold what the guest looked up there.
+    support::run("umount", &[&"--lazy", &node_dir]);
+
+    // The termination log, a host file as kubelet mounts it, keeps what the
+    // container wrote there.
+    let termination_log = host.join("termination-log");
+    std::fs::write(&termination_log, "").expect("create");
+    let mut last_words = container_config(
+        "vol-last-words",
+        image,
+        &["sh", "-c", "echo goodbye > /dev/termination-log"],
+        "",
+    );
+    last_words.mounts = vec![mount("/dev/termination-log", &termination_log, false)];
+    let last_words = support::run_container(rt, pod, last_words, Some(pod_config.clone())).await;
+    let status = wait_exited(rt, &last_words, Path::new("/nonexistent")).await;
+    assert_eq!(status.exit_code, 0, "{status:?}");
+    assert_eq!(
+        std::fs::read_to_string(&termination_log).expect("read"),
+        "goodbye\n"
+    );
+
+    for id in [&writer, &reader, &watcher, &last_words] {
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("remove");
+    }
+    // Their binds went with them; the host's files stay.
+    let volumes = sandbox_dir.join("volumes");
+    assert_eq!(support::mounts_under(&volumes), vec![volumes.clone()]);
+    assert_eq!(
+        std::fs::read_to_string(shared.join("w")).expect("host"),
+        "from-writer\n"
+    );
 }

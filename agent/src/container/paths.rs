@@ -61,15 +61,6 @@ fn components(path: &Path) -> Vec<OsString> {
         .collect()
 }
 
-/// A path a request names relative to some directory: not absolute, no
-/// `..`, not empty.
-pub fn is_plain_relative(path: &Path) -> bool {
-    path.components().next().is_some()
-        && path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,13 +82,5 @@ mod tests {
         assert_eq!(join("/etc/up/etc/x"), root.join("etc/x"));
         assert_eq!(join("new/dir"), root.join("new/dir"));
         assert!(secure_join(root, Path::new("loop1/x")).is_err());
-    }
-
-    #[test]
-    fn plain_relative_paths() {
-        assert!(is_plain_relative(Path::new("a/b.txt")));
-        for bad in ["", "/etc", "a/../../b", ".."] {
-            assert!(!is_plain_relative(Path::new(bad)), "{bad}");
-        }
     }
 }

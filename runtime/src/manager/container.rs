@@ -109,13 +109,6 @@ async fn collect(
 /// freshly attached image disk (its config-change interrupt is handled
 /// asynchronously; on PVM hosts that takes a while).
 const DEVICE_WAIT: Duration = Duration::from_secs(60);
-/// Host-path mounts a VM pod gets as copies: at most this many bytes and
-/// entries per mount. Larger volumes need virtio-fs, which husk lacks yet.
-const MAX_COPY_BYTES: u64 = 16 << 20;
-const MAX_COPY_ENTRIES: usize = 1024;
-/// CopyFile chunk size (well under gRPC's 4 MiB message limit).
-const COPY_CHUNK: usize = 1 << 20;
-
 /// CreateContainer, retried while the agent cannot mount a block device
 /// that the guest has not seen arrive yet.
 async fn create_in_agent(
@@ -154,225 +147,6 @@ async fn create_in_agent(
             Err(status) => return Err(status),
         }
     }
-}
-
-/// One entry of a host path to copy into the guest.
-struct CopyEntry {
-    /// Relative to the mount's copy; empty for the top.
-    rel: std::path::PathBuf,
-    kind: agent::FileKind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    target: String,
-    source: std::path::PathBuf,
-}
-
-/// Lists `top` (following a symlink at the top only), parents first,
-/// refusing what is too large to copy.
-fn walk_for_copy(top: &Path) -> std::result::Result<Vec<CopyEntry>, String> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    let mut total = 0u64;
-    let mut pending = vec![(std::path::PathBuf::new(), top.to_path_buf(), true)];
-    while let Some((rel, path, follow)) = pending.pop() {
-        let meta = if follow {
-            std::fs::metadata(&path)
-        } else {
-            std::fs::symlink_metadata(&path)
-        }
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-        let kind = if meta.is_dir() {
-            agent::FileKind::Directory
-        } else if meta.file_type().is_symlink() {
-            agent::FileKind::Symlink
-        } else if meta.is_file() {
-            agent::FileKind::Regular
-        } else {
-            return Err(format!(
-                "{} is neither a file, a directory nor a symlink",
-                path.display()
-            ));
-        };
-        let target = if kind == agent::FileKind::Symlink {
-            std::fs::read_link(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .to_string_lossy()
-                .into_owned()
-        } else {
-            String::new()
-        };
-        if kind == agent::FileKind::Regular {
-            total += meta.len();
-        }
-        if total > MAX_COPY_BYTES || out.len() >= MAX_COPY_ENTRIES {
-            return Err(format!(
-                "more than {} MiB or {MAX_COPY_ENTRIES} entries",
-                MAX_COPY_BYTES >> 20
-            ));
-        }
-        if kind == agent::FileKind::Directory {
-            let mut children: Vec<_> = std::fs::read_dir(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.file_name()))
-                .collect();
-            children.sort();
-            // Popped in reverse: keeps a stable, parents-first order.
-            for name in children.into_iter().rev() {
-                pending.push((rel.join(&name), path.join(&name), false));
-            }
-        }
-        out.push(CopyEntry {
-            rel,
-            kind,
-            mode: meta.mode() & 0o7777,
-            uid: meta.uid(),
-            gid: meta.gid(),
-            target,
-            source: path,
-        });
-    }
-    Ok(out)
-}
-
-/// Copies each mount's host path into the agent's shared directory, below
-/// `mounts/<container>/<n>`, and returns the mounts naming the copies.
-async fn copy_mounts(
-    client: &mut Agent,
-    pod: &PodRecord,
-    container: &str,
-    mounts: &[cri::Mount],
-) -> Result<Vec<cri::Mount>> {
-    if pod.shared_dir.is_empty() {
-        return Err(CriError::FailedPrecondition(format!(
-            "pod {} has no shared directory for its containers' host-path mounts",
-            pod.id
-        )));
-    }
-    // A copy has no mounts to share with the node either way.
-    if let Some(m) = mounts
-        .iter()
-        .find(|m| m.propagation() != cri::MountPropagation::PropagationPrivate)
-    {
-        return Err(CriError::InvalidArgument(format!(
-            "mount {}: propagation {:?} needs the node's live directory, and a VM (the microvm \
-             handler) gets a copy of it: use PRIVATE, or the host handler",
-            m.container_path,
-            m.propagation()
-        )));
-    }
-    let copy = |client: &mut Agent, request: agent::CopyFileRequest| {
-        let mut client = client.clone();
-        async move {
-            let path = request.path.clone();
-            client
-                .copy_file(request)
-                .await
-                .map_err(agent_err(format!("copying {path} into the pod")))
-        }
-    };
-    let dir = |path: String| agent::CopyFileRequest {
-        path,
-        kind: agent::FileKind::Directory.into(),
-        mode: 0o755,
-        ..Default::default()
-    };
-    copy(client, dir("mounts".into())).await?;
-    let base = format!("mounts/{container}");
-    copy(client, dir(base.clone())).await?;
-    let mut out = Vec::with_capacity(mounts.len());
-    for (n, mount) in mounts.iter().enumerate() {
-        let dest = format!("{base}/{n}");
-        let host = Path::new(&mount.host_path);
-        if !host.is_absolute() {
-            return Err(CriError::InvalidArgument(format!(
-                "mount {:?}: host path {:?} must be absolute",
-                mount.container_path, mount.host_path
-            )));
-        }
-        if !host.exists() {
-            // As containerd does: a missing host path is made a directory.
-            copy(client, dir(dest.clone())).await?;
-        } else {
-            let top = host.to_path_buf();
-            let entries = tokio::task::spawn_blocking(move || walk_for_copy(&top))
-                .await
-                .map_err(|e| CriError::Io {
-                    what: "listing a host-path mount".into(),
-                    source: std::io::Error::other(e),
-                })?
-                .map_err(|why| {
-                    CriError::InvalidArgument(format!(
-                        "host-path mount {} → {} cannot go into a microVM pod: {why}; only small \
-                         files and directories are copied in (larger volumes need virtio-fs, not \
-                         supported yet; use runtime handler \"host\" for such pods)",
-                        mount.host_path, mount.container_path
-                    ))
-                })?;
-            let mut bytes = 0u64;
-            for entry in &entries {
-                let path = if entry.rel.as_os_str().is_empty() {
-                    dest.clone()
-                } else {
-                    format!("{dest}/{}", entry.rel.display())
-                };
-                let request = agent::CopyFileRequest {
-                    path,
-                    kind: entry.kind.into(),
-                    mode: entry.mode,
-                    uid: entry.uid,
-                    gid: entry.gid,
-                    symlink_target: entry.target.clone(),
-                    ..Default::default()
-                };
-                if entry.kind != agent::FileKind::Regular {
-                    copy(client, request).await?;
-                    continue;
-                }
-                let data = tokio::fs::read(&entry.source)
-                    .await
-                    .map_err(|source| CriError::Io {
-                        what: format!("reading {}", entry.source.display()),
-                        source,
-                    })?;
-                bytes += data.len() as u64;
-                let mut offset = 0usize;
-                loop {
-                    let end = (offset + COPY_CHUNK).min(data.len());
-                    copy(
-                        client,
-                        agent::CopyFileRequest {
-                            data: data[offset..end].to_vec(),
-                            offset: offset as u64,
-                            ..request.clone()
-                        },
-                    )
-                    .await?;
-                    offset = end;
-                    if offset >= data.len() {
-                        break;
-                    }
-                }
-            }
-            tracing::debug!(
-                host = %mount.host_path,
-                entries = entries.len(),
-                bytes,
-                "host-path mount copied into the pod"
-            );
-            if mount.container_path == "/dev/termination-log" || !mount.readonly {
-                tracing::debug!(
-                    host = %mount.host_path,
-                    "the container writes a copy: its writes do not reach the host"
-                );
-            }
-        }
-        out.push(cri::Mount {
-            host_path: format!("{}/{dest}", pod.shared_dir.trim_end_matches('/')),
-            ..mount.clone()
-        });
-    }
-    Ok(out)
 }
 
 impl Manager {
@@ -455,11 +229,13 @@ impl Manager {
         self.state.put_container(&record)?;
         let created = async {
             let mut client = self.agent(&pod).await?;
-            // A VM cannot bind-mount the host's files: they are copied into the
-            // agent's shared directory and the spec names the copies.
+            // Where the agent finds each host path (in a VM: through the
+            // pod's virtio-fs).
             let mut spec_config = config.clone();
-            if !driver.shares_host_fs() && !config.mounts.is_empty() {
-                spec_config.mounts = copy_mounts(&mut client, &pod, &id, &config.mounts).await?;
+            if !config.mounts.is_empty() {
+                spec_config.mounts = driver
+                    .share_mounts(&pod.id, &pod.dir, &pod.volumes_dir, &id, &config.mounts)
+                    .await?;
             }
             let shared_resolv = Path::new(&pod.shared_dir).join("resolv.conf");
             let resolv_conf = (!pod.shared_dir.is_empty()
@@ -530,6 +306,7 @@ impl Manager {
             Err(err) => {
                 self.state.delete_container(&id)?;
                 self.release_unused_image(&pod, &image_id).await;
+                self.unshare_mounts(&pod, &id).await;
                 return Err(err);
             }
         }
@@ -689,6 +466,7 @@ impl Manager {
         if pod.state == PodState::Ready {
             self.release_unused_image(&pod, &record.image_id).await;
         }
+        self.unshare_mounts(&pod, id).await;
         info!(container = id, "container removed");
         Ok(())
     }
@@ -734,6 +512,21 @@ impl Manager {
         };
         if let Err(e) = released {
             warn!(sandbox = %pod.id, "releasing image {image_id}: {e}");
+        }
+    }
+
+    /// The container's host paths are no longer shared into the pod. A
+    /// failure is logged: the pod's stop detaches whatever is left.
+    async fn unshare_mounts(&self, pod: &PodRecord, container: &str) {
+        let unshared = match self.driver(&pod.driver) {
+            Ok(driver) => driver
+                .unshare_mounts(&pod.id, &pod.dir, container)
+                .await
+                .map_err(CriError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = unshared {
+            warn!(sandbox = %pod.id, container, "unsharing the container's mounts: {e}");
         }
     }
 

@@ -81,7 +81,15 @@ impl From<CriError> for tonic::Status {
         let message = err.to_string();
         match &err {
             CriError::NotFound(_) => Status::not_found(message),
-            CriError::InvalidArgument(_) | CriError::Spec(_) => Status::invalid_argument(message),
+            CriError::InvalidArgument(_)
+            | CriError::Spec(_)
+            | CriError::Sandbox(
+                SandboxError::Unsupported { .. }
+                | SandboxError::Volume {
+                    source: crate::sandbox::volumes::VolumeError::Relative(_),
+                    ..
+                },
+            ) => Status::invalid_argument(message),
             CriError::FailedPrecondition(_)
             | CriError::Network(crate::network::NetworkError::NotReady(_)) => {
                 Status::failed_precondition(message)

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
 use crate::network::{self, link, NetworkError, PodNetwork, POD_IFNAME, VM_TAP};
-use crate::sandbox::{kill_processes_naming, SandboxDriver, SandboxSpec};
+use crate::sandbox::{kill_processes_naming, volumes, SandboxDriver, SandboxError, SandboxSpec};
 use crate::state::{ContainerState, PodRecord, PodState};
 
 /// How long a stopping agent has to exit after Shutdown.
@@ -84,6 +84,7 @@ impl Manager {
             agent_socket: dir.join("agent.sock"),
             pid: 0,
             shared_dir: String::new(),
+            volumes_dir: String::new(),
             network: None,
             vm_size: None,
             failure: None,
@@ -185,10 +186,13 @@ impl Manager {
                         .unwrap_or_default(),
                     interfaces,
                     routes,
+                    volumes_tag: started.volumes_tag.clone().unwrap_or_default(),
                 })
                 .await
-                .map_err(agent_err(format!("setting up sandbox {id}")))?;
-            record.shared_dir = setup.into_inner().shared_dir;
+                .map_err(agent_err(format!("setting up sandbox {id}")))?
+                .into_inner();
+            record.shared_dir = setup.shared_dir;
+            record.volumes_dir = setup.volumes_dir;
             Ok::<_, CriError>(started.client)
         }
         .await;
@@ -258,7 +262,7 @@ impl Manager {
     ) -> Vec<u32> {
         let pids = kill_processes_naming(dir);
         for driver in drivers {
-            if let Err(e) = driver.kill_leftovers(id).await {
+            if let Err(e) = driver.kill_leftovers(id, dir).await {
                 warn!(sandbox = %id, "{e}");
             }
         }
@@ -273,10 +277,9 @@ impl Manager {
         if let Err(e) = torn_down {
             warn!(sandbox = %id, "{e}");
         }
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(sandbox = %id, "removing {}: {e}", dir.display());
-            }
+        // Never through a volume's bind into the node's files.
+        if let Err(e) = volumes::remove_dir(dir) {
+            warn!(sandbox = %id, "{e}");
         }
         pids
     }
@@ -317,7 +320,7 @@ impl Manager {
         self.forget_agent(id);
         // Whatever the agent did not end (it died, or did not stop in time)
         // ends now: a stopped pod runs nothing.
-        driver.kill_leftovers(id).await?;
+        driver.kill_leftovers(id, &pod.dir).await?;
         // Whatever did not report an exit is gone with the agent.
         self.end_containers(id, "the pod sandbox was stopped")?;
         self.update_pod(id, |p| {
@@ -350,15 +353,11 @@ impl Manager {
                 self.state.delete_container(&c.id)?;
             }
         }
-        match std::fs::remove_dir_all(&pod.dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(CriError::Io {
-                    what: format!("removing {}", pod.dir.display()),
-                    source: e,
-                })
-            }
-            _ => {}
-        }
+        // Never through a volume's bind into the node's files.
+        volumes::remove_dir(&pod.dir).map_err(|source| SandboxError::Volume {
+            id: id.to_owned(),
+            source,
+        })?;
         self.state.delete_pod(id)?;
         self.forget_pod_lock(id);
         info!(sandbox = id, "pod removed");
@@ -409,14 +408,8 @@ impl Manager {
         if pod.state != PodState::Ready || driver.alive(pod.pid, &pod.dir) {
             return Ok(pod);
         }
-        self.fail_pod(
-            &pod,
-            format!(
-                "the pod sandbox's {} process (pid {}) ended unexpectedly",
-                pod.driver, pod.pid
-            ),
-        )
-        .await
+        self.fail_pod(&pod, ended_unexpectedly(driver.as_ref(), &pod))
+            .await
     }
 
     /// Checks that a ready pod's agent answers within the agent deadline;
@@ -456,9 +449,14 @@ impl Manager {
             // Stopped, or failed, while the probe waited.
             return Ok(());
         }
-        self.fail_pod(&now, format!("the pod's agent stopped answering ({error})"))
-            .await
-            .map(|_| ())
+        // A sandbox that died is why its agent is silent: that is the news.
+        let driver = self.driver(&now.driver)?;
+        let why = if driver.alive(now.pid, &now.dir) {
+            format!("the pod's agent stopped answering ({error})")
+        } else {
+            ended_unexpectedly(driver.as_ref(), &now)
+        };
+        self.fail_pod(&now, why).await.map(|_| ())
     }
 
     /// A ready pod that failed on its own: it is NOTREADY with `why` as its
@@ -478,7 +476,7 @@ impl Manager {
         driver
             .stop(&pod.id, pod.pid, &pod.dir, Duration::ZERO)
             .await?;
-        driver.kill_leftovers(&pod.id).await?;
+        driver.kill_leftovers(&pod.id, &pod.dir).await?;
         self.end_containers(
             &pod.id,
             &format!("{why}; what was left of the container was killed"),
@@ -565,6 +563,19 @@ fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
 }
 
 /// What huskd knows of a pod beyond the CRI status.
+/// Why a pod whose sandbox process is gone failed: what the process said
+/// about its end, if it said anything.
+fn ended_unexpectedly(driver: &dyn SandboxDriver, pod: &PodRecord) -> String {
+    let detail = driver
+        .exit_detail(&pod.dir)
+        .map(|said| format!(" ({said})"))
+        .unwrap_or_default();
+    format!(
+        "the pod sandbox's {} process (pid {}) ended unexpectedly{detail}",
+        pod.driver, pod.pid
+    )
+}
+
 fn pod_info(pod: &PodRecord) -> serde_json::Value {
     serde_json::json!({
         "driver": pod.driver,
@@ -664,6 +675,13 @@ mod tests {
         }
         fn alive(&self, _pid: u32, _dir: &Path) -> bool {
             false
+        }
+        fn kill_leftovers<'a>(
+            &'a self,
+            _id: &'a str,
+            _dir: &'a Path,
+        ) -> BoxFuture<'a, Result<(), SandboxError>> {
+            Box::pin(async { Ok(()) })
         }
     }
 

@@ -134,6 +134,7 @@ impl SandboxDriver for HostDriver {
                                 pid,
                                 client,
                                 vm_size: None,
+                                volumes_tag: None,
                             })),
                             Err(status) => Attempt::NotYet(format!("Ping: {}", status.message())),
                         },
@@ -212,7 +213,11 @@ impl SandboxDriver for HostDriver {
     }
 
     /// The containers are host processes: a dead agent leaves them running.
-    fn kill_leftovers<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), SandboxError>> {
+    fn kill_leftovers<'a>(
+        &'a self,
+        id: &'a str,
+        _dir: &'a Path,
+    ) -> BoxFuture<'a, Result<(), SandboxError>> {
         Box::pin(async move {
             let killed = kill_pod_cgroups(id, Path::new(CGROUP_ROOT)).await?;
             if killed > 0 {

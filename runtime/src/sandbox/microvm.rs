@@ -10,6 +10,9 @@
 //! | `console.log` | the guest's serial console |
 //! | `vmm.log` | husk-vmm's own log (stdout and stderr) |
 //! | `disks.json` | which spare disk slot holds which image |
+//! | `volumes/` | kubelet's host paths, bound in per container ([`super::volumes`]) |
+//! | `fs.sock` | virtiofsd's vhost-user socket, serving `volumes/` |
+//! | `virtiofsd.log` | virtiofsd's log |
 //!
 //! The VMM runs in its own process group and outlives huskd: a restarted
 //! huskd finds it again by its recorded pid (checked against its command
@@ -22,6 +25,12 @@
 //! interrupt; huskd does not wait for that here, the container manager
 //! retries the agent's mount for a while instead (see
 //! `manager::container`).
+//!
+//! Volumes reach the guest live through virtio-fs: huskd starts one
+//! virtiofsd per pod (in its own namespace sandbox, with its seccomp filter)
+//! on `volumes/` before husk-vmm, which connects to it. virtiofsd ends when
+//! husk-vmm does (it serves one connection), and husk-vmm stops the guest
+//! if virtiofsd dies first (exit status 3, its log says why).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,8 +52,8 @@ use crate::network::VM_TAP;
 use super::sizing::VmSizing;
 use super::startup::{Attempt, Spawned};
 use super::{
-    io_err, is_our_process, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver, SandboxError,
-    SandboxSpec, Started,
+    io_err, is_our_process, volumes, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver,
+    SandboxError, SandboxSpec, Started,
 };
 
 /// Where the guest kernel and initramfs are when the config names none.
@@ -64,10 +73,33 @@ const API_SOCKET: &str = "api.sock";
 const CONSOLE_LOG: &str = "console.log";
 const VMM_LOG: &str = "vmm.log";
 const DISK_TABLE: &str = "disks.json";
+const VOLUMES_DIR: &str = "volumes";
+const VIRTIOFS_SOCKET: &str = "fs.sock";
+const VIRTIOFSD_LOG: &str = "virtiofsd.log";
+/// The virtio-fs tag of every pod's volumes.
+const VOLUMES_TAG: &str = "husk-volumes";
+/// How long virtiofsd has to listen on its socket.
+const VIRTIOFSD_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where virtiofsd is looked for when the config names none, after `$PATH`:
+/// Debian's package installs it outside it.
+const VIRTIOFSD_LIBEXEC: &str = "/usr/libexec/virtiofsd";
+
+/// virtiofsd on `$PATH`, else Debian's place for it (which `check` then
+/// reports missing, with a hint).
+pub fn default_virtiofsd() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("virtiofsd"))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from(VIRTIOFSD_LIBEXEC))
+}
 
 #[derive(Debug, Clone)]
 pub struct MicroVmConfig {
     pub vmm: PathBuf,
+    /// The virtio-fs backend serving each pod's volumes.
+    pub virtiofsd: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// How big each pod's VM is.
@@ -120,6 +152,20 @@ fn tail(dir: &Path, file: &str, n: usize) -> String {
     let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Ends the pod's virtiofsd and detaches every bind below `volumes/`.
+/// Idempotent; the directory itself stays until the sandbox's goes.
+fn end_volumes(id: &str, dir: &Path) -> Result<(), SandboxError> {
+    let killed = super::kill_processes_naming(&dir.join(VIRTIOFS_SOCKET));
+    if !killed.is_empty() {
+        info!(sandbox = id, pids = ?killed, "virtiofsd killed");
+    }
+    let _ = fs::remove_file(dir.join(VIRTIOFS_SOCKET));
+    volumes::detach_all(&dir.join(VOLUMES_DIR)).map_err(|source| SandboxError::Volume {
+        id: id.to_owned(),
+        source,
+    })
 }
 
 /// What an operator needs when a guest does not come up.
@@ -197,6 +243,11 @@ impl MicroVmDriver {
                 "set husk_vmm in the config or --husk-vmm",
             ),
             (
+                "virtiofsd",
+                &self.config.virtiofsd,
+                "install it (scripts/install-deps.sh does) and set virtiofsd or --virtiofsd",
+            ),
+            (
                 "the guest kernel",
                 &self.config.kernel,
                 "build it with guest-image/build.sh and set guest_kernel or --guest-kernel",
@@ -244,6 +295,81 @@ impl MicroVmDriver {
         fs::rename(&tmp, &path).map_err(io_err(id, format!("writing {}", path.display())))
     }
 
+    /// Starts the pod's virtiofsd on a fresh `volumes/` and returns its
+    /// socket once it listens. It runs in its own process group, like
+    /// husk-vmm, and is found again by its command line (which names the
+    /// socket).
+    async fn start_virtiofsd(&self, id: &str, dir: &Path) -> Result<PathBuf, SandboxError> {
+        let root = dir.join(VOLUMES_DIR);
+        let socket = dir.join(VIRTIOFS_SOCKET);
+        end_volumes(id, dir)?;
+        volumes::prepare(&root).map_err(|source| SandboxError::Volume {
+            id: id.to_owned(),
+            source,
+        })?;
+        let log_path = dir.join(VIRTIOFSD_LOG);
+        let log = fs::File::create(&log_path)
+            .map_err(io_err(id, format!("creating {}", log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io_err(id, "duplicating the log file"))?;
+        let mut command = tokio::process::Command::new(&self.config.virtiofsd);
+        command
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--shared-dir")
+            .arg(&root)
+            // Attributes and directory entries are cached for a second, so
+            // the host's changes (kubelet's `..data` swaps) show within one.
+            .arg("--cache=auto")
+            .arg("--sandbox=namespace")
+            .arg("--seccomp=kill")
+            // Binds below the shared directory stay plain directories in
+            // the guest: the agent bind-mounts each, and an automount per
+            // volume would only add guest work.
+            .arg("--no-announce-submounts")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        let mut child = command.spawn().map_err(io_err(
+            id,
+            format!("starting {}", self.config.virtiofsd.display()),
+        ))?;
+        let deadline = Instant::now() + VIRTIOFSD_READY_TIMEOUT;
+        let exited = loop {
+            if socket.exists() {
+                break None;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(format!("it exited ({status})"));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.start_kill();
+                break Some(format!("no socket within {VIRTIOFSD_READY_TIMEOUT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // Reaped whenever it ends; its end is seen by husk-vmm.
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            info!(?status, "virtiofsd exited");
+        });
+        if let Some(why) = exited {
+            return Err(SandboxError::VolumesBackend {
+                id: id.to_owned(),
+                detail: format!(
+                    "virtiofsd on {}: {why}\n--- {} ---\n{}",
+                    root.display(),
+                    log_path.display(),
+                    tail(dir, VIRTIOFSD_LOG, 15)
+                ),
+            });
+        }
+        Ok(socket)
+    }
+
     async fn start_vm(&self, spec: &SandboxSpec) -> Result<Started, SandboxError> {
         let id = spec.id.as_str();
         let dir = &spec.dir;
@@ -264,6 +390,7 @@ impl MicroVmDriver {
             }
         }
         self.save_table(id, dir, &self.load_table(id, dir)?)?;
+        let virtiofs = self.start_virtiofsd(id, dir).await?;
         let pvm = host_is_pvm();
         let size = self.config.sizing.size_for(spec.linux.as_ref(), pvm);
         info!(
@@ -298,6 +425,8 @@ impl MicroVmDriver {
             .arg(self.config.spare_disks.to_string())
             .arg("--console-log")
             .arg(dir.join(CONSOLE_LOG))
+            .arg("--fs")
+            .arg(format!("tag={VOLUMES_TAG},socket={}", virtiofs.display()))
             .args(
                 self.config
                     .cmdline
@@ -345,6 +474,7 @@ impl MicroVmDriver {
                             pid,
                             client,
                             vm_size: Some(size),
+                            volumes_tag: Some(VOLUMES_TAG.to_owned()),
                         }))
                     }
                     Err(e @ VersionError::TooOld { .. }) => {
@@ -448,7 +578,7 @@ impl SandboxDriver for MicroVmDriver {
                 }
                 let _ = fs::remove_file(dir.join(DISK_TABLE));
                 info!(pid, "husk-vmm gone");
-                Ok(())
+                end_volumes(id, dir)
             }
             .instrument(info_span!("microvm_stop", sandbox = %id)),
         )
@@ -456,6 +586,113 @@ impl SandboxDriver for MicroVmDriver {
 
     fn alive(&self, pid: u32, dir: &Path) -> bool {
         is_our_process(pid, dir)
+    }
+
+    /// The VM's processes end with it; its volumes' binds do not.
+    fn kill_leftovers<'a>(
+        &'a self,
+        id: &'a str,
+        dir: &'a Path,
+    ) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(async move { end_volumes(id, dir) })
+    }
+
+    /// husk-vmm's last word, which says how the guest or a device ended.
+    fn exit_detail(&self, dir: &Path) -> Option<String> {
+        let log = fs::read_to_string(dir.join(VMM_LOG)).ok()?;
+        log.lines()
+            .rev()
+            .find(|line| line.starts_with("husk-vmm: "))
+            .map(str::to_owned)
+    }
+
+    /// Each host path is bound below the pod's `volumes/`, which virtiofsd
+    /// serves: the guest sees it live at `<volumes_dir>/<container>/<n>`.
+    fn share_mounts<'a>(
+        &'a self,
+        id: &'a str,
+        dir: &'a Path,
+        volumes_dir: &'a str,
+        container: &'a str,
+        mounts: &'a [k8s_cri::v1::Mount],
+    ) -> BoxFuture<'a, Result<Vec<k8s_cri::v1::Mount>, SandboxError>> {
+        use k8s_cri::v1::MountPropagation;
+
+        Box::pin(async move {
+            if volumes_dir.is_empty() {
+                return Err(SandboxError::Unsupported {
+                    id: id.to_owned(),
+                    detail: "the pod's guest has no volumes filesystem (started by an older \
+                             huskd?): recreate the pod to use host-path mounts"
+                        .into(),
+                });
+            }
+            // Mounts made in the guest cannot reach the node.
+            if let Some(m) = mounts
+                .iter()
+                .find(|m| m.propagation() == MountPropagation::PropagationBidirectional)
+            {
+                return Err(SandboxError::Unsupported {
+                    id: id.to_owned(),
+                    detail: format!(
+                        "mount {}: propagation BIDIRECTIONAL cannot cross into a VM (the \
+                         microvm handler): use PRIVATE or HOST_TO_CONTAINER, or the host handler",
+                        m.container_path
+                    ),
+                });
+            }
+            let root = dir.join(VOLUMES_DIR);
+            let shared = mounts
+                .iter()
+                .enumerate()
+                .map(|(index, mount)| {
+                    let propagation = match mount.propagation() {
+                        MountPropagation::PropagationHostToContainer => {
+                            volumes::Propagation::HostToContainer
+                        }
+                        _ => volumes::Propagation::Private,
+                    };
+                    let relative = volumes::share(
+                        &root,
+                        container,
+                        index,
+                        &mount.host_path,
+                        mount.readonly,
+                        propagation,
+                    )?;
+                    Ok(k8s_cri::v1::Mount {
+                        host_path: Path::new(volumes_dir).join(relative).display().to_string(),
+                        ..mount.clone()
+                    })
+                })
+                .collect::<Result<Vec<_>, volumes::VolumeError>>();
+            match shared {
+                Ok(shared) => Ok(shared),
+                Err(source) => {
+                    let _ = volumes::remove_dir(&root.join(container));
+                    Err(SandboxError::Volume {
+                        id: id.to_owned(),
+                        source,
+                    })
+                }
+            }
+        })
+    }
+
+    fn unshare_mounts<'a>(
+        &'a self,
+        id: &'a str,
+        dir: &'a Path,
+        container: &'a str,
+    ) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(async move {
+            volumes::remove_dir(&dir.join(VOLUMES_DIR).join(container)).map_err(|source| {
+                SandboxError::Volume {
+                    id: id.to_owned(),
+                    source,
+                }
+            })
+        })
     }
 
     fn runs_in_vm(&self) -> bool {
@@ -603,6 +840,7 @@ mod tests {
     fn a_missing_vmm_is_named() {
         let driver = MicroVmDriver::new(MicroVmConfig {
             vmm: "/nonexistent/husk-vmm".into(),
+            virtiofsd: "/nonexistent/virtiofsd".into(),
             kernel: "/nonexistent/vmlinux".into(),
             initrd: "/nonexistent/initrd".into(),
             sizing: VmSizing::default(),
@@ -620,6 +858,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let driver = MicroVmDriver::new(MicroVmConfig {
             vmm: "/x".into(),
+            virtiofsd: "/x".into(),
             kernel: "/x".into(),
             initrd: "/x".into(),
             sizing: VmSizing::default(),

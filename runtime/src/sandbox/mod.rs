@@ -7,6 +7,7 @@ mod host_cgroup;
 pub mod microvm;
 pub mod sizing;
 mod startup;
+pub mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,7 +23,7 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 /// The longest path a unix socket can have: `sun_path` less its NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 /// The longest socket name a driver makes in a sandbox's directory
-/// (`vsock.sock`, `agent.sock`, `api.sock`). huskd listens on no host port
+/// (`vsock.sock`, `agent.sock`, `api.sock`, `fs.sock`). huskd listens on no host port
 /// for guests, so the VMM's `vsock.sock_PORT` sockets are never made.
 const LONGEST_SOCKET_NAME: &str = "vsock.sock";
 /// Sandbox ids are 64 hex digits.
@@ -75,6 +76,16 @@ pub enum SandboxError {
     },
     #[error("sandbox {id}: {detail}")]
     NoDiskSlot { id: String, detail: String },
+    #[error("sandbox {id}: {detail}")]
+    Unsupported { id: String, detail: String },
+    #[error("sandbox {id}: the volumes' backend did not start: {detail}")]
+    VolumesBackend { id: String, detail: String },
+    #[error("sandbox {id}: volumes: {source}")]
+    Volume {
+        id: String,
+        #[source]
+        source: volumes::VolumeError,
+    },
     #[error("sandbox {id}: processes {pids:?} of cgroup {} outlived SIGKILL", cgroup.display())]
     Survivors {
         id: String,
@@ -233,6 +244,9 @@ pub struct Started {
     pub client: Agent,
     /// The VM's size, for drivers that run one.
     pub vm_size: Option<sizing::VmSize>,
+    /// The virtio-fs tag the agent mounts the pod's volumes from, for
+    /// drivers whose agent cannot see the host's files.
+    pub volumes_tag: Option<String>,
 }
 
 /// A way to run a pod's agent.
@@ -261,9 +275,16 @@ pub trait SandboxDriver: Send + Sync {
     fn alive(&self, pid: u32, dir: &Path) -> bool;
 
     /// Ends what of the sandbox outlives its process, once that was stopped
-    /// or died. Idempotent. A VM's processes end with it: nothing to do.
-    fn kill_leftovers<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<(), SandboxError>> {
-        Box::pin(async { Ok(()) })
+    /// or died. Idempotent.
+    fn kill_leftovers<'a>(
+        &'a self,
+        id: &'a str,
+        dir: &'a Path,
+    ) -> BoxFuture<'a, Result<(), SandboxError>>;
+
+    /// What the sandbox's process said about its end, if it said anything.
+    fn exit_detail(&self, _dir: &Path) -> Option<String> {
+        None
     }
 
     /// Whether the pod is its own machine (its own kernel, hostname and,
@@ -272,11 +293,37 @@ pub trait SandboxDriver: Send + Sync {
         false
     }
 
-    /// Whether the agent sees the host's filesystem, so that kubelet's
-    /// host paths can be bind-mounted as they are. When not, huskd copies
-    /// them into the agent's shared directory.
+    /// Whether the agent sees the host's filesystem, so that the files
+    /// huskd writes for the pod (resolv.conf, hosts) are there as they are.
     fn shares_host_fs(&self) -> bool {
         true
+    }
+
+    /// Makes a container's host-path mounts reachable by the sandbox's
+    /// agent; returns them with each `host_path` as the agent sees it.
+    /// `volumes_dir` is where the agent mounted the pod's volumes
+    /// (SetupSandbox's answer). Called under the pod's lock.
+    fn share_mounts<'a>(
+        &'a self,
+        _id: &'a str,
+        _dir: &'a Path,
+        _volumes_dir: &'a str,
+        _container: &'a str,
+        mounts: &'a [k8s_cri::v1::Mount],
+    ) -> BoxFuture<'a, Result<Vec<k8s_cri::v1::Mount>, SandboxError>> {
+        let mounts = mounts.to_vec();
+        Box::pin(async move { Ok(mounts) })
+    }
+
+    /// Undoes [`share_mounts`](Self::share_mounts) once the container is
+    /// gone. Idempotent.
+    fn unshare_mounts<'a>(
+        &'a self,
+        _id: &'a str,
+        _dir: &'a Path,
+        _container: &'a str,
+    ) -> BoxFuture<'a, Result<(), SandboxError>> {
+        Box::pin(async { Ok(()) })
     }
 
     /// Makes `image` available to the sandbox's agent and says how the agent

@@ -400,6 +400,21 @@ pub async fn wait_pod_failed(
     }
 }
 
+/// huskd's facts about a pod from its verbose status (`info["info"]`: the
+/// driver and, for a VM, its size and KVM kind); empty if there are none.
+pub async fn pod_info(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    id: &str,
+) -> String {
+    rt.pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: true,
+    })
+    .await
+    .map(|r| r.into_inner().info.remove("info").unwrap_or_default())
+    .unwrap_or_default()
+}
+
 /// The runtime's Status answer: conditions and handlers.
 pub async fn runtime_status(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
@@ -909,6 +924,17 @@ impl Drop for AgentSweeper {
 
 /// Pids of husk-vmm processes whose command line names `dir`.
 pub fn vmms_under(dir: &Path) -> Vec<u32> {
+    programs_under("/husk-vmm", dir)
+}
+
+/// The virtiofsd processes serving volumes below `dir`.
+pub fn virtiofsds_under(dir: &Path) -> Vec<u32> {
+    programs_under("/virtiofsd", dir)
+}
+
+/// The processes whose argv[0] ends with `program` and whose command line
+/// names `dir` (huskd's own command line names the programs too).
+fn programs_under(program: &str, dir: &Path) -> Vec<u32> {
     let needle = dir.display().to_string();
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
@@ -917,27 +943,63 @@ pub fn vmms_under(dir: &Path) -> Vec<u32> {
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
-        // argv[0] is husk-vmm (huskd's own command line names it too).
-        let program = cmdline.split('\0').next().unwrap_or_default();
-        if program.ends_with("/husk-vmm") && cmdline.contains(&needle) {
+        let argv0 = cmdline.split('\0').next().unwrap_or_default();
+        if argv0.ends_with(program) && cmdline.contains(&needle) {
             out.push(pid);
         }
     }
     out
 }
 
-/// Kills every husk-vmm below a state directory when dropped: a failing
-/// test (a panic) must not leave VMs behind, which outlive huskd by design.
+/// The mount points at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    husk_runtime::sandbox::volumes::mounts_under(dir).expect("mountinfo")
+}
+
+/// Kills every husk-vmm and virtiofsd below a state directory, and detaches
+/// the volumes' binds there, when dropped: a failing test (a panic) must not
+/// leave VMs or mounts behind, which outlive huskd by design.
 pub struct VmReaper(pub PathBuf);
 
 impl Drop for VmReaper {
     fn drop(&mut self) {
-        for pid in vmms_under(&self.0) {
+        for pid in vmms_under(&self.0)
+            .into_iter()
+            .chain(virtiofsds_under(&self.0))
+        {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // The volumes' binds, before the test's directory goes.
+        let _ = husk_runtime::sandbox::volumes::detach_all(&self.0);
+    }
+}
+
+/// A benchmark's main: runs `bench` on a two-worker runtime, as root (the
+/// drivers need namespaces, mounts and cgroups, and microvm /dev/kvm).
+pub fn bench_main<F: std::future::Future>(bench: F) -> F::Output {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "huskd's drivers need namespaces, mounts and cgroups (and microvm /dev/kvm): run this \
+         as root"
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(bench)
+}
+
+/// Detaches every mount below a test's directory when dropped, so that a
+/// failing test leaves none behind (and its directory can go).
+pub struct MountSweeper(pub PathBuf);
+
+impl Drop for MountSweeper {
+    fn drop(&mut self) {
+        let _ = husk_runtime::sandbox::volumes::detach_all(&self.0);
     }
 }
 
