@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -42,6 +43,9 @@ const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const GUEST_FEATURES: u64 =
     super::VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
+
+/// How long the backend has to answer one vhost-user request.
+const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Event-loop data of the backend socket; the call eventfds use their
 /// queue index.
@@ -100,11 +104,17 @@ impl Fs {
             socket: config.socket.clone(),
             source,
         })?;
-        let watched = socket.try_clone().map_err(|source| FsError::Connect {
-            tag: tag.clone(),
-            socket: config.socket.clone(),
-            source,
-        })?;
+        // A backend that stops answering must not hold a vCPU (activation
+        // runs on one) or the build forever.
+        let watched = socket
+            .set_read_timeout(Some(BACKEND_REPLY_TIMEOUT))
+            .and_then(|()| socket.set_write_timeout(Some(BACKEND_REPLY_TIMEOUT)))
+            .and_then(|()| socket.try_clone())
+            .map_err(|source| FsError::Connect {
+                tag: tag.clone(),
+                socket: config.socket.clone(),
+                source,
+            })?;
         let backend = |what| {
             let tag = tag.clone();
             move |source| FsError::Backend { tag, what, source }
@@ -247,6 +257,10 @@ impl VirtioDevice for Fs {
     }
 
     fn reset(&mut self) {
+        // Drivers reset a device before they set it up: nothing to stop.
+        if self.interrupt.is_none() {
+            return;
+        }
         // The backend stops serving each ring when asked for its position.
         for index in 0..NUM_QUEUES {
             if let Err(e) = self.frontend.set_vring_enable(index, false) {
@@ -296,5 +310,51 @@ impl MutEventSubscriber for Fs {
                 tracing::error!(tag = %self.tag, "virtio-fs: cannot watch a call eventfd: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    fn config(socket: &std::path::Path) -> FsConfig {
+        FsConfig {
+            tag: "husk-volumes".into(),
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn control() -> Arc<VmmControl> {
+        Arc::new(VmmControl::new().expect("control"))
+    }
+
+    #[test]
+    fn no_backend_is_a_connect_error_naming_the_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("absent.sock");
+        let Err(err) = Fs::new(&config(&socket), control()) else {
+            panic!("connected to nothing");
+        };
+        assert!(matches!(err, FsError::Connect { .. }), "{err}");
+        assert!(err.to_string().contains("absent.sock"), "{err}");
+    }
+
+    #[test]
+    fn a_backend_that_hangs_up_is_refused_with_what_it_was_asked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("fs.sock");
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let backend = std::thread::spawn(move || {
+            // Accepts, then goes away without a word.
+            drop(listener.accept().expect("accept"));
+        });
+        let Err(err) = Fs::new(&config(&socket), control()) else {
+            panic!("negotiated with a backend that hung up");
+        };
+        backend.join().expect("backend");
+        assert!(matches!(err, FsError::Backend { .. }), "{err}");
+        assert!(err.to_string().contains("husk-volumes"), "{err}");
     }
 }
