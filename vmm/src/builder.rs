@@ -24,7 +24,8 @@ use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::pvm;
-use crate::vstate::vcpu::{ExitDevices, Vcpu};
+use crate::seccomp::Filters;
+use crate::vstate::vcpu::{ExitDevices, Vcpu, VcpuStop};
 use crate::vstate::vm::Vm;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -65,6 +66,8 @@ pub enum BuildError {
     Fs(#[from] crate::devices::virtio::fs::FsError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot open the console log {path}: {source}")]
     ConsoleLog {
         path: std::path::PathBuf,
@@ -102,6 +105,8 @@ pub struct Vmm {
     /// thread may still hold it.
     vsock_uds: Option<PathBuf>,
     control: Arc<VmmControl>,
+    /// Whether the threads install their seccomp filters.
+    seccomp: bool,
 }
 
 impl Vmm {
@@ -281,6 +286,7 @@ impl Vmm {
             api,
             vsock_uds: config.vsock.as_ref().map(|v| v.uds_path.clone()),
             control,
+            seccomp: config.seccomp,
         })
     }
 
@@ -299,15 +305,37 @@ impl Vmm {
             tracing::info!(path = %api.path().display(), "control API listening");
             events.add_subscriber(Arc::new(Mutex::new(api)));
         }
+        let filters = match self.seccomp {
+            true => {
+                crate::seccomp::report_sigsys().map_err(setup("the SIGSYS handler"))?;
+                Some(Arc::new(Filters::compile()?))
+            }
+            false => {
+                tracing::warn!("running without seccomp filters (--no-seccomp)");
+                None
+            }
+        };
         for vcpu in self.vcpus {
             let control = self.control.clone();
+            let filters = filters.clone();
             std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
                 .spawn(move || {
+                    // Before the guest's first instruction on this vCPU.
+                    if let Some(Err(e)) = filters.as_ref().map(|f| f.install_vcpu()) {
+                        control.stop(StopReason::Vcpu(VcpuStop::Fatal(e.to_string())));
+                        return;
+                    }
                     let stop = vcpu.run();
                     control.stop(StopReason::Vcpu(stop));
                 })
                 .map_err(setup("a vCPU thread"))?;
+        }
+        // Before this thread serves anything the guest asks for; after the
+        // vCPU threads exist, which must not inherit this filter.
+        if let Some(filters) = &filters {
+            filters.install_vmm()?;
+            tracing::info!("seccomp filters installed");
         }
         while !self.control.stopping() {
             events

@@ -35,6 +35,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     pub api_sock: Option<PathBuf>,
     pub pvm: PvmMode,
+    /// Whether each thread installs its seccomp filter (`crate::seccomp`).
+    pub seccomp: bool,
 }
 
 #[derive(Debug, Clone)]

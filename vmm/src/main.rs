@@ -80,6 +80,10 @@ struct RunArgs {
     /// Run with the PVM profile: auto-detected, or forced on/off.
     #[arg(long, value_enum, default_value_t = PvmMode::Auto)]
     pvm: PvmMode,
+    /// Run without the seccomp filters (for debugging a refused system
+    /// call; huskd never passes it).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -101,6 +105,7 @@ impl From<RunArgs> for VmConfig {
             console_log: a.console_log,
             api_sock: a.api_sock,
             pvm: a.pvm,
+            seccomp: !a.no_seccomp,
         }
     }
 }
