@@ -408,8 +408,8 @@ impl Manager {
         if pod.state != PodState::Ready || driver.alive(pod.pid, &pod.dir) {
             return Ok(pod);
         }
-        self.fail_pod(&pod, ended_unexpectedly(driver.as_ref(), &pod))
-            .await
+        let why = ended_unexpectedly(driver.as_ref(), &pod).await;
+        self.fail_pod(&pod, why).await
     }
 
     /// Checks that a ready pod's agent answers within the agent deadline;
@@ -454,7 +454,7 @@ impl Manager {
         let why = if driver.alive(now.pid, &now.dir) {
             format!("the pod's agent stopped answering ({error})")
         } else {
-            ended_unexpectedly(driver.as_ref(), &now)
+            ended_unexpectedly(driver.as_ref(), &now).await
         };
         self.fail_pod(&now, why).await.map(|_| ())
     }
@@ -563,11 +563,12 @@ fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
 }
 
 /// What huskd knows of a pod beyond the CRI status.
-/// Why a pod whose sandbox process is gone failed: what the process said
-/// about its end, if it said anything.
-fn ended_unexpectedly(driver: &dyn SandboxDriver, pod: &PodRecord) -> String {
+/// Why a pod whose sandbox process is gone failed: what is known of its
+/// end.
+async fn ended_unexpectedly(driver: &dyn SandboxDriver, pod: &PodRecord) -> String {
     let detail = driver
         .exit_detail(&pod.dir)
+        .await
         .map(|said| format!(" ({said})"))
         .unwrap_or_default();
     format!(

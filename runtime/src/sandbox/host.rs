@@ -119,7 +119,7 @@ impl SandboxDriver for HostDriver {
             let child = command
                 .spawn()
                 .map_err(io_err(id, format!("starting {}", self.agent.display())))?;
-            let spawned = Spawned::reap(child, id, "husk-agent");
+            let spawned = Spawned::reap(child, id, "husk-agent", None);
             let pid = spawned.pid;
             let attempt = || {
                 let socket = socket.clone();

@@ -9,6 +9,7 @@
 //! | `api.sock` | the VMM's control API (attach/detach disks, shutdown) |
 //! | `console.log` | the guest's serial console |
 //! | `vmm.log` | husk-vmm's own log (stdout and stderr) |
+//! | `vmm.exit` | how husk-vmm ended, once it has (if this huskd started it) |
 //! | `disks.json` | which spare disk slot holds which image |
 //! | `volumes/` | kubelet's host paths, bound in per container ([`super::volumes`]) |
 //! | `fs.sock` | virtiofsd's vhost-user socket, serving `volumes/` |
@@ -72,6 +73,10 @@ const VSOCK_SOCKET: &str = "vsock.sock";
 const API_SOCKET: &str = "api.sock";
 const CONSOLE_LOG: &str = "console.log";
 const VMM_LOG: &str = "vmm.log";
+/// husk-vmm's exit status, written when it ends (if this huskd started it).
+const VMM_EXIT: &str = "vmm.exit";
+/// How long a look at a dead VMM waits for its exit status to be recorded.
+const EXIT_STATUS_WAIT: Duration = Duration::from_secs(1);
 const DISK_TABLE: &str = "disks.json";
 const VOLUMES_DIR: &str = "volumes";
 const VIRTIOFS_SOCKET: &str = "fs.sock";
@@ -381,10 +386,10 @@ impl MicroVmDriver {
         fs::create_dir_all(dir).map_err(io_err(id, format!("creating {}", dir.display())))?;
         let vsock = dir.join(VSOCK_SOCKET);
         let api = dir.join(API_SOCKET);
-        for socket in [&vsock, &api] {
-            match fs::remove_file(socket) {
+        for stale in [&vsock, &api, &dir.join(VMM_EXIT)] {
+            match fs::remove_file(stale) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io_err(id, format!("removing {}", socket.display()))(e))
+                    return Err(io_err(id, format!("removing {}", stale.display()))(e))
                 }
                 _ => {}
             }
@@ -450,7 +455,7 @@ impl MicroVmDriver {
             id,
             format!("starting {}", self.config.vmm.display()),
         ))?;
-        let spawned = Spawned::reap(child, id, "husk-vmm");
+        let spawned = Spawned::reap(child, id, "husk-vmm", Some(dir.join(VMM_EXIT)));
         let pid = spawned.pid;
         let attempt = || {
             let vsock = vsock.clone();
@@ -597,13 +602,32 @@ impl SandboxDriver for MicroVmDriver {
         Box::pin(async move { end_volumes(id, dir) })
     }
 
-    /// husk-vmm's last word, which says how the guest or a device ended.
-    fn exit_detail(&self, dir: &Path) -> Option<String> {
-        let log = fs::read_to_string(dir.join(VMM_LOG)).ok()?;
-        log.lines()
-            .rev()
-            .find(|line| line.starts_with("husk-vmm: "))
-            .map(str::to_owned)
+    /// husk-vmm's last word, which says how the guest or a device ended
+    /// (or which system call its seccomp filter refused); else how it
+    /// ended, if this huskd saw it end (a SIGKILL leaves no word).
+    fn exit_detail<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let log = fs::read_to_string(dir.join(VMM_LOG)).unwrap_or_default();
+            if let Some(said) = log
+                .lines()
+                .rev()
+                .find(|line| line.starts_with("husk-vmm: "))
+            {
+                return Some(said.to_owned());
+            }
+            // Written by the reaper a moment after the exit the caller saw.
+            let deadline = Instant::now() + EXIT_STATUS_WAIT;
+            let status = loop {
+                match fs::read_to_string(dir.join(VMM_EXIT)) {
+                    Ok(status) => break status,
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(_) => return None,
+                }
+            };
+            Some(format!("husk-vmm ended: {status}"))
+        })
     }
 
     /// Each host path is bound below the pod's `volumes/`, which virtiofsd

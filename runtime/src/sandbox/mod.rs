@@ -282,9 +282,9 @@ pub trait SandboxDriver: Send + Sync {
         dir: &'a Path,
     ) -> BoxFuture<'a, Result<(), SandboxError>>;
 
-    /// What the sandbox's process said about its end, if it said anything.
-    fn exit_detail(&self, _dir: &Path) -> Option<String> {
-        None
+    /// What is known of how the sandbox's process ended, if anything.
+    fn exit_detail<'a>(&'a self, _dir: &'a Path) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
     }
 
     /// Whether the pod is its own machine (its own kernel, hostname and,

@@ -4,13 +4,14 @@
 //! start that fails leaves nothing running.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::Child;
 use tokio::sync::oneshot;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{SandboxError, Started};
 
@@ -31,7 +32,15 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    pub fn reap(mut child: Child, sandbox: &str, program: &'static str) -> Self {
+    /// `status_file`, if given, gets the exit status once the process ends
+    /// (`exit status: 3`, `signal: 31 (SIGSYS)`): what a later look at the
+    /// pod can tell its failure by.
+    pub fn reap(
+        mut child: Child,
+        sandbox: &str,
+        program: &'static str,
+        status_file: Option<PathBuf>,
+    ) -> Self {
         let pid = child.id().unwrap_or(0);
         info!(sandbox, pid, "{program} started");
         let (exited_tx, exited) = oneshot::channel();
@@ -39,7 +48,17 @@ impl Spawned {
         tokio::spawn(async move {
             let status = child.wait().await;
             info!(sandbox, ?status, "{program} exited");
-            let _ = exited_tx.send(status.map(|s| s.to_string()).unwrap_or_default());
+            let status = status.map(|s| s.to_string()).unwrap_or_default();
+            if let Some(path) = status_file {
+                if let Err(e) = std::fs::write(&path, &status) {
+                    warn!(
+                        sandbox,
+                        "recording {program}'s exit in {}: {e}",
+                        path.display()
+                    );
+                }
+            }
+            let _ = exited_tx.send(status);
         });
         Self { pid, exited }
     }
