@@ -30,11 +30,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use support::{push_busybox, AgentSweeper, Huskd, Registry, VmReaper};
+use support::BenchHuskd;
 
 /// ExecSyncs of `true` whose median is the exec overhead.
 const OVERHEAD_RUNS: usize = 5;
@@ -56,20 +55,9 @@ async fn bench() {
     let mib = husk_e2e::env_number::<u64>("HUSK_VOLUME_BENCH_MIB", 256);
     let files = husk_e2e::env_number::<u64>("HUSK_VOLUME_BENCH_FILES", 500);
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
-    let args = Huskd::microvm_args(
-        dir.path(),
-        "log_level = \"warn\"\nguest_boot_timeout_secs = 600\nguest_max_vcpus = 16\n",
-    );
-    let registry = Registry::start();
-    let image = push_busybox(&registry, "").await;
-    let _agents = AgentSweeper::new(dir.path());
-    let _vms = VmReaper(state.clone());
-    let huskd = Huskd::spawn(&dir.path().join("husk.sock"), &args);
-    let channel = huskd.connect().await;
-    let mut rt = RuntimeServiceClient::new(channel.clone());
-    let mut img = ImageServiceClient::new(channel);
-    support::pull(&mut img, &image).await;
+    // Kept whole: huskd and what it started go when it drops.
+    let mut huskd = BenchHuskd::start(dir.path()).await;
+    let (rt, image, state) = (&mut huskd.rt, huskd.image.clone(), huskd.state.clone());
 
     let steps = [
         Step {
@@ -117,11 +105,11 @@ async fn bench() {
         let volume = dir.path().join(format!("volume-{handler}"));
         std::fs::create_dir_all(&volume).expect("mkdir");
         write_file(&volume.join("from-host"), mib);
-        let (pod, container) = start_pod(&mut rt, handler, &image, &volume).await;
-        let overhead = exec_overhead(&mut rt, &container).await;
+        let (pod, container) = start_pod(rt, handler, &image, &volume).await;
+        let overhead = exec_overhead(rt, &container).await;
         let mut times = Vec::new();
         for step in &steps {
-            let took = timed_exec(&mut rt, &container, &step.command).await;
+            let took = timed_exec(rt, &container, &step.command).await;
             times.push(took.saturating_sub(overhead));
         }
         if handler == "microvm" {
@@ -132,7 +120,7 @@ async fn bench() {
                 .sum();
             println!("microvm: the pod's virtiofsd processes hold {private_kib} KiB of their own (Private_*)");
         }
-        support::remove_pod(&mut rt, &pod).await;
+        support::remove_pod(rt, &pod).await;
         println!(
             "{handler}: ExecSync overhead {:.1} ms (median of {OVERHEAD_RUNS})",
             ms(overhead)
@@ -179,24 +167,7 @@ async fn start_pod(
     image: &str,
     volume: &Path,
 ) -> (String, String) {
-    let pod_config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: format!("volumes-{handler}"),
-            uid: format!("uid-volumes-{handler}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        ..Default::default()
-    };
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: handler.into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox {handler}: {}", e.message()))
-        .into_inner()
-        .pod_sandbox_id;
+    let (pod, pod_config) = support::run_pod(rt, &format!("volumes-{handler}"), handler).await;
     println!("{handler} sandbox: {}", support::pod_info(rt, &pod).await);
     let mut config = support::container_config("worker", image, &["sleep", "3600"], "");
     config.mounts = vec![cri::Mount {

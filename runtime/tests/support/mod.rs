@@ -445,6 +445,34 @@ pub async fn exec_sync(
     out
 }
 
+/// Runs a pod named `name` (uid `uid-NAME`, namespace default) on
+/// `handler`; its id and config.
+pub async fn run_pod(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    name: &str,
+    handler: &str,
+) -> (String, k8s_cri::v1::PodSandboxConfig) {
+    let config = k8s_cri::v1::PodSandboxConfig {
+        metadata: Some(k8s_cri::v1::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        ..Default::default()
+    };
+    let id = rt
+        .run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox {name} on {handler}: {}", e.message()))
+        .into_inner()
+        .pod_sandbox_id;
+    (id, config)
+}
+
 /// Creates a container from `config` in `pod` and starts it; its id.
 pub async fn run_container(
     rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
@@ -991,6 +1019,51 @@ pub fn bench_main<F: std::future::Future>(bench: F) -> F::Output {
         .build()
         .expect("tokio runtime")
         .block_on(bench)
+}
+
+/// A huskd for a benchmark that runs pods of both handlers, with busybox
+/// pulled from a loopback registry; what it started goes when it drops.
+pub struct BenchHuskd {
+    pub rt: k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    pub image: String,
+    /// huskd's state directory (`<dir>/state`).
+    pub state: PathBuf,
+    // Dropped in this order: huskd first, then what outlives it.
+    _huskd: Huskd,
+    _vms: VmReaper,
+    _agents: AgentSweeper,
+    _registry: Registry,
+}
+
+impl BenchHuskd {
+    pub async fn start(dir: &Path) -> BenchHuskd {
+        let state = dir.join("state");
+        let args = Huskd::microvm_args(
+            dir,
+            "log_level = \"warn\"\nguest_boot_timeout_secs = 600\nguest_max_vcpus = 16\n",
+        );
+        let registry = Registry::start();
+        let image = push_busybox(&registry, "").await;
+        let agents = AgentSweeper::new(dir);
+        let vms = VmReaper(state.clone());
+        let huskd = Huskd::spawn(&dir.join("husk.sock"), &args);
+        let channel = huskd.connect().await;
+        let rt = k8s_cri::v1::runtime_service_client::RuntimeServiceClient::new(channel.clone());
+        pull(
+            &mut k8s_cri::v1::image_service_client::ImageServiceClient::new(channel),
+            &image,
+        )
+        .await;
+        BenchHuskd {
+            rt,
+            image,
+            state,
+            _huskd: huskd,
+            _vms: vms,
+            _agents: agents,
+            _registry: registry,
+        }
+    }
 }
 
 /// Detaches every mount below a test's directory when dropped, so that a
