@@ -17,7 +17,8 @@ use tracing::warn;
 use super::host_cgroup::{kill_pod_cgroups, CGROUP_ROOT};
 use super::startup::{Attempt, Spawned};
 use super::{
-    io_err, BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started, AGENT_READY_TIMEOUT,
+    io_err, log_output, BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started,
+    AGENT_READY_TIMEOUT,
 };
 
 pub struct HostDriver {
@@ -74,12 +75,6 @@ impl SandboxDriver for HostDriver {
                 .map_err(io_err(id, format!("creating {}", agent_dir.display())))?;
             let socket = spec.dir.join("agent.sock");
             let _ = fs::remove_file(&socket);
-            let log_path = spec.dir.join("agent.log");
-            let log = fs::File::create(&log_path)
-                .map_err(io_err(id, format!("creating {}", log_path.display())))?;
-            let log2 = log
-                .try_clone()
-                .map_err(io_err(id, "duplicating the log file"))?;
             let mut command = tokio::process::Command::new(&self.agent);
             command
                 .arg("--listen")
@@ -87,9 +82,8 @@ impl SandboxDriver for HostDriver {
                 .arg("--state-dir")
                 .arg(&agent_dir)
                 .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log2)
                 .process_group(0);
+            log_output(&mut command, id, &spec.dir.join("agent.log"))?;
             // SAFETY: the closure runs in the forked child before exec and only
             // makes raw syscalls (unshare, mount) with static arguments: no
             // allocation, no locks.

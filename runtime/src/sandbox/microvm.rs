@@ -53,7 +53,7 @@ use crate::network::VM_TAP;
 use super::sizing::VmSizing;
 use super::startup::{Attempt, Spawned};
 use super::{
-    io_err, is_our_process, volumes, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver,
+    io_err, is_our_process, log_output, volumes, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver,
     SandboxError, SandboxSpec, Started,
 };
 
@@ -300,24 +300,19 @@ impl MicroVmDriver {
         fs::rename(&tmp, &path).map_err(io_err(id, format!("writing {}", path.display())))
     }
 
-    /// Starts the pod's virtiofsd on a fresh `volumes/` and returns its
+    /// Starts the pod's virtiofsd on `volumes/` (the sandbox's directory is
+    /// new: nothing of an earlier one is there) and returns its
     /// socket once it listens. It runs in its own process group, like
     /// husk-vmm, and is found again by its command line (which names the
     /// socket).
     async fn start_virtiofsd(&self, id: &str, dir: &Path) -> Result<PathBuf, SandboxError> {
         let root = dir.join(VOLUMES_DIR);
         let socket = dir.join(VIRTIOFS_SOCKET);
-        end_volumes(id, dir)?;
         volumes::prepare(&root).map_err(|source| SandboxError::Volume {
             id: id.to_owned(),
             source,
         })?;
         let log_path = dir.join(VIRTIOFSD_LOG);
-        let log = fs::File::create(&log_path)
-            .map_err(io_err(id, format!("creating {}", log_path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(io_err(id, "duplicating the log file"))?;
         let mut command = tokio::process::Command::new(&self.config.virtiofsd);
         command
             .arg("--socket-path")
@@ -335,9 +330,8 @@ impl MicroVmDriver {
             .arg("--no-announce-submounts")
             .arg("--log-level=warn")
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
             .process_group(0);
+        log_output(&mut command, id, &log_path)?;
         let mut child = command.spawn().map_err(io_err(
             id,
             format!("starting {}", self.config.virtiofsd.display()),
@@ -405,12 +399,6 @@ impl MicroVmDriver {
             pvm,
             "sizing the pod's VM"
         );
-        let log_path = dir.join(VMM_LOG);
-        let log = fs::File::create(&log_path)
-            .map_err(io_err(id, format!("creating {}", log_path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(io_err(id, "duplicating the log file"))?;
         let mut command = tokio::process::Command::new(&self.config.vmm);
         command
             .arg("run")
@@ -440,10 +428,9 @@ impl MicroVmDriver {
             )
             .env("HUSK_LOG", "husk_vmm=info")
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
             // Its own group: a signal to huskd's group (Ctrl-C) leaves pods running.
             .process_group(0);
+        log_output(&mut command, id, &dir.join(VMM_LOG))?;
         // husk-vmm opens its tap inside the pod's namespace, where huskd
         // joins it to the pod's CNI interface.
         spec.join_netns(&mut command)?;
@@ -583,7 +570,9 @@ impl SandboxDriver for MicroVmDriver {
                 }
                 let _ = fs::remove_file(dir.join(DISK_TABLE));
                 info!(pid, "husk-vmm gone");
-                end_volumes(id, dir)
+                // virtiofsd and the volumes' binds: kill_leftovers, which
+                // every caller runs next.
+                Ok(())
             }
             .instrument(info_span!("microvm_stop", sandbox = %id)),
         )

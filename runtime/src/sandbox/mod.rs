@@ -229,6 +229,22 @@ impl SandboxSpec {
     }
 }
 
+/// Sends `command`'s stdout and stderr to a new file at `path`, the
+/// process's log.
+fn log_output(
+    command: &mut tokio::process::Command,
+    id: &str,
+    path: &Path,
+) -> Result<(), SandboxError> {
+    let log =
+        std::fs::File::create(path).map_err(io_err(id, format!("creating {}", path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(io_err(id, "duplicating the log file"))?;
+    command.stdout(log).stderr(log2);
+    Ok(())
+}
+
 /// Maps an I/O error to the sandbox's error, saying what was being done.
 fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
     let id = id.to_owned();
