@@ -21,7 +21,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
 
 use support::{
-    container_config, guest_diagnostics, network_leftovers, vmms_under, Huskd, VmReaper,
+    container_config, guest_diagnostics, network_leftovers, virtiofsds_under, vmms_under, Huskd,
+    VmReaper,
 };
 
 /// huskd's deadline on calls into the agent, and on its health check.
@@ -270,6 +271,12 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
     support::remove_pod(&mut rt, &pod).await;
     assert!(support::list_pods(&mut rt).await.is_empty());
     assert!(vmms_under(&state).is_empty(), "husk-vmm left running");
+    assert!(
+        virtiofsds_under(&state).is_empty(),
+        "virtiofsd left running"
+    );
+    let mounts = support::mounts_under(&state);
+    assert!(mounts.is_empty(), "left mounted: {mounts:?}");
     assert!(!sandbox_dir.exists(), "sandbox directory left");
     let left = network_leftovers(&pod);
     assert!(left.is_empty(), "network left behind: {left:?}");
@@ -327,6 +334,12 @@ async fn huskd_killed_while_a_guest_boots_leaves_no_vm() {
     let mut rt = RuntimeServiceClient::new(_huskd.connect().await);
     assert!(support::list_pods(&mut rt).await.is_empty());
     assert!(vmms_under(&state).is_empty(), "husk-vmm left running");
+    assert!(
+        virtiofsds_under(&state).is_empty(),
+        "virtiofsd left running"
+    );
+    let mounts = support::mounts_under(&state);
+    assert!(mounts.is_empty(), "left mounted: {mounts:?}");
     assert!(
         !state.join("sandboxes").join(&sandboxes[0]).exists(),
         "sandbox directory left"
