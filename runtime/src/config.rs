@@ -20,6 +20,8 @@
 //! husk_vmm = "/usr/bin/husk-vmm"      # default: next to huskd
 //! husk_agent = "/usr/bin/husk-agent"  # default: next to huskd
 //! virtiofsd = "/usr/libexec/virtiofsd" # default: on $PATH, else this
+//! microvm_jail = true                 # husk-vmm confines itself: namespaces, empty root, own uid
+//! microvm_jail_first_id = 3000000000  # jailed VMMs run as uid = gid = this + n, one n per pod
 //! log_level = "info"
 //! cni_conf_dir = "/etc/cni/net.d"     # the first *.conflist/*.conf/*.json wins
 //! cni_bin_dir = "/usr/lib/cni"
@@ -42,7 +44,8 @@ use serde::Deserialize;
 use crate::image::RegistryConfig;
 use crate::network::{Network, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR};
 use crate::sandbox::microvm::{
-    default_virtiofsd, DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL,
+    default_virtiofsd, JailIds, DEFAULT_BOOT_TIMEOUT, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL,
+    DEFAULT_JAIL_FIRST_ID,
 };
 use crate::sandbox::sizing::VmSizing;
 use crate::sandbox::{longest_socket_path, MAX_SOCKET_PATH};
@@ -120,6 +123,15 @@ pub struct Cli {
     /// $PATH, else /usr/libexec/virtiofsd].
     #[arg(long, value_name = "PATH")]
     pub virtiofsd: Option<PathBuf>,
+    /// Whether husk-vmm confines itself before its guest runs (new mount,
+    /// IPC and UTS namespaces, an empty read-only root, rlimits, a uid and
+    /// gid of its own per pod) [default: true].
+    #[arg(long, value_name = "BOOL")]
+    pub microvm_jail: Option<bool>,
+    /// The first of the 65536 uids (and gids) jailed VMMs run as, one per
+    /// pod [default: 3000000000].
+    #[arg(long, value_name = "ID")]
+    pub microvm_jail_first_id: Option<u32>,
     /// The configuration file; a missing default file is fine, a missing
     /// named one is an error [default: /etc/husk/config.toml].
     #[arg(long, value_name = "FILE")]
@@ -165,6 +177,8 @@ pub struct FileConfig {
     pub husk_vmm: Option<PathBuf>,
     pub husk_agent: Option<PathBuf>,
     pub virtiofsd: Option<PathBuf>,
+    pub microvm_jail: Option<bool>,
+    pub microvm_jail_first_id: Option<u32>,
     pub log_level: Option<String>,
     pub cni_conf_dir: Option<PathBuf>,
     pub cni_bin_dir: Option<PathBuf>,
@@ -195,6 +209,8 @@ pub struct Config {
     pub husk_vmm: PathBuf,
     pub husk_agent: PathBuf,
     pub virtiofsd: PathBuf,
+    /// None: husk-vmm runs unconfined.
+    pub microvm_jail: Option<JailIds>,
     pub log_level: String,
     pub registry: RegistryConfig,
     pub network: Network,
@@ -387,6 +403,16 @@ impl Config {
                 .clone()
                 .or(file.virtiofsd)
                 .unwrap_or_else(default_virtiofsd),
+            microvm_jail: cli
+                .microvm_jail
+                .or(file.microvm_jail)
+                .unwrap_or(true)
+                .then(|| JailIds {
+                    first: cli
+                        .microvm_jail_first_id
+                        .or(file.microvm_jail_first_id)
+                        .unwrap_or(DEFAULT_JAIL_FIRST_ID),
+                }),
             log_level: cli
                 .log_level
                 .clone()

@@ -96,6 +96,7 @@ async fn run(config: Config) -> Result<(), HuskdError> {
         spare_disks: DEFAULT_SPARE_DISKS,
         boot_timeout: config.guest_boot_timeout,
         call_deadline: config.agent_timeout,
+        jail: config.microvm_jail,
     }));
     if let Err(why) = microvm.check() {
         warn!("the microvm sandbox driver cannot start pods: {why}");

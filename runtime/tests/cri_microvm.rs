@@ -127,8 +127,11 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     support::pull(&mut img, &image).await;
 
     // A pod with the default handler: a microVM, as big as its containers'
-    // limits (kubelet's sum: 2 CPUs, 256 MiB) plus huskd's default base.
+    // limits (kubelet's sum: 2 CPUs, 256 MiB) plus huskd's default base, in
+    // a pod cgroup kubelet made.
     let pod_logs = logs.join("default_vm1_uid-vm1");
+    let cgroup_parent =
+        support::CgroupParent::new(&format!("/husk-test-{}/pod-uid-vm1", std::process::id()));
     let pod_config = cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: "vm1".into(),
@@ -145,6 +148,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
                 memory_limit_in_bytes: 256 << 20,
                 ..Default::default()
             }),
+            cgroup_parent: cgroup_parent.0.clone(),
             ..Default::default()
         }),
         ..Default::default()
@@ -168,6 +172,10 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let sandbox_dir = state.join("sandboxes").join(&pod);
     let vmm_pids = vmms_under(&sandbox_dir);
     assert_eq!(vmm_pids.len(), 1, "one husk-vmm per pod: {vmm_pids:?}");
+    // Jailed, filtered, not root, and with virtiofsd in its own cgroup
+    // below the pod's.
+    let vm_cgroup = format!("{}/husk-{pod}", cgroup_parent.0);
+    support::check_vm_confined(&sandbox_dir, &vm_cgroup);
     let pod_status = support::pod_status(&mut rt, &pod).await;
     assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
 
@@ -603,6 +611,10 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         virtiofsds_under(&sandbox_dir).is_empty(),
         "virtiofsd outlived StopPodSandbox"
     );
+    assert!(
+        !support::cgroup_exists(&vm_cgroup),
+        "the VM's cgroup {vm_cgroup} outlived StopPodSandbox"
+    );
     let mounts = support::mounts_under(&sandbox_dir);
     assert!(mounts.is_empty(), "left mounted: {mounts:?}");
     assert!(!sandbox_dir.join("fs.sock").exists());
@@ -654,6 +666,9 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
         vm2_volume.is_dir(),
         "a missing host path is made a directory"
     );
+    // Without a cgroup parent the VM goes below husk's own.
+    let vm2_cgroup = format!("/husk/{vm2}");
+    support::check_vm_confined(&vm2_dir, &vm2_cgroup);
     // virtiofsd and the child it serves from (its namespace sandbox).
     let daemons = virtiofsds_under(&vm2_dir);
     assert!(!daemons.is_empty(), "no virtiofsd for the pod");
@@ -682,6 +697,10 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     let mounts = support::mounts_under(&state);
     assert!(mounts.is_empty(), "left mounted: {mounts:?}");
     assert!(!vm2_dir.exists(), "{} left behind", vm2_dir.display());
+    assert!(
+        !support::cgroup_exists(&vm2_cgroup),
+        "{vm2_cgroup} left behind"
+    );
 }
 
 /// Runs `cmd` in `container` until its output is `want`; how long that took.

@@ -4,7 +4,9 @@
 //! Requests (`op` selects):
 //! - `{"op":"status"}` → `{"ok":true,"status":{"state":"running","uptime_ms":..,"vcpus":..,"mem_mib":..,"pvm":..,"disks":[{"index":0,"path":..,"read_only":..,"sectors":..}]}}`
 //! - `{"op":"attach_disk","index":N,"path":"/img"}` fills or replaces disk slot N
-//!   (the guest sees the new capacity through a config-change interrupt)
+//!   (the guest sees the new capacity through a config-change interrupt);
+//!   with `"fd":true` the image is the file descriptor sent with the request
+//!   (SCM_RIGHTS) and `path` only names it: a jailed VMM opens nothing by path
 //! - `{"op":"detach_disk","index":N}` empties slot N (capacity 0)
 //! - `{"op":"shutdown"}` stops the VM at once (the graceful path is the
 //!   agent's Shutdown, which resets the guest); the VMM exits 0
@@ -12,14 +14,18 @@
 //! Errors answer `{"ok":false,"error":"..."}`; a malformed line is an error,
 //! not a closed connection.
 
-use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use nix::errno::Errno;
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::control::{StopReason, VmmControl};
@@ -33,8 +39,16 @@ const MAX_REQUEST_LEN: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    AttachDisk { index: usize, path: PathBuf },
-    DetachDisk { index: usize },
+    AttachDisk {
+        index: usize,
+        path: PathBuf,
+        /// The image is the file descriptor that came with the request.
+        #[serde(default)]
+        fd: bool,
+    },
+    DetachDisk {
+        index: usize,
+    },
     Shutdown,
 }
 
@@ -87,7 +101,12 @@ pub struct ApiServer {
 struct Connection {
     stream: UnixStream,
     pending: Vec<u8>,
+    /// File descriptors received and not yet taken by a request.
+    fds: VecDeque<OwnedFd>,
 }
+
+/// File descriptors one read takes at most; more are closed by the kernel.
+const MAX_FDS_PER_READ: usize = 4;
 
 impl ApiServer {
     pub fn bind(
@@ -120,13 +139,23 @@ impl ApiServer {
         &self.path
     }
 
-    fn handle(&mut self, request: Request) -> Result<serde_json::Value, String> {
+    fn handle(
+        &mut self,
+        request: Request,
+        fds: &mut VecDeque<OwnedFd>,
+    ) -> Result<serde_json::Value, String> {
         let span = tracing::info_span!("api", request = ?request);
         let _enter = span.enter();
         match request {
             Request::Status => Ok(serde_json::json!({ "status": self.status() })),
-            Request::AttachDisk { index, path } => {
-                self.swap_disk(index, Some(&path))?;
+            Request::AttachDisk { index, path, fd } => {
+                let file = match fd {
+                    true => Some(File::from(fds.pop_front().ok_or(
+                        "\"fd\":true, but no file descriptor came with the request",
+                    )?)),
+                    false => None,
+                };
+                self.swap_disk(index, Some((&path, file)))?;
                 Ok(serde_json::json!({}))
             }
             Request::DetachDisk { index } => {
@@ -159,12 +188,13 @@ impl ApiServer {
         }
     }
 
-    fn swap_disk(&self, index: usize, path: Option<&Path>) -> Result<(), String> {
+    fn swap_disk(&self, index: usize, new: Option<(&Path, Option<File>)>) -> Result<(), String> {
+        let path = new.as_ref().map(|(path, _)| path.to_path_buf());
         let slot = self
             .disks
             .get(index)
             .ok_or_else(|| format!("no disk slot {index} (the VM has {})", self.disks.len()))?;
-        slot.handle.set_backing(path).map_err(|e| e.to_string())?;
+        slot.handle.set_backing(new).map_err(|e| e.to_string())?;
         slot.transport
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -173,9 +203,9 @@ impl ApiServer {
         Ok(())
     }
 
-    fn respond(&mut self, line: &[u8]) -> Vec<u8> {
+    fn respond(&mut self, line: &[u8], fds: &mut VecDeque<OwnedFd>) -> Vec<u8> {
         let reply = match serde_json::from_slice::<Request>(line) {
-            Ok(request) => match self.handle(request) {
+            Ok(request) => match self.handle(request, fds) {
                 Ok(mut body) => {
                     body["ok"] = true.into();
                     body
@@ -194,17 +224,17 @@ impl ApiServer {
     fn serve(&mut self, conn: &mut Connection) -> bool {
         let mut buf = [0u8; 4096];
         let open = loop {
-            match conn.stream.read(&mut buf) {
+            match receive(&conn.stream, &mut buf, &mut conn.fds) {
                 Ok(0) => break false,
                 Ok(n) => conn.pending.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(Errno::EAGAIN) => break true,
+                Err(Errno::EINTR) => continue,
                 Err(_) => break false,
             }
         };
         while let Some(end) = conn.pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = conn.pending.drain(..=end).collect();
-            let reply = self.respond(&line[..line.len() - 1]);
+            let reply = self.respond(&line[..line.len() - 1], &mut conn.fds);
             // Replies are small: write them blocking; a peer that does not
             // read them is dropped.
             let written = conn.stream.set_nonblocking(false).is_ok()
@@ -218,9 +248,36 @@ impl ApiServer {
     }
 }
 
+/// Reads what `stream` has, keeping any file descriptors sent with it.
+fn receive(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut VecDeque<OwnedFd>,
+) -> Result<usize, Errno> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    for cmsg in msg.cmsgs().map_err(|_| Errno::EINVAL)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel has just put these descriptors in this
+            // process's table for this message; nothing else owns them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok(msg.bytes)
+}
+
 impl MutEventSubscriber for ApiServer {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        use std::os::fd::AsRawFd;
         if events.fd() == self.listener.as_raw_fd() {
             while let Ok((stream, _)) = self.listener.accept() {
                 if stream.set_nonblocking(true).is_err() {
@@ -237,6 +294,7 @@ impl MutEventSubscriber for ApiServer {
                     Connection {
                         stream,
                         pending: Vec::new(),
+                        fds: VecDeque::new(),
                     },
                 );
             }
@@ -279,9 +337,10 @@ mod tests {
         match serde_json::from_str::<Request>(r#"{"op":"attach_disk","index":1,"path":"/x"}"#)
             .unwrap()
         {
-            Request::AttachDisk { index, path } => {
+            Request::AttachDisk { index, path, fd } => {
                 assert_eq!(index, 1);
                 assert_eq!(path, PathBuf::from("/x"));
+                assert!(!fd);
             }
             other => panic!("{other:?}"),
         }

@@ -23,6 +23,7 @@ use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::jail::JailConfig;
 use crate::pvm;
 use crate::seccomp::Filters;
 use crate::vstate::vcpu::{ExitDevices, Vcpu, VcpuStop};
@@ -68,6 +69,8 @@ pub enum BuildError {
     Api(#[from] crate::api::ApiError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     #[error("cannot open the console log {path}: {source}")]
     ConsoleLog {
         path: std::path::PathBuf,
@@ -107,6 +110,7 @@ pub struct Vmm {
     control: Arc<VmmControl>,
     /// Whether the threads install their seccomp filters.
     seccomp: bool,
+    jail: Option<JailConfig>,
 }
 
 impl Vmm {
@@ -287,11 +291,23 @@ impl Vmm {
             vsock_uds: config.vsock.as_ref().map(|v| v.uds_path.clone()),
             control,
             seccomp: config.seccomp,
+            jail: config.jail.clone(),
         })
     }
 
     /// Runs the VM until it stops; returns how it ended.
     pub fn run(self) -> Result<Outcome, BuildError> {
+        // While this is the only thread, and before any guest instruction.
+        if let Some(jail) = &self.jail {
+            let took = crate::jail::enter(jail, self.vcpus.len() as u8)?;
+            tracing::info!(
+                root = %jail.root.display(),
+                uid = jail.uid,
+                gid = jail.gid,
+                took_us = took.as_micros() as u64,
+                "jail entered"
+            );
+        }
         let mut events: EventManager<Subscriber> =
             EventManager::new().map_err(|e| BuildError::EventLoop(e.to_string()))?;
         for subscriber in self.subscribers {

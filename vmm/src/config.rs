@@ -37,6 +37,8 @@ pub struct VmConfig {
     pub pvm: PvmMode,
     /// Whether each thread installs its seccomp filter (`crate::seccomp`).
     pub seccomp: bool,
+    /// Where and as whom the VMM confines itself once the VM is built.
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@ use husk_vmm::config::{
     DiskConfig, FsConfig, NetConfig, PvmMode, VmConfig, VsockConfig, DEFAULT_CMDLINE,
     DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
 };
+use husk_vmm::jail::JailConfig;
 use husk_vmm::{Outcome, Vmm};
 
 #[derive(Parser)]
@@ -84,6 +85,19 @@ struct RunArgs {
     /// call; huskd never passes it).
     #[arg(long)]
     no_seccomp: bool,
+    /// Once the VM is built, confine husk-vmm: new mount, IPC and UTS
+    /// namespaces with this (empty) directory as its whole, read-only, file
+    /// system; rlimits; then --uid and --gid. Disks attached later must come
+    /// as file descriptors over the control API, and guest connections to
+    /// host vsock ports are refused.
+    #[arg(long, requires_all = ["uid", "gid"])]
+    jail: Option<PathBuf>,
+    /// The (non-root) user id the jailed VMM runs as.
+    #[arg(long, requires = "jail")]
+    uid: Option<u32>,
+    /// The (non-root) group id the jailed VMM runs as.
+    #[arg(long, requires = "jail")]
+    gid: Option<u32>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -106,6 +120,11 @@ impl From<RunArgs> for VmConfig {
             api_sock: a.api_sock,
             pvm: a.pvm,
             seccomp: !a.no_seccomp,
+            jail: a.jail.map(|root| JailConfig {
+                root,
+                uid: a.uid.unwrap_or_default(),
+                gid: a.gid.unwrap_or_default(),
+            }),
         }
     }
 }

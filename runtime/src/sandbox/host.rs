@@ -14,7 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::warn;
 
-use super::host_cgroup::{kill_pod_cgroups, CGROUP_ROOT};
+use super::cgroups::{host_pod_cgroup, kill_cgroups, CGROUP_ROOT};
 use super::startup::{Attempt, Spawned};
 use super::{
     io_err, log_output, BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started,
@@ -213,7 +213,7 @@ impl SandboxDriver for HostDriver {
         _dir: &'a Path,
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
         Box::pin(async move {
-            let killed = kill_pod_cgroups(id, Path::new(CGROUP_ROOT)).await?;
+            let killed = kill_cgroups(id, Path::new(CGROUP_ROOT), &host_pod_cgroup(id)).await?;
             if killed > 0 {
                 warn!(sandbox = id, killed, "killed the processes the agent left");
             }

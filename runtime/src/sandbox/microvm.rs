@@ -14,6 +14,9 @@
 //! | `volumes/` | kubelet's host paths, bound in per container ([`super::volumes`]) |
 //! | `fs.sock` | virtiofsd's vhost-user socket, serving `volumes/` |
 //! | `virtiofsd.log` | virtiofsd's log |
+//! | `jail/` | husk-vmm's whole file system once it runs (empty) |
+//! | `jail.id` | the uid and gid husk-vmm runs as |
+//! | `cgroup.path` | the VM's cgroup, below each hierarchy ([`super::cgroups`]) |
 //!
 //! The VMM runs in its own process group and outlives huskd: a restarted
 //! huskd finds it again by its recorded pid (checked against its command
@@ -27,6 +30,14 @@
 //! retries the agent's mount for a while instead (see
 //! `manager::container`).
 //!
+//! husk-vmm confines itself before the guest runs (`husk-vmm --jail`,
+//! vmm/src/jail.rs): new mount, IPC and UTS namespaces with `jail/` as its
+//! root, rlimits, seccomp, and a uid and gid of its own, one pair per pod
+//! (from `first` of [`JailIds`] on): a VMM a guest took over cannot signal,
+//! trace or share files with another pod's, whatever its filters allow.
+//! So images are attached as file descriptors, not paths. It and virtiofsd
+//! join the pod's cgroup before they run.
+//!
 //! Volumes reach the guest live through virtio-fs: huskd starts one
 //! virtiofsd per pod (in its own namespace sandbox, with its seccomp filter)
 //! on `volumes/` before husk-vmm, which connects to it. virtiofsd ends when
@@ -34,6 +45,8 @@
 //! if virtiofsd dies first (exit status 3, its log says why).
 
 use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -43,6 +56,7 @@ use husk_proto::client::{
 };
 use husk_proto::AGENT_VSOCK_PORT;
 use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -50,6 +64,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::network::VM_TAP;
 
+use super::cgroups::{self, kill_cgroups, VmCgroup, CGROUP_ROOT};
 use super::sizing::VmSizing;
 use super::startup::{Attempt, Spawned};
 use super::{
@@ -81,6 +96,14 @@ const DISK_TABLE: &str = "disks.json";
 const VOLUMES_DIR: &str = "volumes";
 const VIRTIOFS_SOCKET: &str = "fs.sock";
 const VIRTIOFSD_LOG: &str = "virtiofsd.log";
+const JAIL_DIR: &str = "jail";
+const JAIL_ID: &str = "jail.id";
+const CGROUP_PATH: &str = "cgroup.path";
+/// The first uid and gid of jailed VMMs when the config names none: far
+/// from users', system ids and the subordinate ranges of user namespaces.
+pub const DEFAULT_JAIL_FIRST_ID: u32 = 3_000_000_000;
+/// How many jailed VMMs can exist at once, each with its own ids.
+const JAIL_IDS: u32 = 65_536;
 /// The virtio-fs tag of every pod's volumes.
 const VOLUMES_TAG: &str = "husk-volumes";
 /// How long virtiofsd has to listen on its socket.
@@ -115,6 +138,14 @@ pub struct MicroVmConfig {
     pub boot_timeout: Duration,
     /// Each call into the guest's agent: [`husk_proto::client::CallDeadline`].
     pub call_deadline: Duration,
+    /// Whether, and as whom, husk-vmm is jailed.
+    pub jail: Option<JailIds>,
+}
+
+/// The ids jailed VMMs run as: uid = gid = `first` + n, one n per sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailIds {
+    pub first: u32,
 }
 
 pub struct MicroVmDriver {
@@ -122,6 +153,8 @@ pub struct MicroVmDriver {
     /// Serialises read-modify-write of every sandbox's disk table (the pod
     /// lock already does per pod; this covers calls made without it).
     disks: tokio::sync::Mutex<()>,
+    /// Serialises choosing jail ids, which pods start concurrently.
+    jail_ids: std::sync::Mutex<()>,
 }
 
 /// The disk slots of one sandbox, persisted as `disks.json`.
@@ -184,17 +217,49 @@ pub fn diagnostics(dir: &Path) -> String {
     )
 }
 
-/// One request on the VMM's control API; the `ok` answer, or why not.
-async fn api_call(socket: &Path, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+/// One request on the VMM's control API, with `file`'s descriptor attached
+/// if given (SCM_RIGHTS); the `ok` answer, or why not.
+async fn api_call(
+    socket: &Path,
+    request: &serde_json::Value,
+    file: Option<&fs::File>,
+) -> Result<serde_json::Value, String> {
     let exchange = async {
         let stream = tokio::net::UnixStream::connect(socket)
             .await
             .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-        let (read, mut write) = stream.into_split();
         let mut line = request.to_string();
         line.push('\n');
+        // The descriptor goes with the request's first bytes; the rest (if
+        // the socket took only part) follows plainly.
+        let mut sent = 0;
+        if let Some(file) = file {
+            let fds = [file.as_raw_fd()];
+            sent = loop {
+                stream
+                    .writable()
+                    .await
+                    .map_err(|e| format!("sending the request: {e}"))?;
+                let attempt = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    sendmsg::<()>(
+                        stream.as_raw_fd(),
+                        &[std::io::IoSlice::new(line.as_bytes())],
+                        &[ControlMessage::ScmRights(&fds)],
+                        MsgFlags::empty(),
+                        None,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+                match attempt {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(format!("sending the request: {e}")),
+                }
+            };
+        }
+        let (read, mut write) = stream.into_split();
         write
-            .write_all(line.as_bytes())
+            .write_all(&line.as_bytes()[sent..])
             .await
             .map_err(|e| format!("sending the request: {e}"))?;
         let mut answer = String::new();
@@ -223,6 +288,7 @@ impl MicroVmDriver {
         MicroVmDriver {
             config,
             disks: tokio::sync::Mutex::new(()),
+            jail_ids: std::sync::Mutex::new(()),
         }
     }
 
@@ -305,7 +371,12 @@ impl MicroVmDriver {
     /// socket once it listens. It runs in its own process group, like
     /// husk-vmm, and is found again by its command line (which names the
     /// socket).
-    async fn start_virtiofsd(&self, id: &str, dir: &Path) -> Result<PathBuf, SandboxError> {
+    async fn start_virtiofsd(
+        &self,
+        id: &str,
+        dir: &Path,
+        cgroup: &VmCgroup,
+    ) -> Result<PathBuf, SandboxError> {
         let root = dir.join(VOLUMES_DIR);
         let socket = dir.join(VIRTIOFS_SOCKET);
         volumes::prepare(&root).map_err(|source| SandboxError::Volume {
@@ -332,6 +403,7 @@ impl MicroVmDriver {
             .stdin(Stdio::null())
             .process_group(0);
         log_output(&mut command, id, &log_path)?;
+        cgroup.join_on_exec(&mut command);
         let mut child = command.spawn().map_err(io_err(
             id,
             format!("starting {}", self.config.virtiofsd.display()),
@@ -369,6 +441,55 @@ impl MicroVmDriver {
         Ok(socket)
     }
 
+    /// Makes the VM's cgroup below the pod's cgroup parent and records
+    /// where, for [`SandboxDriver::kill_leftovers`].
+    fn make_cgroup(&self, spec: &SandboxSpec) -> Result<VmCgroup, SandboxError> {
+        let id = spec.id.as_str();
+        let parent = spec
+            .linux
+            .as_ref()
+            .map_or("", |linux| linux.cgroup_parent.as_str());
+        let relative =
+            cgroups::vm_cgroup(parent, id).map_err(|detail| SandboxError::Unsupported {
+                id: id.to_owned(),
+                detail,
+            })?;
+        let record = spec.dir.join(CGROUP_PATH);
+        fs::write(&record, relative.as_os_str().as_encoded_bytes())
+            .map_err(io_err(id, format!("writing {}", record.display())))?;
+        VmCgroup::create(Path::new(CGROUP_ROOT), &relative).map_err(io_err(
+            id,
+            format!("making the VM's cgroup {}", relative.display()),
+        ))
+    }
+
+    /// Chooses the uid and gid the sandbox's VMM runs as: the lowest of
+    /// `ids` no other sandbox directory holds, recorded in this one's.
+    fn allocate_jail_id(&self, id: &str, dir: &Path, ids: JailIds) -> Result<u32, SandboxError> {
+        let _guard = self.jail_ids.lock().unwrap_or_else(|p| p.into_inner());
+        let siblings = dir.parent().unwrap_or(dir);
+        let taken: std::collections::HashSet<u32> = fs::read_dir(siblings)
+            .map_err(io_err(id, format!("listing {}", siblings.display())))?
+            .flatten()
+            .filter_map(|entry| fs::read_to_string(entry.path().join(JAIL_ID)).ok())
+            .filter_map(|text| text.trim().parse().ok())
+            .collect();
+        let uid = (0..JAIL_IDS)
+            .filter_map(|n| ids.first.checked_add(n))
+            .find(|uid| !taken.contains(uid))
+            .ok_or_else(|| SandboxError::Unsupported {
+                id: id.to_owned(),
+                detail: format!(
+                    "all {JAIL_IDS} jail ids from {} are taken by other sandboxes",
+                    ids.first
+                ),
+            })?;
+        let record = dir.join(JAIL_ID);
+        fs::write(&record, uid.to_string())
+            .map_err(io_err(id, format!("writing {}", record.display())))?;
+        Ok(uid)
+    }
+
     async fn start_vm(&self, spec: &SandboxSpec) -> Result<Started, SandboxError> {
         let id = spec.id.as_str();
         let dir = &spec.dir;
@@ -389,7 +510,8 @@ impl MicroVmDriver {
             }
         }
         self.save_table(id, dir, &self.load_table(id, dir)?)?;
-        let virtiofs = self.start_virtiofsd(id, dir).await?;
+        let cgroup = self.make_cgroup(spec)?;
+        let virtiofs = self.start_virtiofsd(id, dir, &cgroup).await?;
         let pvm = host_is_pvm();
         let size = self.config.sizing.size_for(spec.linux.as_ref(), pvm);
         info!(
@@ -434,6 +556,19 @@ impl MicroVmDriver {
         // husk-vmm opens its tap inside the pod's namespace, where huskd
         // joins it to the pod's CNI interface.
         spec.join_netns(&mut command)?;
+        cgroup.join_on_exec(&mut command);
+        if let Some(ids) = self.config.jail {
+            let uid = self.allocate_jail_id(id, dir, ids)?;
+            let jail = dir.join(JAIL_DIR);
+            fs::create_dir(&jail).map_err(io_err(id, format!("creating {}", jail.display())))?;
+            command
+                .arg("--jail")
+                .arg(&jail)
+                .arg("--uid")
+                .arg(uid.to_string())
+                .arg("--gid")
+                .arg(uid.to_string());
+        }
         if let Some(mac) = &spec.guest_mac {
             command.arg("--net").arg(format!("tap={VM_TAP},mac={mac}"));
         }
@@ -547,7 +682,7 @@ impl SandboxDriver for MicroVmDriver {
                     let gone = !grace.is_zero() && {
                         warn!(pid, "husk-vmm still runs; asking its control API to stop");
                         let request = serde_json::json!({"op": "shutdown"});
-                        if let Err(e) = api_call(&dir.join(API_SOCKET), &request).await {
+                        if let Err(e) = api_call(&dir.join(API_SOCKET), &request, None).await {
                             warn!("control API shutdown: {e}");
                         }
                         wait_gone(Duration::from_secs(5)).await
@@ -582,13 +717,27 @@ impl SandboxDriver for MicroVmDriver {
         is_our_process(pid, dir)
     }
 
-    /// The VM's processes end with it; its volumes' binds do not.
+    /// The VM's processes end with it; its volumes' binds and its cgroup
+    /// do not.
     fn kill_leftovers<'a>(
         &'a self,
         id: &'a str,
         dir: &'a Path,
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
-        Box::pin(async move { end_volumes(id, dir) })
+        Box::pin(async move {
+            end_volumes(id, dir)?;
+            if let Ok(relative) = fs::read(dir.join(CGROUP_PATH)) {
+                let relative = PathBuf::from(std::ffi::OsString::from_vec(relative));
+                let killed = kill_cgroups(id, Path::new(CGROUP_ROOT), &relative).await?;
+                if killed > 0 {
+                    warn!(
+                        sandbox = id,
+                        killed, "killed what was left in the VM's cgroup"
+                    );
+                }
+            }
+            Ok(())
+        })
     }
 
     /// husk-vmm's last word, which says how the guest or a device ended
@@ -757,13 +906,11 @@ impl SandboxDriver for MicroVmDriver {
                             table.slots.len()
                         ),
                     })?;
-                if !image.erofs.is_file() {
-                    return Err(SandboxError::Io {
-                        id: id.to_owned(),
-                        what: format!("the image's EROFS file {}", image.erofs.display()),
-                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                    });
-                }
+                // Sent as a descriptor: a jailed VMM cannot open it by path.
+                let file = fs::File::open(image.erofs).map_err(io_err(
+                    id,
+                    format!("the image's EROFS file {}", image.erofs.display()),
+                ))?;
                 // Recorded before the VMM is asked: should huskd die before
                 // the answer, the slot is known, and releasing the image (as
                 // the next huskd does for a half-created container) empties
@@ -775,8 +922,9 @@ impl SandboxDriver for MicroVmDriver {
                     "op": "attach_disk",
                     "index": index,
                     "path": image.erofs,
+                    "fd": true,
                 });
-                if let Err(detail) = api_call(&dir.join(API_SOCKET), &request).await {
+                if let Err(detail) = api_call(&dir.join(API_SOCKET), &request, Some(&file)).await {
                     table.slots[index] = Slot {
                         image: None,
                         freed_at,
@@ -817,7 +965,7 @@ impl SandboxDriver for MicroVmDriver {
                     return Ok(());
                 };
                 let request = serde_json::json!({"op": "detach_disk", "index": index});
-                api_call(&dir.join(API_SOCKET), &request)
+                api_call(&dir.join(API_SOCKET), &request, None)
                     .await
                     .map_err(|detail| SandboxError::Vmm {
                         id: id.to_owned(),
@@ -849,19 +997,25 @@ mod tests {
         assert_eq!(guest_device(26), None);
     }
 
-    #[test]
-    fn a_missing_vmm_is_named() {
-        let driver = MicroVmDriver::new(MicroVmConfig {
+    /// A driver whose files are nowhere.
+    fn driver_without_files(spare_disks: usize) -> MicroVmDriver {
+        MicroVmDriver::new(MicroVmConfig {
             vmm: "/nonexistent/husk-vmm".into(),
             virtiofsd: "/nonexistent/virtiofsd".into(),
             kernel: "/nonexistent/vmlinux".into(),
             initrd: "/nonexistent/initrd".into(),
             sizing: VmSizing::default(),
             cmdline: None,
-            spare_disks: DEFAULT_SPARE_DISKS,
+            spare_disks,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             call_deadline: husk_proto::client::DEFAULT_CALL_DEADLINE,
-        });
+            jail: None,
+        })
+    }
+
+    #[test]
+    fn a_missing_vmm_is_named() {
+        let driver = driver_without_files(DEFAULT_SPARE_DISKS);
         let err = driver.check().expect_err("nothing exists");
         assert!(err.contains("husk-vmm not found"), "{err}");
     }
@@ -869,17 +1023,7 @@ mod tests {
     #[test]
     fn the_disk_table_survives_and_grows_to_the_slot_count() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let driver = MicroVmDriver::new(MicroVmConfig {
-            vmm: "/x".into(),
-            virtiofsd: "/x".into(),
-            kernel: "/x".into(),
-            initrd: "/x".into(),
-            sizing: VmSizing::default(),
-            cmdline: None,
-            spare_disks: 3,
-            boot_timeout: DEFAULT_BOOT_TIMEOUT,
-            call_deadline: husk_proto::client::DEFAULT_CALL_DEADLINE,
-        });
+        let driver = driver_without_files(3);
         let mut table = driver.load_table("p", dir.path()).expect("fresh");
         assert_eq!(table.slots.len(), 3);
         table.slots[1].image = Some("sha256:ab".into());
@@ -887,5 +1031,24 @@ mod tests {
         let again = driver.load_table("p", dir.path()).expect("load");
         assert_eq!(again.slots[1].image.as_deref(), Some("sha256:ab"));
         assert!(again.slots[0].image.is_none());
+    }
+
+    #[test]
+    fn each_sandbox_gets_jail_ids_no_other_holds() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let driver = driver_without_files(1);
+        let ids = JailIds { first: 5000 };
+        let sandbox = |name: &str| {
+            let dir = state.path().join(name);
+            fs::create_dir(&dir).expect("mkdir");
+            dir
+        };
+        let (a, b, c) = (sandbox("a"), sandbox("b"), sandbox("c"));
+        assert_eq!(driver.allocate_jail_id("a", &a, ids).expect("a"), 5000);
+        assert_eq!(driver.allocate_jail_id("b", &b, ids).expect("b"), 5001);
+        // a's sandbox goes: its ids are free for the next.
+        fs::remove_dir_all(&a).expect("rm a");
+        assert_eq!(driver.allocate_jail_id("c", &c, ids).expect("c"), 5000);
+        assert_eq!(fs::read_to_string(c.join(JAIL_ID)).expect("record"), "5000");
     }
 }

@@ -2,8 +2,8 @@
 //! host in fresh namespaces; `microvm` boots it in a husk-vmm guest.
 //! huskd talks to either through the same agent protocol.
 
+mod cgroups;
 pub mod host;
-mod host_cgroup;
 pub mod microvm;
 pub mod sizing;
 mod startup;

@@ -950,6 +950,135 @@ impl Drop for AgentSweeper {
     }
 }
 
+/// Where the host's cgroup hierarchies are.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The cgroup (below its hierarchy's root) `pid` is in, per hierarchy line
+/// of /proc/PID/cgroup (`controllers` -> path).
+pub fn cgroups_of(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let _id = parts.next()?;
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// Whether the cgroup `relative` exists in any hierarchy.
+pub fn cgroup_exists(relative: &str) -> bool {
+    let relative = relative.trim_start_matches('/');
+    Path::new(CGROUP_ROOT)
+        .join(relative)
+        .join("cgroup.procs")
+        .exists()
+        || std::fs::read_dir(CGROUP_ROOT)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|h| h.path().join(relative).is_dir())
+}
+
+/// A pod cgroup parent made kubelet's way (cgroupfs driver) in every v1
+/// hierarchy or the v2 one; removed when dropped, after whatever huskd
+/// should have removed below it.
+pub struct CgroupParent(pub String);
+
+impl CgroupParent {
+    pub fn new(path: &str) -> CgroupParent {
+        for hierarchy in Self::hierarchies() {
+            let mut dir = hierarchy.clone();
+            for part in Path::new(path.trim_start_matches('/')).components() {
+                let parent = dir.clone();
+                dir.push(part);
+                std::fs::create_dir_all(&dir).expect("make the cgroup parent");
+                // kubelet gives a v1 cpuset cgroup its parent's CPUs and nodes.
+                for file in ["cpuset.cpus", "cpuset.mems"] {
+                    if let Ok(value) = std::fs::read_to_string(parent.join(file)) {
+                        std::fs::write(dir.join(file), value.trim()).expect("cpuset");
+                    }
+                }
+            }
+        }
+        CgroupParent(path.to_owned())
+    }
+
+    fn hierarchies() -> Vec<PathBuf> {
+        let root = Path::new(CGROUP_ROOT);
+        if root.join("cgroup.controllers").exists() {
+            return vec![root.to_owned()];
+        }
+        std::fs::read_dir(root)
+            .expect(CGROUP_ROOT)
+            .flatten()
+            .filter(|h| !h.path().is_symlink())
+            .map(|h| h.path())
+            .collect()
+    }
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        for hierarchy in Self::hierarchies() {
+            let mut dir = hierarchy.join(self.0.trim_start_matches('/'));
+            while dir != hierarchy && std::fs::remove_dir(&dir).is_ok() {
+                dir.pop();
+            }
+        }
+    }
+}
+
+/// Checks that a microVM pod's husk-vmm runs confined: its seccomp filter
+/// and no_new_privs, a uid and gid that are not root, the sandbox's `jail/`
+/// as its root; and that it and virtiofsd are in the cgroup `cgroup` (as
+/// /proc/PID/cgroup shows it) in every hierarchy. Returns the VMM's uid.
+pub fn check_vm_confined(sandbox_dir: &Path, cgroup: &str) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let vmms = vmms_under(sandbox_dir);
+    assert_eq!(vmms.len(), 1, "one husk-vmm: {vmms:?}");
+    let pid = vmms[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}:")))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(field("Seccomp"), ["2"], "{status}");
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    for ids in ["Uid", "Gid"] {
+        let values = field(ids);
+        assert_eq!(values.len(), 4, "{status}");
+        assert!(
+            values.iter().all(|v| v == &values[0] && v != "0"),
+            "husk-vmm's {ids}s (real, effective, saved, fs): {values:?}"
+        );
+    }
+    assert_eq!(field("Groups"), Vec::<String>::new(), "{status}");
+    let root = std::fs::metadata(format!("/proc/{pid}/root")).expect("its root");
+    let jail = std::fs::metadata(sandbox_dir.join("jail")).expect("the jail");
+    assert_eq!(
+        (root.dev(), root.ino()),
+        (jail.dev(), jail.ino()),
+        "husk-vmm's root is the sandbox's jail/"
+    );
+    let daemons = virtiofsds_under(sandbox_dir);
+    assert!(!daemons.is_empty(), "no virtiofsd");
+    for pid in std::iter::once(pid).chain(daemons) {
+        let cgroups = cgroups_of(pid);
+        assert!(!cgroups.is_empty(), "pid {pid} has no cgroups");
+        for (controllers, path) in &cgroups {
+            assert_eq!(path, cgroup, "pid {pid}'s {controllers:?} cgroup");
+        }
+    }
+    field("Uid")[0].parse().expect("uid")
+}
+
 /// Pids of husk-vmm processes whose command line names `dir`.
 pub fn vmms_under(dir: &Path) -> Vec<u32> {
     programs_under("/husk-vmm", dir)
@@ -1037,10 +1166,17 @@ pub struct BenchHuskd {
 
 impl BenchHuskd {
     pub async fn start(dir: &Path) -> BenchHuskd {
+        Self::start_with(dir, "").await
+    }
+
+    /// With `config` (TOML lines) added to the benchmarks' own.
+    pub async fn start_with(dir: &Path, config: &str) -> BenchHuskd {
         let state = dir.join("state");
         let args = Huskd::microvm_args(
             dir,
-            "log_level = \"warn\"\nguest_boot_timeout_secs = 600\nguest_max_vcpus = 16\n",
+            &format!(
+                "log_level = \"warn\"\nguest_boot_timeout_secs = 600\nguest_max_vcpus = 16\n{config}"
+            ),
         );
         let registry = Registry::start();
         let image = push_busybox(&registry, "").await;

@@ -39,6 +39,8 @@ const VIRTIO_BLK_ID_BYTES: usize = 20;
 pub enum BlockError {
     #[error("cannot open disk image {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
+    #[error("disk image {path}: the file descriptor given is not open for writing, and the disk is read-write")]
+    NotWritable { path: PathBuf },
     #[error("cannot create the queue eventfd: {0}")]
     EventFd(io::Error),
 }
@@ -51,16 +53,30 @@ struct Backing {
 }
 
 impl Backing {
-    fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+    /// Opens `path`, or takes `file` (opened by whoever asked, who may see
+    /// paths a jailed VMM cannot) as the file `path` names.
+    fn open(path: &Path, file: Option<File>, read_only: bool) -> Result<Self, BlockError> {
         let open_err = |source| BlockError::Open {
             path: path.into(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_err)?;
+        let file = match file {
+            Some(file) => {
+                let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+                    .map_err(|e| open_err(e.into()))?;
+                let mode =
+                    nix::fcntl::OFlag::from_bits_truncate(flags) & nix::fcntl::OFlag::O_ACCMODE;
+                if !read_only && mode != nix::fcntl::OFlag::O_RDWR {
+                    return Err(BlockError::NotWritable { path: path.into() });
+                }
+                file
+            }
+            None => OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .open(path)
+                .map_err(open_err)?,
+        };
         let len = file.metadata().map_err(open_err)?.len();
         Ok(Self {
             file,
@@ -91,10 +107,13 @@ impl DiskHandle {
         self.backing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the backing file (None empties the slot). The caller raises
-    /// the config-change interrupt through the transport.
-    pub fn set_backing(&self, path: Option<&Path>) -> Result<(), BlockError> {
-        let new = path.map(|p| Backing::open(p, self.read_only)).transpose()?;
+    /// Replaces the backing file (None empties the slot): the file at a
+    /// path, or the one given for it. The caller raises the config-change
+    /// interrupt through the transport.
+    pub fn set_backing(&self, new: Option<(&Path, Option<File>)>) -> Result<(), BlockError> {
+        let new = new
+            .map(|(path, file)| Backing::open(path, file, self.read_only))
+            .transpose()?;
         *self.lock() = new;
         Ok(())
     }
@@ -119,7 +138,9 @@ pub struct Block {
 impl Block {
     /// A disk backed by `path`, or an empty slot to be filled later.
     pub fn new(path: Option<&Path>, read_only: bool, id: &str) -> Result<Self, BlockError> {
-        let backing = path.map(|p| Backing::open(p, read_only)).transpose()?;
+        let backing = path
+            .map(|p| Backing::open(p, None, read_only))
+            .transpose()?;
         let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES];
         let n = id.len().min(VIRTIO_BLK_ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -482,14 +503,14 @@ mod tests {
             d.request(VIRTIO_BLK_T_IN, 0, &[0; 512], true).0,
             VIRTIO_BLK_S_IOERR
         );
-        handle.set_backing(Some(d._image.path())).unwrap();
+        handle.set_backing(Some((d._image.path(), None))).unwrap();
         assert_eq!(handle.info().sectors, 4);
         assert_eq!(
             d.request(VIRTIO_BLK_T_IN, 3, &[0; 512], true).0,
             VIRTIO_BLK_S_OK
         );
         assert!(handle
-            .set_backing(Some(Path::new("/no/such/image")))
+            .set_backing(Some((Path::new("/no/such/image"), None)))
             .is_err());
     }
 
@@ -499,5 +520,28 @@ mod tests {
         d.queue.add_chain(&d.mem, &[(HEADER, 16, false)]);
         d.block.process_queue();
         assert_eq!(d.queue.take_used(&d.mem), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn a_file_given_backs_the_slot_if_its_access_mode_fits() {
+        let mut d = driver(false);
+        let handle = d.block.handle();
+        let named = Path::new("/seen/by/the/caller");
+        let read_only = File::open(d._image.path()).unwrap();
+        assert!(matches!(
+            handle.set_backing(Some((named, Some(read_only)))),
+            Err(BlockError::NotWritable { .. })
+        ));
+        let read_write = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d._image.path())
+            .unwrap();
+        handle.set_backing(Some((named, Some(read_write)))).unwrap();
+        assert_eq!(handle.info().path.as_deref(), Some(named));
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_IN, 3, &[0; 512], true).0,
+            VIRTIO_BLK_S_OK
+        );
     }
 }
