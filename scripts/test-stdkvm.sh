@@ -17,7 +17,7 @@
 #                                                  # built with --release as cargo bench does
 #   HUSK_STDKVM_SMP=1 HUSK_STDKVM_MEM_MIB=6144    # L1's size
 #
-# Variables named HUSK_BOOT_BENCH_*, HUSK_POD_BENCH_*, HUSK_EXEC_BENCH_*, HUSK_VOLUME_BENCH_*, HUSK_IDLE_BENCH_*,
+# Variables named HUSK_BOOT_BENCH_*, HUSK_POD_BENCH_*, HUSK_EXEC_BENCH_*, HUSK_VOLUME_BENCH_*, HUSK_IDLE_BENCH_*, HUSK_JAIL_BENCH_*,
 # HUSK_SOAK_BOOTS, HUSK_BOOT_TIMEOUT_SECS and HUSK_GUEST_* reach the tests in L1.
 # Exits 0 only if everything ran in L1 on kvm_amd and passed; the last line
 # says how many ran and on what. Cached under $HUSK_STDKVM_CACHE
@@ -167,7 +167,7 @@ JOB=$OUT/job.sh
 	echo "export HUSK_EXPECT_KVM=standard RUST_BACKTRACE=1"
 	while IFS='=' read -r var value; do
 		printf 'export %s=%q\n' "$var" "$value"
-	done < <(env | grep -E '^HUSK_(BOOT_BENCH|POD_BENCH|EXEC_BENCH|NET_BENCH|VOLUME_BENCH|IDLE_BENCH|SOAK|BOOT_TIMEOUT|GUEST|STDKVM_TEST_TIMEOUT)[A-Z_]*=' || true)
+	done < <(env | grep -E '^HUSK_(BOOT_BENCH|POD_BENCH|EXEC_BENCH|NET_BENCH|VOLUME_BENCH|IDLE_BENCH|JAIL_BENCH|SOAK|BOOT_TIMEOUT|GUEST|STDKVM_TEST_TIMEOUT)[A-Z_]*=' || true)
 	echo "TESTS='"
 	for spec in "${TESTS[@]}"; do
 		IFS=: read -r package target args <<<"$spec"

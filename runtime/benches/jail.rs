@@ -25,11 +25,13 @@ fn main() {
 
 async fn bench() {
     let runs = husk_e2e::env_number::<usize>("HUSK_JAIL_BENCH_RUNS", 3);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut jailed =
-        BenchHuskd::start_with(&dir.path().join("jailed"), "microvm_jail = true\n").await;
-    let mut unjailed =
-        BenchHuskd::start_with(&dir.path().join("unjailed"), "microvm_jail = false\n").await;
+    // A directory each: a sandbox's socket paths leave no room for more.
+    let (jailed_dir, unjailed_dir) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let mut jailed = BenchHuskd::start_with(jailed_dir.path(), "microvm_jail = true\n").await;
+    let mut unjailed = BenchHuskd::start_with(unjailed_dir.path(), "microvm_jail = false\n").await;
 
     println!("RunPodSandbox with and without husk-vmm's jail, {runs} pod(s) each, alternating");
     let (mut with, mut without, mut steps) = (Vec::new(), Vec::new(), Vec::new());

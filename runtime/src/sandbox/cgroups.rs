@@ -239,12 +239,17 @@ fn procs(cgroup: &Path) -> Vec<i32> {
 
 /// SIGKILLs every process in sandbox `id`'s cgroup `relative` below `root`
 /// (in every hierarchy, with the cgroups below it) until none is left, then
-/// removes those cgroups. Returns how many processes it killed. Idempotent:
+/// removes those cgroups. Returns the processes it killed ("pid (name)"),
+/// not those that had already exited and were still leaving. Idempotent:
 /// without cgroups there is nothing to do.
-pub async fn kill_cgroups(id: &str, root: &Path, relative: &Path) -> Result<usize, SandboxError> {
+pub async fn kill_cgroups(
+    id: &str,
+    root: &Path,
+    relative: &Path,
+) -> Result<Vec<String>, SandboxError> {
     let tops = pod_cgroups(root, relative);
     let deadline = Instant::now() + SETTLE;
-    let mut killed = HashSet::new();
+    let mut killed = std::collections::BTreeMap::new();
     loop {
         let left: Vec<(PathBuf, Vec<i32>)> = tops
             .iter()
@@ -265,9 +270,14 @@ pub async fn kill_cgroups(id: &str, root: &Path, relative: &Path) -> Result<usiz
                 pids: pids.clone(),
             });
         }
-        for pid in left.iter().flat_map(|(_, pids)| pids) {
-            if kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
-                killed.insert(*pid);
+        for &pid in left.iter().flat_map(|(_, pids)| pids) {
+            // One that has exited is only still leaving: not reported.
+            let exiting = super::has_exited(pid as u32);
+            let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() && !exiting {
+                killed
+                    .entry(pid)
+                    .or_insert_with(|| format!("{pid} ({})", name.trim()));
             }
         }
         tokio::time::sleep(POLL).await;
@@ -275,7 +285,7 @@ pub async fn kill_cgroups(id: &str, root: &Path, relative: &Path) -> Result<usiz
     for cgroup in tops.iter().flat_map(|top| subtree(top)) {
         remove_cgroup(id, &cgroup, deadline).await?;
     }
-    Ok(killed.len())
+    Ok(killed.into_values().collect())
 }
 
 /// Removes an empty cgroup, retrying while the kernel still calls it busy

@@ -214,8 +214,8 @@ impl SandboxDriver for HostDriver {
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
         Box::pin(async move {
             let killed = kill_cgroups(id, Path::new(CGROUP_ROOT), &host_pod_cgroup(id)).await?;
-            if killed > 0 {
-                warn!(sandbox = id, killed, "killed the processes the agent left");
+            if !killed.is_empty() {
+                warn!(sandbox = id, ?killed, "killed the processes the agent left");
             }
             Ok(())
         })

@@ -106,6 +106,8 @@ pub const DEFAULT_JAIL_FIRST_ID: u32 = 3_000_000_000;
 const JAIL_IDS: u32 = 65_536;
 /// The virtio-fs tag of every pod's volumes.
 const VOLUMES_TAG: &str = "husk-volumes";
+/// How long a SIGKILLed virtiofsd has to be gone.
+const VIRTIOFSD_EXIT_WAIT: Duration = Duration::from_secs(2);
 /// How long virtiofsd has to listen on its socket.
 const VIRTIOFSD_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where virtiofsd is looked for when the config names none, after `$PATH`:
@@ -192,14 +194,21 @@ fn tail(dir: &Path, file: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Ends the pod's virtiofsd and detaches every bind below `volumes/`.
+/// Ends the pod's virtiofsd (and waits for it to go) and detaches every
+/// bind below `volumes/`.
 /// Idempotent; the directory itself stays until the sandbox's goes.
-fn end_volumes(id: &str, dir: &Path) -> Result<(), SandboxError> {
-    let killed = super::kill_processes_naming(&dir.join(VIRTIOFS_SOCKET));
+async fn end_volumes(id: &str, dir: &Path) -> Result<(), SandboxError> {
+    let socket = dir.join(VIRTIOFS_SOCKET);
+    let killed = super::kill_processes_naming(&socket);
     if !killed.is_empty() {
         info!(sandbox = id, pids = ?killed, "virtiofsd killed");
     }
-    let _ = fs::remove_file(dir.join(VIRTIOFS_SOCKET));
+    // Gone before the cgroup is emptied, which would count them as left over.
+    let deadline = Instant::now() + VIRTIOFSD_EXIT_WAIT;
+    while Instant::now() < deadline && !super::processes_naming(&socket).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = fs::remove_file(&socket);
     volumes::detach_all(&dir.join(VOLUMES_DIR)).map_err(|source| SandboxError::Volume {
         id: id.to_owned(),
         source,
@@ -725,14 +734,15 @@ impl SandboxDriver for MicroVmDriver {
         dir: &'a Path,
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
         Box::pin(async move {
-            end_volumes(id, dir)?;
+            end_volumes(id, dir).await?;
             if let Ok(relative) = fs::read(dir.join(CGROUP_PATH)) {
                 let relative = PathBuf::from(std::ffi::OsString::from_vec(relative));
                 let killed = kill_cgroups(id, Path::new(CGROUP_ROOT), &relative).await?;
-                if killed > 0 {
+                if !killed.is_empty() {
                     warn!(
                         sandbox = id,
-                        killed, "killed what was left in the VM's cgroup"
+                        ?killed,
+                        "killed what was left in the VM's cgroup"
                     );
                 }
             }

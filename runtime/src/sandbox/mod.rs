@@ -115,18 +115,7 @@ pub struct ImageFiles<'a> {
 /// Whether `pid` is a live (not zombie) process whose command line names
 /// `dir`: how drivers tell their own process from a reused pid.
 pub fn is_our_process(pid: u32, dir: &Path) -> bool {
-    if pid == 0 {
-        return false;
-    }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state letter follows the parenthesised command name.
-    let zombie = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-        .unwrap_or(true);
-    if zombie {
+    if pid == 0 || has_exited(pid) {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -184,13 +173,7 @@ fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
 /// sandbox's directory): what a sandbox whose pid was never recorded left
 /// running. Returns their pids.
 pub fn kill_processes_naming(dir: &Path) -> Vec<u32> {
-    let pids: Vec<u32> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != std::process::id() && is_our_process(pid, dir))
-        .collect();
+    let pids = processes_naming(dir);
     for &pid in &pids {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -198,6 +181,29 @@ pub fn kill_processes_naming(dir: &Path) -> Vec<u32> {
         );
     }
     pids
+}
+
+/// Whether `pid` is gone or has exited: a zombie, or a leader whose
+/// threads are still being torn down (a VMM freeing its guest's memory).
+pub(crate) fn has_exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // The state letter follows the parenthesised command name.
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        .unwrap_or(true)
+}
+
+/// The live processes (not huskd) whose command line names `dir`.
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id() && is_our_process(pid, dir))
+        .collect()
 }
 
 /// What a driver needs to start one sandbox.
