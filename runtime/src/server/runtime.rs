@@ -430,8 +430,9 @@ impl RuntimeService for Runtime {
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
             // Recursive read-only mounts: the host agent's mount_setattr
-            // (Linux 5.12). A microVM's volumes are copies, not mounts
-            // (yet). User namespaces: neither.
+            // (Linux 5.12). A microVM's volumes pass through virtio-fs,
+            // where nothing yet makes or tests the submounts read-only.
+            // User namespaces: neither.
             runtime_handlers: [("microvm", false), ("host", true)]
                 .into_iter()
                 .map(|(name, recursive_read_only_mounts)| cri::RuntimeHandler {
