@@ -183,16 +183,29 @@ pub fn kill_processes_naming(dir: &Path) -> Vec<u32> {
     pids
 }
 
-/// Whether `pid` is gone or has exited: a zombie, or a leader whose
-/// threads are still being torn down (a VMM freeing its guest's memory).
+/// Whether `pid` is gone or has exited: a zombie, or a process being torn
+/// down (PF_EXITING: a SIGKILLed one whose memory, and so its command
+/// line, is already gone; a VMM whose threads still free guest memory).
 pub(crate) fn has_exited(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |stat| stat_says_exited(&stat))
+}
+
+/// [`has_exited`] on one /proc/PID/stat line.
+fn stat_says_exited(stat: &str) -> bool {
+    /// include/linux/sched.h
+    const PF_EXITING: u64 = 0x4;
+    // After the parenthesised command name: state, ppid, pgrp, session,
+    // tty_nr, tpgid, flags.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
         return true;
     };
-    // The state letter follows the parenthesised command name.
-    stat.rsplit_once(')')
-        .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-        .unwrap_or(true)
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let zombie = fields
+        .first()
+        .is_none_or(|state| state.starts_with(['Z', 'X']));
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    zombie || flags & PF_EXITING != 0
 }
 
 /// The live processes (not huskd) whose command line names `dir`.
@@ -370,5 +383,23 @@ pub trait SandboxDriver: Send + Sync {
         _image_id: &'a str,
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zombie_or_an_exiting_process_has_exited() {
+        // pid (comm) state ppid pgrp session tty_nr tpgid flags ...
+        let running = "42 (virtio fs) S 1 42 42 0 -1 4194560 100 0";
+        let zombie = "42 (virtiofsd) Z 1 42 42 0 -1 4194560 100 0";
+        let exiting = "42 (virtiofsd) R 1 42 42 0 -1 4194564 100 0";
+        assert!(!stat_says_exited(running));
+        assert!(stat_says_exited(zombie));
+        assert!(stat_says_exited(exiting));
+        assert!(stat_says_exited("garbage"));
+        assert!(!has_exited(std::process::id()));
     }
 }
