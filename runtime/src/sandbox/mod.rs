@@ -112,8 +112,9 @@ pub struct ImageFiles<'a> {
     pub erofs: &'a Path,
 }
 
-/// Whether `pid` is a live (not zombie) process whose command line names
-/// `dir`: how drivers tell their own process from a reused pid.
+/// Whether `pid` is a live process (not one that has exited: [`has_exited`])
+/// whose command line names `dir`: how drivers tell their own process from a
+/// reused pid.
 pub fn is_our_process(pid: u32, dir: &Path) -> bool {
     if pid == 0 || has_exited(pid) {
         return false;
