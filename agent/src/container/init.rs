@@ -244,10 +244,23 @@ fn stage(
 
 /// Reaps whatever the namespace's processes leave to their init, for as
 /// long as the namespace should live: its end is a SIGKILL (an init gets
-/// no other signal it does not handle).
+/// no other signal it does not handle). It sleeps until a child exits, so
+/// an idle pod's guest is not woken for it: SIGCHLD is blocked, so it stays
+/// pending until taken here (an init drops a signal left at its default).
 fn hold_pid_namespace() -> ! {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let chld = SigSet::from(Signal::SIGCHLD);
+    let blocked = chld.thread_block().is_ok();
     loop {
-        if let Err(Errno::ECHILD) = nix::sys::wait::waitpid(None, None) {
+        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        if !blocked || chld.wait().is_err() {
+            // Cannot happen (a valid set, a single thread); polling is the
+            // fallback that still reaps.
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
     }
