@@ -1,7 +1,9 @@
-//! The host ⇄ agent protocol of husk: the code generated from `agent.proto`
-//! and, in [`client`], the host side's ways to reach an agent.
+//! The protocols between husk's processes: host ⇄ agent (the code generated
+//! from `agent.proto` and, in [`client`], the host side's ways to reach an
+//! agent), and huskd ⇄ husk-vmm ([`vmm_api`], the VMM's control API).
 
 pub mod client;
+pub mod vmm_api;
 
 /// Generated messages, the `Agent` client (`agent_client`) and server (`agent_server`).
 pub mod v1 {

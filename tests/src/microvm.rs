@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use husk_proto::client::Agent;
 use husk_proto::client::{connect_hybrid_vsock, ConnectError};
 use husk_proto::v1::PingRequest;
-use husk_proto::AGENT_VSOCK_PORT;
+use husk_proto::{vmm_api, AGENT_VSOCK_PORT};
 
 /// What the agent prints first as PID 1, and once it serves.
 pub const AGENT_INIT_MARKER: &str = "husk-agent: init";
@@ -324,19 +324,10 @@ impl MicroVm {
         Some(total)
     }
 
-    /// One request to the VMM's control API; the parsed reply.
-    pub fn api(&self, request: &str) -> Result<serde_json::Value, String> {
-        use std::io::Write;
-        let stream = std::os::unix::net::UnixStream::connect(&self.api_sock)
-            .map_err(|e| format!("cannot reach the control API: {e}"))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let mut reader = BufReader::new(stream);
-        writeln!(reader.get_mut(), "{request}").map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        reader.read_line(&mut line).map_err(|e| e.to_string())?;
-        serde_json::from_str(&line).map_err(|e| format!("bad API reply {line:?}: {e}"))
+    /// One request to the VMM's control API; its `ok` reply, or why not.
+    pub fn api(&self, request: &vmm_api::Request) -> Result<vmm_api::Reply, String> {
+        vmm_api::call(&self.api_sock, request, None, Duration::from_secs(10))
+            .map_err(|e| e.to_string())
     }
 
     /// Waits until the console shows a line containing `needle`.

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use husk_e2e::microvm::{boot_timeout, MicroVm, MicroVmOptions};
+use husk_proto::vmm_api;
 
 fn sized_file(path: &std::path::Path, bytes: u64) {
     std::fs::File::create(path)
@@ -43,12 +44,12 @@ async fn guest_sees_boot_disk_and_a_disk_attached_later() {
         "the boot disk is not seen with its size:\n{console}"
     );
 
-    let attach = format!(
-        r#"{{"op":"attach_disk","index":1,"path":"{}"}}"#,
-        later_disk.display()
-    );
-    let reply = vm.api(&attach).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(reply["ok"], true, "{reply}");
+    let attach = vmm_api::Request::AttachDisk {
+        index: 1,
+        path: later_disk.clone(),
+        fd: false,
+    };
+    vm.api(&attach).unwrap_or_else(|e| panic!("{e}"));
     vm.wait_for_console(
         "[vdb] new size: 4096 512-byte logical blocks",
         Duration::from_secs(120),
@@ -56,8 +57,9 @@ async fn guest_sees_boot_disk_and_a_disk_attached_later() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 
-    let status = vm
-        .api(r#"{"op":"status"}"#)
+    let reply = vm
+        .api(&vmm_api::Request::Status)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(status["status"]["disks"][1]["sectors"], 4096, "{status}");
+    let disks = reply.status.map(|s| s.disks).unwrap_or_default();
+    assert_eq!(disks.get(1).map(|d| d.sectors), Some(4096), "{disks:?}");
 }

@@ -1,18 +1,5 @@
-//! The control API on `--api-sock`: newline-delimited JSON, one request per
-//! line, one response line per request, any number per connection.
-//!
-//! Requests (`op` selects):
-//! - `{"op":"status"}` → `{"ok":true,"status":{"state":"running","uptime_ms":..,"vcpus":..,"mem_mib":..,"pvm":..,"disks":[{"index":0,"path":..,"read_only":..,"sectors":..}]}}`
-//! - `{"op":"attach_disk","index":N,"path":"/img"}` fills or replaces disk slot N
-//!   (the guest sees the new capacity through a config-change interrupt);
-//!   with `"fd":true` the image is the file descriptor sent with the request
-//!   (SCM_RIGHTS) and `path` only names it: a jailed VMM opens nothing by path
-//! - `{"op":"detach_disk","index":N}` empties slot N (capacity 0)
-//! - `{"op":"shutdown"}` stops the VM at once (the graceful path is the
-//!   agent's Shutdown, which resets the guest); the VMM exits 0
-//!
-//! Errors answer `{"ok":false,"error":"..."}`; a malformed line is an error,
-//! not a closed connection.
+//! Serves the control API on `--api-sock` (its requests, replies and wire
+//! format: `husk_proto::vmm_api`) from the event loop.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -24,50 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use husk_proto::vmm_api::{Disk, Reply, Request, Status};
 use nix::errno::Errno;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-use serde::{Deserialize, Serialize};
 
 use crate::control::{StopReason, VmmControl};
-use crate::devices::virtio::block::{DiskHandle, DiskInfo};
+use crate::devices::virtio::block::DiskHandle;
 use crate::devices::virtio::mmio::MmioTransport;
 
 /// A request longer than this is refused and the connection closed.
 const MAX_REQUEST_LEN: usize = 64 * 1024;
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    Status,
-    AttachDisk {
-        index: usize,
-        path: PathBuf,
-        /// The image is the file descriptor that came with the request.
-        #[serde(default)]
-        fd: bool,
-    },
-    DetachDisk {
-        index: usize,
-    },
-    Shutdown,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub state: &'static str,
-    pub uptime_ms: u64,
-    pub vcpus: u8,
-    pub mem_mib: u64,
-    pub pvm: bool,
-    pub disks: Vec<IndexedDisk>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct IndexedDisk {
-    pub index: usize,
-    #[serde(flatten)]
-    pub info: DiskInfo,
-}
 
 /// A disk slot: its backing and the transport that tells the guest of changes.
 pub struct DiskSlot {
@@ -139,15 +92,14 @@ impl ApiServer {
         &self.path
     }
 
-    fn handle(
-        &mut self,
-        request: Request,
-        fds: &mut VecDeque<OwnedFd>,
-    ) -> Result<serde_json::Value, String> {
+    fn handle(&mut self, request: Request, fds: &mut VecDeque<OwnedFd>) -> Result<Reply, String> {
         let span = tracing::info_span!("api", request = ?request);
         let _enter = span.enter();
         match request {
-            Request::Status => Ok(serde_json::json!({ "status": self.status() })),
+            Request::Status => Ok(Reply {
+                status: Some(self.status()),
+                ..Reply::ok()
+            }),
             Request::AttachDisk { index, path, fd } => {
                 let file = match fd {
                     true => Some(File::from(fds.pop_front().ok_or(
@@ -156,22 +108,22 @@ impl ApiServer {
                     false => None,
                 };
                 self.swap_disk(index, Some((&path, file)))?;
-                Ok(serde_json::json!({}))
+                Ok(Reply::ok())
             }
             Request::DetachDisk { index } => {
                 self.swap_disk(index, None)?;
-                Ok(serde_json::json!({}))
+                Ok(Reply::ok())
             }
             Request::Shutdown => {
                 self.control.stop(StopReason::ApiShutdown);
-                Ok(serde_json::json!({}))
+                Ok(Reply::ok())
             }
         }
     }
 
     fn status(&self) -> Status {
         Status {
-            state: "running",
+            state: "running".into(),
             uptime_ms: self.facts.started.elapsed().as_millis() as u64,
             vcpus: self.facts.vcpus,
             mem_mib: self.facts.mem_mib,
@@ -180,9 +132,14 @@ impl ApiServer {
                 .disks
                 .iter()
                 .enumerate()
-                .map(|(index, slot)| IndexedDisk {
-                    index,
-                    info: slot.handle.info(),
+                .map(|(index, slot)| {
+                    let info = slot.handle.info();
+                    Disk {
+                        index,
+                        path: info.path,
+                        read_only: info.read_only,
+                        sectors: info.sectors,
+                    }
                 })
                 .collect(),
         }
@@ -205,16 +162,12 @@ impl ApiServer {
 
     fn respond(&mut self, line: &[u8], fds: &mut VecDeque<OwnedFd>) -> Vec<u8> {
         let reply = match serde_json::from_slice::<Request>(line) {
-            Ok(request) => match self.handle(request, fds) {
-                Ok(mut body) => {
-                    body["ok"] = true.into();
-                    body
-                }
-                Err(error) => serde_json::json!({ "ok": false, "error": error }),
-            },
-            Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+            Ok(request) => self.handle(request, fds).unwrap_or_else(Reply::error),
+            Err(e) => Reply::error(format!("bad request: {e}")),
         };
-        let mut out = reply.to_string().into_bytes();
+        // A reply holds strings, numbers and paths: encoding cannot fail,
+        // and if it did the caller would see a bad reply, not a hang.
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
         out.push(b'\n');
         out
     }
@@ -321,30 +274,5 @@ impl MutEventSubscriber for ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_parse() {
-        assert!(matches!(
-            serde_json::from_str::<Request>(r#"{"op":"status"}"#).unwrap(),
-            Request::Status
-        ));
-        match serde_json::from_str::<Request>(r#"{"op":"attach_disk","index":1,"path":"/x"}"#)
-            .unwrap()
-        {
-            Request::AttachDisk { index, path, fd } => {
-                assert_eq!(index, 1);
-                assert_eq!(path, PathBuf::from("/x"));
-                assert!(!fd);
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"op":"detach_disk"}"#).is_err());
     }
 }

@@ -45,7 +45,7 @@
 //! if virtiofsd dies first (exit status 3, its log says why).
 
 use std::fs;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -54,12 +54,10 @@ use std::time::{Duration, Instant};
 use husk_proto::client::{
     check_version, connect, Agent, AgentAddr, ConnectError, VersionError, DEFAULT_CONNECT_TIMEOUT,
 };
-use husk_proto::AGENT_VSOCK_PORT;
+use husk_proto::{vmm_api, AGENT_VSOCK_PORT};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::network::VM_TAP;
@@ -227,69 +225,19 @@ pub fn diagnostics(dir: &Path) -> String {
 }
 
 /// One request on the VMM's control API, with `file`'s descriptor attached
-/// if given (SCM_RIGHTS); the `ok` answer, or why not.
+/// if given (SCM_RIGHTS); why not, if it failed.
 async fn api_call(
     socket: &Path,
-    request: &serde_json::Value,
-    file: Option<&fs::File>,
-) -> Result<serde_json::Value, String> {
-    let exchange = async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-        let mut line = request.to_string();
-        line.push('\n');
-        // The descriptor goes with the request's first bytes; the rest (if
-        // the socket took only part) follows plainly.
-        let mut sent = 0;
-        if let Some(file) = file {
-            let fds = [file.as_raw_fd()];
-            sent = loop {
-                stream
-                    .writable()
-                    .await
-                    .map_err(|e| format!("sending the request: {e}"))?;
-                let attempt = stream.try_io(tokio::io::Interest::WRITABLE, || {
-                    sendmsg::<()>(
-                        stream.as_raw_fd(),
-                        &[std::io::IoSlice::new(line.as_bytes())],
-                        &[ControlMessage::ScmRights(&fds)],
-                        MsgFlags::empty(),
-                        None,
-                    )
-                    .map_err(std::io::Error::from)
-                });
-                match attempt {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(format!("sending the request: {e}")),
-                }
-            };
-        }
-        let (read, mut write) = stream.into_split();
-        write
-            .write_all(&line.as_bytes()[sent..])
-            .await
-            .map_err(|e| format!("sending the request: {e}"))?;
-        let mut answer = String::new();
-        BufReader::new(read)
-            .read_line(&mut answer)
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?;
-        let value: serde_json::Value = serde_json::from_str(&answer)
-            .map_err(|e| format!("bad answer {:?}: {e}", answer.trim_end()))?;
-        if value["ok"] == serde_json::Value::Bool(true) {
-            Ok(value)
-        } else {
-            Err(value["error"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| value.to_string()))
-        }
-    };
-    tokio::time::timeout(API_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("no answer within {API_TIMEOUT:?}"))?
+    request: vmm_api::Request,
+    file: Option<fs::File>,
+) -> Result<vmm_api::Reply, String> {
+    let socket = socket.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let fd = file.as_ref().map(AsFd::as_fd);
+        vmm_api::call(&socket, &request, fd, API_TIMEOUT).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("the control API call failed: {e}"))?
 }
 
 impl MicroVmDriver {
@@ -690,8 +638,8 @@ impl SandboxDriver for MicroVmDriver {
                 if !wait_gone(grace).await {
                     let gone = !grace.is_zero() && {
                         warn!(pid, "husk-vmm still runs; asking its control API to stop");
-                        let request = serde_json::json!({"op": "shutdown"});
-                        if let Err(e) = api_call(&dir.join(API_SOCKET), &request, None).await {
+                        let request = vmm_api::Request::Shutdown;
+                        if let Err(e) = api_call(&dir.join(API_SOCKET), request, None).await {
                             warn!("control API shutdown: {e}");
                         }
                         wait_gone(Duration::from_secs(5)).await
@@ -928,13 +876,12 @@ impl SandboxDriver for MicroVmDriver {
                 let freed_at = table.slots[index].freed_at;
                 table.slots[index].image = Some(image.id.to_owned());
                 self.save_table(id, dir, &table)?;
-                let request = serde_json::json!({
-                    "op": "attach_disk",
-                    "index": index,
-                    "path": image.erofs,
-                    "fd": true,
-                });
-                if let Err(detail) = api_call(&dir.join(API_SOCKET), &request, Some(&file)).await {
+                let request = vmm_api::Request::AttachDisk {
+                    index,
+                    path: image.erofs.to_owned(),
+                    fd: true,
+                };
+                if let Err(detail) = api_call(&dir.join(API_SOCKET), request, Some(file)).await {
                     table.slots[index] = Slot {
                         image: None,
                         freed_at,
@@ -974,8 +921,8 @@ impl SandboxDriver for MicroVmDriver {
                 else {
                     return Ok(());
                 };
-                let request = serde_json::json!({"op": "detach_disk", "index": index});
-                api_call(&dir.join(API_SOCKET), &request, None)
+                let request = vmm_api::Request::DetachDisk { index };
+                api_call(&dir.join(API_SOCKET), request, None)
                     .await
                     .map_err(|detail| SandboxError::Vmm {
                         id: id.to_owned(),

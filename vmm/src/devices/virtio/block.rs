@@ -95,7 +95,7 @@ pub struct DiskHandle {
 }
 
 /// What the control API reports about a disk slot.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct DiskInfo {
     pub path: Option<PathBuf>,
     pub read_only: bool,
