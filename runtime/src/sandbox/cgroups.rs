@@ -238,8 +238,8 @@ fn procs(cgroup: &Path) -> Vec<i32> {
 }
 
 /// SIGKILLs every process in sandbox `id`'s cgroup `relative` below `root`
-/// (in every hierarchy, with the cgroups below it) until none is left, then
-/// removes those cgroups. Returns the processes it killed ("pid (name)"),
+/// (in every hierarchy, with the cgroups below it) until none is left (a
+/// kernel thread there is waited for), then removes those cgroups. Returns the processes it killed ("pid (name)"),
 /// not those that had already exited and were still leaving. Idempotent:
 /// without cgroups there is nothing to do.
 pub async fn kill_cgroups(
@@ -271,6 +271,11 @@ pub async fn kill_cgroups(
             });
         }
         for &pid in left.iter().flat_map(|(_, pids)| pids) {
+            // A VM's KVM worker leaves once its VM is destroyed, as the
+            // VMM's last reference goes: waited for, not signalled.
+            if super::is_kernel_thread(pid as u32) {
+                continue;
+            }
             // One that has exited is only still leaving: not reported.
             let exiting = super::has_exited(pid as u32);
             let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();

@@ -188,25 +188,46 @@ pub fn kill_processes_naming(dir: &Path) -> Vec<u32> {
 /// down (PF_EXITING: a SIGKILLed one whose memory, and so its command
 /// line, is already gone; a VMM whose threads still free guest memory).
 pub(crate) fn has_exited(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_or(true, |stat| stat_says_exited(&stat))
+    read_stat(pid).is_none_or(|stat| stat.has_exited())
 }
 
-/// [`has_exited`] on one /proc/PID/stat line.
-fn stat_says_exited(stat: &str) -> bool {
+/// Whether `pid` is a kernel thread (PF_KTHREAD), such as the worker KVM
+/// starts for each VM in its VMM's cgroups (`kvm-nx-lpage-recovery-PID`):
+/// no signal ends one; it ends with what it serves.
+pub(crate) fn is_kernel_thread(pid: u32) -> bool {
+    read_stat(pid).is_some_and(|stat| stat.flags & ProcStat::PF_KTHREAD != 0)
+}
+
+fn read_stat(pid: u32) -> Option<ProcStat> {
+    ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// What huskd reads of a /proc/PID/stat line.
+#[derive(Debug, PartialEq)]
+struct ProcStat {
+    state: char,
+    flags: u64,
+}
+
+impl ProcStat {
     /// include/linux/sched.h
     const PF_EXITING: u64 = 0x4;
-    // After the parenthesised command name: state, ppid, pgrp, session,
-    // tty_nr, tpgid, flags.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return true;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let zombie = fields
-        .first()
-        .is_none_or(|state| state.starts_with(['Z', 'X']));
-    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
-    zombie || flags & PF_EXITING != 0
+    const PF_KTHREAD: u64 = 0x0020_0000;
+
+    fn parse(stat: &str) -> Option<ProcStat> {
+        // After the parenthesised command name: state, ppid, pgrp,
+        // session, tty_nr, tpgid, flags.
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        Some(ProcStat {
+            state: fields.first()?.chars().next()?,
+            flags: fields.get(6)?.parse().ok()?,
+        })
+    }
+
+    fn has_exited(&self) -> bool {
+        matches!(self.state, 'Z' | 'X') || self.flags & ProcStat::PF_EXITING != 0
+    }
 }
 
 /// The live processes (not huskd) whose command line names `dir`.
@@ -394,13 +415,24 @@ mod tests {
     #[test]
     fn a_zombie_or_an_exiting_process_has_exited() {
         // pid (comm) state ppid pgrp session tty_nr tpgid flags ...
+        let exited = |line: &str| ProcStat::parse(line).is_none_or(|s| s.has_exited());
         let running = "42 (virtio fs) S 1 42 42 0 -1 4194560 100 0";
         let zombie = "42 (virtiofsd) Z 1 42 42 0 -1 4194560 100 0";
         let exiting = "42 (virtiofsd) R 1 42 42 0 -1 4194564 100 0";
-        assert!(!stat_says_exited(running));
-        assert!(stat_says_exited(zombie));
-        assert!(stat_says_exited(exiting));
-        assert!(stat_says_exited("garbage"));
+        assert!(!exited(running));
+        assert!(exited(zombie));
+        assert!(exited(exiting));
+        assert!(exited("garbage"));
         assert!(!has_exited(std::process::id()));
+    }
+
+    #[test]
+    fn kernel_threads_are_told_apart() {
+        let kvm_worker = "181 (kvm-nx-lpage-recovery-178) S 2 0 0 0 -1 2129984 0 0";
+        let flags = ProcStat::parse(kvm_worker).map(|s| s.flags);
+        assert_eq!(flags.map(|f| f & ProcStat::PF_KTHREAD != 0), Some(true));
+        assert!(!is_kernel_thread(std::process::id()));
+        // kthreadd, pid 2 of the root PID namespace huskd runs in.
+        assert!(is_kernel_thread(2));
     }
 }
