@@ -20,7 +20,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::SandboxError;
+use super::{ProcStat, SandboxError};
 
 /// Where the host's cgroup hierarchies are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -239,9 +239,10 @@ fn procs(cgroup: &Path) -> Vec<i32> {
 
 /// SIGKILLs every process in sandbox `id`'s cgroup `relative` below `root`
 /// (in every hierarchy, with the cgroups below it) until none is left (a
-/// kernel thread there is waited for), then removes those cgroups. Returns the processes it killed ("pid (name)"),
-/// not those that had already exited and were still leaving. Idempotent:
-/// without cgroups there is nothing to do.
+/// kernel thread there is waited for), then removes those cgroups. Returns
+/// the processes it killed ("pid (name)"), not those that had already
+/// exited and were still leaving. Idempotent: without cgroups there is
+/// nothing to do.
 pub async fn kill_cgroups(
     id: &str,
     root: &Path,
@@ -271,13 +272,14 @@ pub async fn kill_cgroups(
             });
         }
         for &pid in left.iter().flat_map(|(_, pids)| pids) {
+            let stat = ProcStat::of(pid as u32);
             // A VM's KVM worker leaves once its VM is destroyed, as the
             // VMM's last reference goes: waited for, not signalled.
-            if super::is_kernel_thread(pid as u32) {
+            if stat.as_ref().is_some_and(ProcStat::is_kernel_thread) {
                 continue;
             }
             // One that has exited is only still leaving: not reported.
-            let exiting = super::has_exited(pid as u32);
+            let exiting = stat.is_none_or(|stat| stat.has_exited());
             let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() && !exiting {
                 killed

@@ -188,23 +188,12 @@ pub fn kill_processes_naming(dir: &Path) -> Vec<u32> {
 /// down (PF_EXITING: a SIGKILLed one whose memory, and so its command
 /// line, is already gone; a VMM whose threads still free guest memory).
 pub(crate) fn has_exited(pid: u32) -> bool {
-    read_stat(pid).is_none_or(|stat| stat.has_exited())
-}
-
-/// Whether `pid` is a kernel thread (PF_KTHREAD), such as the worker KVM
-/// starts for each VM in its VMM's cgroups (`kvm-nx-lpage-recovery-PID`):
-/// no signal ends one; it ends with what it serves.
-pub(crate) fn is_kernel_thread(pid: u32) -> bool {
-    read_stat(pid).is_some_and(|stat| stat.flags & ProcStat::PF_KTHREAD != 0)
-}
-
-fn read_stat(pid: u32) -> Option<ProcStat> {
-    ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    ProcStat::of(pid).is_none_or(|stat| stat.has_exited())
 }
 
 /// What huskd reads of a /proc/PID/stat line.
 #[derive(Debug, PartialEq)]
-struct ProcStat {
+pub(crate) struct ProcStat {
     state: char,
     flags: u64,
 }
@@ -213,6 +202,11 @@ impl ProcStat {
     /// include/linux/sched.h
     const PF_EXITING: u64 = 0x4;
     const PF_KTHREAD: u64 = 0x0020_0000;
+
+    /// `pid`'s, None if it is gone.
+    pub(crate) fn of(pid: u32) -> Option<ProcStat> {
+        ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
 
     fn parse(stat: &str) -> Option<ProcStat> {
         // After the parenthesised command name: state, ppid, pgrp,
@@ -225,8 +219,16 @@ impl ProcStat {
         })
     }
 
-    fn has_exited(&self) -> bool {
+    /// See [`has_exited`].
+    pub(crate) fn has_exited(&self) -> bool {
         matches!(self.state, 'Z' | 'X') || self.flags & ProcStat::PF_EXITING != 0
+    }
+
+    /// A kernel thread (PF_KTHREAD), such as the worker KVM starts for each
+    /// VM in its VMM's cgroups (`kvm-nx-lpage-recovery-PID`): no signal
+    /// ends one; it ends with what it serves.
+    pub(crate) fn is_kernel_thread(&self) -> bool {
+        self.flags & ProcStat::PF_KTHREAD != 0
     }
 }
 
@@ -428,11 +430,11 @@ mod tests {
 
     #[test]
     fn kernel_threads_are_told_apart() {
+        let kernel_thread = |stat: Option<ProcStat>| stat.map(|s| s.is_kernel_thread());
         let kvm_worker = "181 (kvm-nx-lpage-recovery-178) S 2 0 0 0 -1 2129984 0 0";
-        let flags = ProcStat::parse(kvm_worker).map(|s| s.flags);
-        assert_eq!(flags.map(|f| f & ProcStat::PF_KTHREAD != 0), Some(true));
-        assert!(!is_kernel_thread(std::process::id()));
+        assert_eq!(kernel_thread(ProcStat::parse(kvm_worker)), Some(true));
+        assert_eq!(kernel_thread(ProcStat::of(std::process::id())), Some(false));
         // kthreadd, pid 2 of the root PID namespace huskd runs in.
-        assert!(is_kernel_thread(2));
+        assert_eq!(kernel_thread(ProcStat::of(2)), Some(true));
     }
 }
