@@ -1,8 +1,12 @@
 //! The protocols between husk's processes: host ⇄ agent (the code generated
 //! from `agent.proto` and, in [`client`], the host side's ways to reach an
-//! agent), and huskd ⇄ husk-vmm ([`vmm_api`], the VMM's control API).
+//! agent), huskd ⇄ husk-vmm ([`vmm_api`], the VMM's control API), and, with
+//! the `k8s-stream` feature, the framing of Kubernetes' streaming protocol
+//! that huskd serves and huskctl speaks ([`k8s_stream`]).
 
 pub mod client;
+#[cfg(feature = "k8s-stream")]
+pub mod k8s_stream;
 pub mod vmm_api;
 
 /// Generated messages, the `Agent` client (`agent_client`) and server (`agent_server`).

@@ -1,6 +1,5 @@
 //! huskd's library: the parts of the CRI server that are worth testing on their own.
 
-pub mod cli;
 pub mod config;
 pub mod image;
 pub mod manager;

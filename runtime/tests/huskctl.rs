@@ -2,8 +2,10 @@
 //! `host` sandbox driver, with husk-agent and a real registry on loopback.
 //!
 //! Needs root (namespaces, mounts, cgroups), scripts/install-deps.sh's
-//! packages, and husk-agent built first: `cargo build -p husk-agent`
-//! (or HUSK_AGENT=/path/to/husk-agent).
+//! packages, and husk-agent and huskctl built first: `cargo build -p
+//! husk-agent -p huskctl` (or HUSK_AGENT=/path/to/husk-agent,
+//! HUSKCTL=/path/to/huskctl). It lives here, not in huskctl/, because it
+//! needs huskd's binary and this package's test support.
 
 mod support;
 
@@ -14,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use support::{busybox_registry, husk_agent, Huskd};
 
-const HUSKCTL: &str = env!("CARGO_BIN_EXE_huskctl");
 const PATIENCE: Duration = Duration::from_secs(30);
 
 struct Ctl {
@@ -23,7 +24,7 @@ struct Ctl {
 
 impl Ctl {
     fn output(&self, args: &[&str]) -> Output {
-        let out = Command::new(HUSKCTL)
+        let out = Command::new(support::huskctl())
             .env("HUSK_SOCKET", &self.socket)
             .args(args)
             .stdin(Stdio::null())
@@ -41,7 +42,7 @@ impl Ctl {
 
     /// One huskctl run with `input` on its stdin.
     fn output_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = Command::new(HUSKCTL)
+        let mut child = Command::new(support::huskctl())
             .env("HUSK_SOCKET", &self.socket)
             .args(args)
             .stdin(Stdio::piped())
@@ -149,7 +150,7 @@ async fn huskctl_drives_huskd() {
     assert_eq!(ctl.ok(&["ps", "-a", "-q"]), "");
 
     // Ctrl-C during run: exit 130, and the pod goes all the same.
-    let mut child = Command::new(HUSKCTL)
+    let mut child = Command::new(support::huskctl())
         .env("HUSK_SOCKET", &ctl.socket)
         .args(["run", &image, "--runtime", "host", "--"])
         .args(["sh", "-c", "echo ready; sleep 1000"])
@@ -339,7 +340,7 @@ async fn huskctl_drives_huskd() {
         "/etc",
     ]);
     let local = support::free_port();
-    let mut forward = Command::new(HUSKCTL)
+    let mut forward = Command::new(support::huskctl())
         .env("HUSK_SOCKET", &ctl.socket)
         .args(["port-forward", &pod[..13], &format!("{local}:{http_port}")])
         .stdin(Stdio::null())
@@ -456,7 +457,7 @@ fn an_unreachable_socket_is_one_clear_line_and_exit_1() {
     // A socket nobody listens on any more.
     let dead = dir.path().join("dead.sock");
     drop(std::os::unix::net::UnixListener::bind(&dead).expect("bind"));
-    let out = Command::new(HUSKCTL)
+    let out = Command::new(support::huskctl())
         .args(["--socket", dead.to_str().expect("utf-8"), "ps"])
         .output()
         .expect("run huskctl");

@@ -37,26 +37,13 @@ fn cri_image(r: &ImageRecord) -> cri::Image {
 
 /// Standard base64 (as in AuthConfig.auth), padding optional.
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.trim_end_matches('=').bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+    const PADDING_OPTIONAL: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    PADDING_OPTIONAL.decode(text).ok()
 }
 
 /// The credentials a PullImage request carries.
@@ -222,6 +209,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // The same without its padding.
+        let auth = cri::AuthConfig {
+            auth: "dXNlcjpwYTpzcw".into(),
+            ..Default::default()
+        };
+        assert!(
+            matches!(credentials(Some(&auth)), Ok(Credentials::Basic { password, .. }) if password == "pa:ss")
+        );
         let auth = cri::AuthConfig {
             username: "u".into(),
             password: "p".into(),

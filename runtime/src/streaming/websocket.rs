@@ -1,10 +1,7 @@
-//! Kubernetes' channel protocol over WebSocket
-//! (k8s.io/apimachinery/pkg/util/httpstream/wsstream): every message starts
-//! with its channel number; the base64 variants send text messages whose
-//! channel is an ASCII digit and whose payload is base64.
+//! huskd's side of Kubernetes' channel protocol over WebSocket: the
+//! subprotocols it offers, reading a client's input and sending a command's
+//! output. The framing itself is [`husk_proto::k8s_stream`], shared with huskctl.
 
-use base64::Engine as _;
-use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
@@ -15,6 +12,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
+
+pub use husk_proto::k8s_stream::{channel, Framing};
 
 use super::remotecommand::OutputWire;
 use super::{Input, Outcome, Output, ResizeDecoder};
@@ -29,68 +28,6 @@ pub const PROTOCOLS: &[&str] = &[
     "channel.k8s.io",
     "base64.channel.k8s.io",
 ];
-
-/// The remote-command channels.
-pub mod channel {
-    pub const STDIN: u8 = 0;
-    pub const STDOUT: u8 = 1;
-    pub const STDERR: u8 = 2;
-    pub const ERROR: u8 = 3;
-    pub const RESIZE: u8 = 4;
-    /// v5: the client closes one channel (its number is the payload).
-    pub const CLOSE: u8 = 255;
-}
-
-/// One negotiated subprotocol's framing.
-#[derive(Debug, Clone, Copy)]
-pub struct Framing {
-    base64: bool,
-    /// v4 and v5: the error channel carries a JSON `metav1.Status`.
-    pub json_status: bool,
-}
-
-impl Framing {
-    /// The framing of a subprotocol; "" (none asked for) is channel.k8s.io.
-    pub fn of(protocol: &str) -> Framing {
-        Framing {
-            base64: protocol.contains("base64"),
-            json_status: protocol.starts_with("v4.") || protocol.starts_with("v5."),
-        }
-    }
-
-    pub fn encode(&self, channel: u8, data: &[u8]) -> Message {
-        if self.base64 {
-            let mut text = String::with_capacity(1 + data.len() * 4 / 3 + 4);
-            text.push(char::from(b'0' + channel));
-            base64::engine::general_purpose::STANDARD.encode_string(data, &mut text);
-            Message::text(text)
-        } else {
-            let mut frame = Vec::with_capacity(1 + data.len());
-            frame.push(channel);
-            frame.extend_from_slice(data);
-            Message::binary(frame)
-        }
-    }
-
-    /// A message's channel and payload; None for control messages and
-    /// what does not decode.
-    pub fn decode(&self, message: Message) -> Option<(u8, Bytes)> {
-        match message {
-            Message::Binary(data) if !self.base64 && !data.is_empty() => {
-                Some((data[0], data.slice(1..)))
-            }
-            Message::Text(text) if self.base64 && !text.is_empty() => {
-                let text = text.as_bytes();
-                let channel = text[0].checked_sub(b'0')?;
-                let data = base64::engine::general_purpose::STANDARD
-                    .decode(&text[1..])
-                    .ok()?;
-                Some((channel, data.into()))
-            }
-            _ => None,
-        }
-    }
-}
 
 /// A Close with status 1000: Go clients (gorilla/websocket) take any other
 /// status, or none, as an error in the middle of the session.

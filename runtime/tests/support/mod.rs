@@ -875,12 +875,25 @@ pub fn run(program: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
 
 /// husk-agent from HUSK_AGENT, or next to huskd in the target directory.
 pub fn husk_agent() -> PathBuf {
-    let path = std::env::var_os("HUSK_AGENT")
+    workspace_binary("husk-agent", "HUSK_AGENT")
+}
+
+/// huskctl (its own crate, so not one of this package's binaries) from
+/// HUSKCTL, or next to huskd in the target directory.
+pub fn huskctl() -> PathBuf {
+    workspace_binary("huskctl", "HUSKCTL")
+}
+
+/// A binary of another workspace package: from the environment variable
+/// `var`, or next to huskd in the target directory, where `cargo build
+/// --workspace --bins` puts it.
+fn workspace_binary(package: &str, var: &str) -> PathBuf {
+    let path = std::env::var_os(var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(HUSKD).with_file_name("husk-agent"));
+        .unwrap_or_else(|| Path::new(HUSKD).with_file_name(package));
     assert!(
         path.is_file(),
-        "{} is missing: build it first with `cargo build -p husk-agent` (or set HUSK_AGENT)",
+        "{} is missing: build it first with `cargo build -p {package}` (or set {var})",
         path.display()
     );
     path
@@ -1234,15 +1247,7 @@ pub fn guest_diagnostics(state: &Path) -> String {
 
 /// husk-vmm from HUSK_VMM, or next to huskd in the target directory.
 pub fn husk_vmm() -> PathBuf {
-    let path = std::env::var_os("HUSK_VMM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(HUSKD).with_file_name("husk-vmm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first with `cargo build -p husk-vmm` (or set HUSK_VMM)",
-        path.display()
-    );
-    path
+    workspace_binary("husk-vmm", "HUSK_VMM")
 }
 
 /// The pod network every test huskd uses: Debian's CNI plugins, one

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::client::{CliError, Result};
-use crate::streaming::{channel, Framing};
+use husk_proto::k8s_stream::{channel, Framing};
 
 const PROTOCOL: &str = "v5.channel.k8s.io";
 

@@ -161,6 +161,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// A full id from a unique prefix of one (tables show 13 characters).
+pub fn resolve<'a>(what: &str, id: &str, ids: impl Iterator<Item = &'a str>) -> Result<String> {
+    let matches: Vec<&str> = ids.filter(|full| full.starts_with(id)).collect();
+    if matches.contains(&id) {
+        return Ok(id.to_owned());
+    }
+    match matches.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => Ok(id.to_owned()), // huskd says it is not there
+        many => Err(CliError::Usage(format!(
+            "{what} id {id:?} is ambiguous: {}",
+            many.join(", ")
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +211,17 @@ mod tests {
                 socket.display()
             )
         );
+    }
+
+    #[test]
+    fn ids_resolve_by_prefix() {
+        let ids = ["abc123", "abd456", "x"];
+        assert_eq!(
+            resolve("pod", "abc", ids.iter().copied()).unwrap(),
+            "abc123"
+        );
+        assert_eq!(resolve("pod", "x", ids.iter().copied()).unwrap(), "x");
+        assert_eq!(resolve("pod", "zz", ids.iter().copied()).unwrap(), "zz");
+        assert!(resolve("pod", "ab", ids.iter().copied()).is_err());
     }
 }

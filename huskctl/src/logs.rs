@@ -1,9 +1,14 @@
-//! Reading kubelet's CRI log format: `<RFC3339Nano> <stdout|stderr> <P|F> <content>`.
+//! `logs`: reading kubelet's CRI log format (`<RFC3339Nano> <stdout|stderr> <P|F> <content>`)
+//! and following a container's log until it exits.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use super::client::{CliError, Result};
+use k8s_cri::v1 as cri;
+
+use crate::client::{CliError, Huskd, Result};
+use crate::containers::{container_status, resolve_container};
 
 /// One record of a CRI log file.
 #[derive(Debug, PartialEq, Eq)]
@@ -145,6 +150,115 @@ impl Tail {
 impl Default for Tail {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// `logs CONTAINER`: its log file as huskd's status names it.
+pub async fn show(
+    h: &mut Huskd,
+    container: &str,
+    follow: bool,
+    timestamps: bool,
+    tail: Option<usize>,
+) -> Result<()> {
+    let id = resolve_container(h, container).await?;
+    let status = container_status(h, &id).await?;
+    if status.log_path.is_empty() {
+        return Err(CliError::Usage(format!(
+            "container {id} has no log file (its pod has no log_directory)"
+        )));
+    }
+    print_logs(
+        h,
+        &id,
+        Path::new(&status.log_path),
+        follow,
+        timestamps,
+        tail,
+    )
+    .await
+}
+
+const POLL: Duration = Duration::from_millis(100);
+/// After a container exits, how long its log may still grow (the copy is asynchronous).
+const LOG_SETTLE: Duration = Duration::from_millis(300);
+
+async fn print_logs(
+    h: &mut Huskd,
+    id: &str,
+    path: &Path,
+    follow: bool,
+    timestamps: bool,
+    tail_lines: Option<usize>,
+) -> Result<()> {
+    let mut printer = Printer::new(
+        std::io::stdout().lock(),
+        std::io::stderr().lock(),
+        timestamps,
+    );
+    let write = |e| CliError::io("writing the log")(e);
+    let mut tail = Tail::new();
+    let mut first = tail.read(path)?;
+    if let Some(n) = tail_lines {
+        let skip = first.len().saturating_sub(n);
+        first.drain(..skip);
+    }
+    for line in &first {
+        printer.line(line).map_err(write)?;
+    }
+    printer.flush().map_err(write)?;
+    if follow {
+        follow_log(h, id, path, &mut tail, &mut printer).await?;
+    }
+    if let Some(rest) = tail.take_rest() {
+        printer.line(&rest).map_err(write)?;
+    }
+    printer.flush().map_err(write)
+}
+
+/// Prints new lines until the container has exited (or is gone) and its log has settled.
+pub async fn follow_log<O: Write, E: Write>(
+    h: &mut Huskd,
+    id: &str,
+    path: &Path,
+    tail: &mut Tail,
+    printer: &mut Printer<O, E>,
+) -> Result<()> {
+    let write = |e| CliError::io("writing the log")(e);
+    let mut exited_at: Option<Instant> = None;
+    let mut last_status = Instant::now();
+    loop {
+        let lines = tail.read(path)?;
+        for line in &lines {
+            printer.line(line).map_err(write)?;
+        }
+        if !lines.is_empty() {
+            printer.flush().map_err(write)?;
+            if let Some(t) = exited_at.as_mut() {
+                *t = Instant::now();
+            }
+        }
+        match exited_at {
+            Some(t) if t.elapsed() >= LOG_SETTLE && !tail.has_partial() => return Ok(()),
+            Some(t) if t.elapsed() >= LOG_SETTLE * 10 => return Ok(()),
+            Some(_) => {}
+            None if last_status.elapsed() >= POLL * 3 || lines.is_empty() => {
+                last_status = Instant::now();
+                match container_status(h, id).await {
+                    Ok(s)
+                        if s.state == cri::ContainerState::ContainerRunning as i32
+                            || s.state == cri::ContainerState::ContainerCreated as i32 => {}
+                    Ok(_) => exited_at = Some(Instant::now()),
+                    Err(CliError::Rpc {
+                        code: tonic::Code::NotFound,
+                        ..
+                    }) => exited_at = Some(Instant::now()),
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {}
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 

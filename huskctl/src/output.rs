@@ -1,5 +1,6 @@
 //! Tables and values as crictl prints them.
 
+use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_cri::v1 as cri;
@@ -40,6 +41,34 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Writes a command's output to `out` (stdout).
+pub fn print(out: &mut impl Write, text: &str) -> Result<()> {
+    out.write_all(text.as_bytes())
+        .map_err(CliError::io("writing to stdout"))
+}
+
+/// One item per line.
+pub fn lines(items: impl Iterator<Item = String>) -> String {
+    items.map(|s| s + "\n").collect()
+}
+
+/// A listing as asked: ids only (`-q`), JSON (`-o json`), or a table.
+pub fn listing<T: Serialize>(
+    response: &T,
+    ids: impl Iterator<Item = String>,
+    quiet: bool,
+    format: Format,
+    table: impl FnOnce() -> String,
+) -> Result<String> {
+    if quiet {
+        Ok(lines(ids))
+    } else if format == Format::Json {
+        json(response)
+    } else {
+        Ok(table())
+    }
 }
 
 /// Pretty JSON of a CRI message (field names as in the proto, enums as numbers).

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::client::{CliError, Huskd, Result};
-use crate::streaming::Framing;
+use husk_proto::k8s_stream::Framing;
 
 const PROTOCOL: &str = "portforward.k8s.io";
 const DATA: u8 = 0;
