@@ -1,5 +1,5 @@
 //! What husk-vmm's jail costs a pod's start. Two huskds run side by side,
-//! one with `microvm_jail = true` (the default) and one with `false`; pods
+//! one with `[microvm] jail = true` (the default) and one with `false`; pods
 //! are started on them alternately, one at a time, HUSK_JAIL_BENCH_RUNS
 //! (default 3) on each. Reported: RunPodSandbox (huskd's work, the guest's
 //! boot to its agent) per pod, the medians and their ratio; and the jail
@@ -30,8 +30,8 @@ async fn bench() {
         tempfile::tempdir().expect("tempdir"),
         tempfile::tempdir().expect("tempdir"),
     );
-    let mut jailed = BenchHuskd::start_with(jailed_dir.path(), "microvm_jail = true\n").await;
-    let mut unjailed = BenchHuskd::start_with(unjailed_dir.path(), "microvm_jail = false\n").await;
+    let mut jailed = BenchHuskd::start_with(jailed_dir.path(), "jail = true\n").await;
+    let mut unjailed = BenchHuskd::start_with(unjailed_dir.path(), "jail = false\n").await;
 
     println!("RunPodSandbox with and without husk-vmm's jail, {runs} pod(s) each, alternating");
     let (mut with, mut without, mut steps) = (Vec::new(), Vec::new(), Vec::new());

@@ -52,7 +52,7 @@ async fn bench() {
                 dir.path(),
                 // The cap on vCPUs defaults to the host's CPU count; a
                 // benchmark asks for its own VM size whatever the host.
-                "log_level = \"warn\"\nguest_boot_timeout_secs = 600\nguest_max_vcpus = 16\n",
+                "log_level = \"warn\"\n[microvm]\nguest_boot_timeout_secs = 600\nguest_max_vcpus = 16\n",
             ),
             5,
         ),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use husk_runtime::config::{Cli, Config};
+use husk_runtime::config::{Config, Settings};
 use husk_runtime::image::ImageStore;
 use husk_runtime::manager::Manager;
 use husk_runtime::sandbox::microvm::DEFAULT_SPARE_DISKS;
@@ -37,8 +37,7 @@ enum HuskdError {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let config = match Config::load(&cli) {
+    let config = match Config::load(Settings::parse()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("huskd: {e}");

@@ -27,6 +27,9 @@ use support::{
 
 /// huskd's deadline on calls into the agent, and on its health check.
 const AGENT_TIMEOUT_SECS: u64 = 20;
+/// How often huskd's health check pings (shorter than the default, so that
+/// a silent guest is noticed sooner).
+const HEALTH_CHECK_SECS: u64 = 10;
 
 /// crictl's default timeout.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
@@ -74,7 +77,9 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
     let state = dir.path().join("state");
     let _reaper = VmReaper(state.clone());
     let config = format!(
-        "log_level = \"info\"\nguest_boot_timeout_secs = {}\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n",
+        "log_level = \"info\"\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n\
+         health_check_interval_secs = {HEALTH_CHECK_SECS}\n\
+         [microvm]\nguest_boot_timeout_secs = {}\n",
         boot_timeout().as_secs()
     );
     let socket = dir.path().join("husk.sock");
@@ -249,15 +254,15 @@ async fn a_client_that_gives_up_leaves_a_pod_it_can_find_and_remove() {
     );
 
     // 6. A guest that stops answering (its VMM stopped, as a hung guest
-    // is): huskd's health check fails the pod within its interval (10 s)
-    // and the deadline, with no CRI call, and kills the VM.
+    // is): huskd's health check fails the pod within its interval and the
+    // deadline, with no CRI call, and kills the VM.
     let vmm = vmms_under(&sandbox_dir);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(vmm[0] as i32),
         nix::sys::signal::Signal::SIGSTOP,
     )
     .expect("SIGSTOP husk-vmm");
-    let within = Duration::from_secs(10 + AGENT_TIMEOUT_SECS + 30);
+    let within = Duration::from_secs(HEALTH_CHECK_SECS + AGENT_TIMEOUT_SECS + 30);
     let (after, info) = support::wait_pod_failed(&mut rt, &pod, within).await;
     eprintln!("a silent guest's pod went NOTREADY after {after:?}");
     assert!(info.contains("stopped answering"), "{info}");

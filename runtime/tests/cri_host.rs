@@ -1052,8 +1052,14 @@ async fn a_killed_host_agent_takes_its_containers_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_agent_that_stops_answering_fails_its_pod() {
     const AGENT_TIMEOUT_SECS: u64 = 2;
-    let mut f =
-        Fixture::start_with(&["--agent-timeout-secs", &AGENT_TIMEOUT_SECS.to_string()]).await;
+    const HEALTH_CHECK_SECS: u64 = 5;
+    let mut f = Fixture::start_with(&[
+        "--agent-timeout-secs",
+        &AGENT_TIMEOUT_SECS.to_string(),
+        "--health-check-interval-secs",
+        &HEALTH_CHECK_SECS.to_string(),
+    ])
+    .await;
     f.pull().await;
     let config = f.pod_config("h1");
     let pod = f.run_pod(&config).await;
@@ -1069,9 +1075,9 @@ async fn a_host_agent_that_stops_answering_fails_its_pod() {
     )
     .expect("SIGSTOP the agent");
 
-    // huskd's health check finds it within its interval (10 s) and the
+    // huskd's health check finds it within its interval and the
     // deadline, with no CRI call; then the pod is NOTREADY and says why.
-    let within = Duration::from_secs(10 + AGENT_TIMEOUT_SECS) + PATIENCE;
+    let within = Duration::from_secs(HEALTH_CHECK_SECS + AGENT_TIMEOUT_SECS) + PATIENCE;
     let (after, info) = support::wait_pod_failed(&mut f.rt, &pod, within).await;
     eprintln!("a silent agent's pod went NOTREADY after {after:?}");
     assert!(info.contains("stopped answering"), "{info}");

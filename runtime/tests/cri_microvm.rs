@@ -111,7 +111,7 @@ async fn a_microvm_pod_runs_logs_execs_and_goes_away_over_cri() {
     // guest_max_vcpus: the default is the host's CPU count, which differs
     // between machines (the standard-KVM bed's L1 has one).
     let config = format!(
-        "log_level = \"info\"\nguest_boot_timeout_secs = {}\nguest_max_vcpus = 4\n\
+        "log_level = \"info\"\n[microvm]\nguest_boot_timeout_secs = {}\nguest_max_vcpus = 4\n\
          guest_cmdline = \"console=ttyS0 reboot=k panic=-1 loglevel=7 print-fatal-signals=1\"\n",
         boot_timeout().as_secs()
     );

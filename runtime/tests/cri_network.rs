@@ -202,7 +202,7 @@ async fn two_pods_talk(handler: &str, patience: Duration) {
         "microvm" => Huskd::microvm_args(
             dir.path(),
             &format!(
-                "log_level = \"info\"\nguest_boot_timeout_secs = {}\n",
+                "log_level = \"info\"\n[microvm]\nguest_boot_timeout_secs = {}\n",
                 boot_timeout().as_secs()
             ),
         ),

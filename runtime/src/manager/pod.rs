@@ -624,7 +624,7 @@ mod tests {
     use husk_proto::client::Agent;
 
     use super::*;
-    use crate::config::{Cli, Config, FileConfig};
+    use crate::config::{CniSettings, Config, Settings};
     use crate::image::ImageStore;
     use crate::sandbox::{BoxFuture, SandboxDriver, SandboxError, SandboxSpec, Started};
     use crate::state::State;
@@ -728,14 +728,16 @@ mod tests {
         std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod");
         std::os::unix::fs::symlink(&plugin, cni.join("loopback")).expect("loopback");
-        let cli = Cli {
+        let config = Config::from_settings(Settings {
             root: Some(dir.path().join("root")),
             state: Some(dir.path().join("state")),
-            cni_conf_dir: Some(cni.clone()),
-            cni_bin_dir: Some(cni),
-            ..Cli::default()
-        };
-        let config = Config::merge(&cli, FileConfig::default()).expect("config");
+            cni: CniSettings {
+                conf_dir: Some(cni.clone()),
+                bin_dir: Some(cni),
+            },
+            ..Settings::default()
+        })
+        .expect("config");
         std::fs::create_dir_all(&config.root).expect("root");
         let images = ImageStore::open(config.root.join("images")).expect("images");
         let state = State::open(&config.root).expect("state");

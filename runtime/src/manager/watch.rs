@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 use tracing::warn;
@@ -13,14 +12,11 @@ use super::{Manager, Result};
 use crate::sandbox::exited;
 use crate::state::{PodRecord, PodState};
 
-/// How often each ready pod's agent must answer a Ping, within the agent
-/// deadline (`agent_timeout_secs`).
-const PROBE_INTERVAL: Duration = Duration::from_secs(10);
-
 impl Manager {
     /// Watches the exit of every ready pod's process (see
-    /// [`watch_sandbox_exit`](Self::watch_sandbox_exit)), and every [`PROBE_INTERVAL`] pings
-    /// every ready pod's agent, all at once in the background so that a
+    /// [`watch_sandbox_exit`](Self::watch_sandbox_exit)), and every
+    /// `health_check_interval` (the config's) pings every ready pod's
+    /// agent, which must answer within the agent deadline, all at once in the background so that a
     /// hung one holds up nothing. Runs forever.
     pub async fn watch_sandboxes(self: Arc<Self>) {
         match self.state.pods() {
@@ -31,7 +27,7 @@ impl Manager {
             }
             Err(e) => warn!("watching sandboxes: {e}"),
         }
-        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        let mut probe = tokio::time::interval(self.config.health_check_interval);
         probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // The pods being probed: one probe per pod at a time, so that a
         // hung agent is not asked again while the first Ping still waits.

@@ -27,9 +27,6 @@ pub const POD_IFNAME: &str = "eth0";
 /// The tap husk-vmm opens inside the pod's namespace.
 pub const VM_TAP: &str = "tap0";
 
-pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
-pub const DEFAULT_CNI_BIN_DIR: &str = "/usr/lib/cni";
-
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error("pod network not ready: {0}")]

@@ -70,15 +70,9 @@ use super::{
     SandboxError, SandboxSpec, Started,
 };
 
-/// Where the guest kernel and initramfs are when the config names none.
-pub const DEFAULT_GUEST_KERNEL: &str = "/usr/lib/husk/vmlinux";
-pub const DEFAULT_GUEST_INITRD: &str = "/usr/lib/husk/initramfs.cpio.gz";
 /// Empty disk slots per pod: one per distinct image its containers use.
 /// Together with vsock they must fit husk-vmm's 11 device IRQs.
 pub const DEFAULT_SPARE_DISKS: usize = 8;
-/// How long a guest has to boot to its agent. Hardware KVM needs well under
-/// a second; PVM hosts need about 30 s, more when busy.
-pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// One control API exchange.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -97,9 +91,6 @@ const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 const JAIL_DIR: &str = "jail";
 const JAIL_ID: &str = "jail.id";
 const CGROUP_PATH: &str = "cgroup.path";
-/// The first uid and gid of jailed VMMs when the config names none: far
-/// from users', system ids and the subordinate ranges of user namespaces.
-pub const DEFAULT_JAIL_FIRST_ID: u32 = 3_000_000_000;
 /// How many jailed VMMs can exist at once, each with its own ids.
 const JAIL_IDS: u32 = 65_536;
 /// The virtio-fs tag of every pod's volumes.
@@ -108,20 +99,6 @@ const VOLUMES_TAG: &str = "husk-volumes";
 const VIRTIOFSD_EXIT_WAIT: Duration = Duration::from_secs(2);
 /// How long virtiofsd has to listen on its socket.
 const VIRTIOFSD_READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Where virtiofsd is looked for when the config names none, after `$PATH`:
-/// Debian's package installs it outside it.
-const VIRTIOFSD_LIBEXEC: &str = "/usr/libexec/virtiofsd";
-
-/// virtiofsd on `$PATH`, else Debian's place for it (which `check` then
-/// reports missing, with a hint).
-pub fn default_virtiofsd() -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("virtiofsd"))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| PathBuf::from(VIRTIOFSD_LIBEXEC))
-}
 
 #[derive(Debug, Clone)]
 pub struct MicroVmConfig {
@@ -964,7 +941,7 @@ mod tests {
             sizing: VmSizing::default(),
             cmdline: None,
             spare_disks,
-            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            boot_timeout: Duration::from_secs(120),
             call_deadline: husk_proto::client::DEFAULT_CALL_DEADLINE,
             jail: None,
         })

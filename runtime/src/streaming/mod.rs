@@ -16,8 +16,6 @@ mod spdy;
 mod token;
 mod websocket;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use serde::Deserialize;
 
@@ -25,9 +23,6 @@ pub use portforward::{forwardable_pod, PodNetwork};
 pub use server::Streaming;
 pub use token::{Request, TokenError, Tokens};
 pub use websocket::{channel, Framing};
-
-/// How long a streaming URL stays usable, as kubelet's default.
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamingError {

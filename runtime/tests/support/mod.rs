@@ -1182,13 +1182,14 @@ impl BenchHuskd {
         Self::start_with(dir, "").await
     }
 
-    /// With `config` (TOML lines) added to the benchmarks' own.
-    pub async fn start_with(dir: &Path, config: &str) -> BenchHuskd {
+    /// With `microvm` (lines of the config file's `[microvm]` section)
+    /// added to the benchmarks' own.
+    pub async fn start_with(dir: &Path, microvm: &str) -> BenchHuskd {
         let state = dir.join("state");
         let args = Huskd::microvm_args(
             dir,
             &format!(
-                "log_level = \"warn\"\nguest_boot_timeout_secs = 600\nguest_max_vcpus = 16\n{config}"
+                "log_level = \"warn\"\n[microvm]\nguest_boot_timeout_secs = 600\nguest_max_vcpus = 16\n{microvm}"
             ),
         );
         let registry = Registry::start();
