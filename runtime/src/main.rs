@@ -9,7 +9,7 @@ use husk_runtime::config::{Config, Settings};
 use husk_runtime::image::ImageStore;
 use husk_runtime::manager::Manager;
 use husk_runtime::sandbox::microvm::DEFAULT_SPARE_DISKS;
-use husk_runtime::sandbox::{HostDriver, MicroVmConfig, MicroVmDriver};
+use husk_runtime::sandbox::{HostDriver, MicroVmConfig, MicroVmDriver, SandboxDriver};
 use husk_runtime::server;
 use husk_runtime::state::State;
 use husk_runtime::streaming::Streaming;
@@ -113,7 +113,8 @@ async fn run(config: Config) -> Result<(), HuskdError> {
     let socket = config.listen.clone();
     let streaming_listen = config.streaming_listen;
     let token_ttl = config.streaming_token_ttl;
-    let manager = Manager::new(config, images, state, host, microvm);
+    let drivers: [Arc<dyn SandboxDriver>; 2] = [host, microvm];
+    let manager = Manager::new(config, images, state, drivers);
     // Before serving: what a crash of the last huskd left behind goes.
     if let Err(e) = manager.reconcile().await {
         warn!("cleaning up after the last huskd: {e}");

@@ -14,7 +14,7 @@ pub mod spec;
 mod stats;
 mod watch;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
@@ -211,8 +211,8 @@ pub struct Manager {
     pub config: Config,
     pub images: ImageStore,
     pub state: State,
-    host: Arc<dyn SandboxDriver>,
-    microvm: Arc<dyn SandboxDriver>,
+    /// The sandbox drivers by runtime handler: the one place handlers are known.
+    drivers: BTreeMap<&'static str, Arc<dyn SandboxDriver>>,
     agents: Mutex<HashMap<String, Agent>>,
     /// Running containers' output and stdin for Attach.
     attach: Mutex<HashMap<String, Arc<AttachPoint>>>,
@@ -229,15 +229,13 @@ impl Manager {
         config: Config,
         images: ImageStore,
         state: State,
-        host: Arc<dyn SandboxDriver>,
-        microvm: Arc<dyn SandboxDriver>,
+        drivers: impl IntoIterator<Item = Arc<dyn SandboxDriver>>,
     ) -> Arc<Manager> {
         Arc::new(Manager {
             config,
             images,
             state,
-            host,
-            microvm,
+            drivers: drivers.into_iter().map(|d| (d.name(), d)).collect(),
             agents: Mutex::new(HashMap::new()),
             attach: Mutex::new(HashMap::new()),
             logs: Mutex::new(HashMap::new()),
@@ -250,14 +248,20 @@ impl Manager {
         self.config.state.join("sandboxes")
     }
 
-    fn driver(&self, name: &str) -> Result<Arc<dyn SandboxDriver>> {
-        match name {
-            "host" => Ok(self.host.clone()),
-            "microvm" => Ok(self.microvm.clone()),
-            other => Err(CriError::InvalidArgument(format!(
-                "unknown runtime handler {other:?} (husk has \"microvm\" and \"host\")"
-            ))),
-        }
+    /// The driver of a runtime handler (a pod record's `driver`).
+    pub fn driver(&self, name: &str) -> Result<Arc<dyn SandboxDriver>> {
+        self.drivers.get(name).cloned().ok_or_else(|| {
+            let known: Vec<String> = self.drivers.keys().map(|k| format!("{k:?}")).collect();
+            CriError::InvalidArgument(format!(
+                "unknown runtime handler {name:?} (husk has {})",
+                known.join(" and ")
+            ))
+        })
+    }
+
+    /// The sandbox drivers, by runtime handler.
+    pub fn drivers(&self) -> impl Iterator<Item = &Arc<dyn SandboxDriver>> {
+        self.drivers.values()
     }
 
     fn pod_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -10,8 +10,10 @@ use k8s_cri::v1 as cri;
 use tracing::{info, warn};
 
 use super::{agent_err, labels_match, new_id, now_ns, CriError, Manager, Result};
-use crate::network::{self, link, NetworkError, PodNetwork, POD_IFNAME, VM_TAP};
-use crate::sandbox::{kill_processes_naming, volumes, SandboxDriver, SandboxError, SandboxSpec};
+use crate::network::{self, PodNetwork};
+use crate::sandbox::{
+    kill_processes_naming, volumes, HostDriver, SandboxDriver, SandboxError, SandboxSpec,
+};
 use crate::state::{ContainerState, PodRecord, PodState};
 
 /// How long a stopping agent has to exit after Shutdown.
@@ -64,10 +66,10 @@ impl Manager {
         };
         // Checked even when overridden below: an unknown handler is an error.
         let mut driver = self.driver(requested)?;
-        if host_network && driver.name() != "host" {
+        if host_network && driver.name() != HostDriver::NAME {
             // The node's network cannot be handed into a VM.
             info!(pod = %meta.name, requested, "a hostNetwork pod runs on the host driver");
-            driver = self.driver("host")?;
+            driver = self.driver(HostDriver::NAME)?;
         }
         let id = new_id()?;
         let lock = self.pod_lock(&id);
@@ -124,25 +126,14 @@ impl Manager {
             return Err(err);
         }
         let result = async {
-            let mut guest_link = None;
             if !host_network {
-                let network = self.config.network.setup(&id, &config).await?;
-                record.network = Some(network.clone());
+                record.network = Some(self.config.network.setup(&id, &config).await?);
                 self.state.put_pod(&record)?;
-                if driver.runs_in_vm() {
-                    link::create_tap(&network.netns, VM_TAP)
-                        .await
-                        .map_err(NetworkError::Link)?;
-                    let netns = network.netns.clone();
-                    guest_link =
-                        Some(blocking(move || link::link_facts(&netns, POD_IFNAME)).await?);
-                }
             }
             let spec = SandboxSpec {
                 id: id.clone(),
                 dir: dir.clone(),
-                netns: record.network.as_ref().map(|n| n.netns.clone()),
-                guest_mac: guest_link.as_ref().map(|l| l.mac.clone()),
+                network: record.network.clone(),
                 linux: config.linux.clone(),
             };
             let mut started = driver.start(&spec).await?;
@@ -150,23 +141,13 @@ impl Manager {
             record.agent_socket = started.agent_socket.clone();
             record.vm_size = started.vm_size;
             self.state.put_pod(&record)?;
-            let (interfaces, routes) = match (&record.network, &guest_link) {
-                (Some(network), Some(facts)) => {
-                    // The tap exists once husk-vmm runs: join it to the pod's
-                    // interface before the guest configures its side.
-                    let netns = network.netns.clone();
-                    blocking(move || link::redirect_tap(&netns, POD_IFNAME, VM_TAP)).await?;
-                    network::guest_interfaces(network, facts)
-                }
-                _ => (vec![], vec![]),
-            };
-            // A VM, and a host agent with a network of its own, have their
-            // own UTS namespace: the pod's hostname goes there. A host-network
-            // pod keeps the node's name, as kubelet expects.
-            let hostname = if driver.runs_in_vm() || !host_network {
-                config.hostname.clone()
-            } else {
-                String::new()
+            // A pod with a network of its own (a VM's, or a host agent's
+            // namespace) has its own UTS namespace: the pod's hostname goes
+            // there. A host-network pod (always the host driver's) keeps the
+            // node's name, as kubelet expects.
+            let hostname = match host_network {
+                true => String::new(),
+                false => config.hostname.clone(),
             };
             let setup = started
                 .client
@@ -184,8 +165,8 @@ impl Manager {
                         .as_ref()
                         .map(|l| l.sysctls.clone())
                         .unwrap_or_default(),
-                    interfaces,
-                    routes,
+                    interfaces: std::mem::take(&mut started.interfaces),
+                    routes: std::mem::take(&mut started.routes),
                     volumes_tag: started.volumes_tag.clone().unwrap_or_default(),
                 })
                 .await
@@ -605,17 +586,6 @@ fn network_status(pod: &PodRecord) -> cri::PodSandboxNetworkStatus {
     }
 }
 
-/// Runs a blocking namespace operation off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|r| r)
-        .map_err(|e| CriError::Network(NetworkError::Link(e)))
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -749,7 +719,8 @@ mod tests {
             name: "microvm",
             starts: Mutex::new(0),
         });
-        let manager = Manager::new(config, images, state, host.clone(), microvm.clone());
+        let drivers: [Arc<dyn SandboxDriver>; 2] = [host.clone(), microvm.clone()];
+        let manager = Manager::new(config, images, state, drivers);
         let starts = |f: &Fake| *f.starts.lock().unwrap_or_else(|e| e.into_inner());
         for (name, handler, host_network, want_host, want_vm) in [
             ("a", "", false, 0, 1),

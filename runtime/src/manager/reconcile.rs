@@ -62,7 +62,7 @@ impl Manager {
             if known.contains(id.as_str()) {
                 continue;
             }
-            let drivers = [self.host.clone(), self.microvm.clone()];
+            let drivers: Vec<_> = self.drivers().cloned().collect();
             let pids = self.clear_sandbox(&id, &entry.path(), None, &drivers).await;
             info!(sandbox = %id, ?pids,
                 "a sandbox huskd has no record of: killed its processes, removed its \

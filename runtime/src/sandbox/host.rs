@@ -52,9 +52,19 @@ fn is_our_agent(pid: u32, dir: &Path) -> bool {
     super::is_our_process(pid, dir)
 }
 
+impl HostDriver {
+    /// The runtime handler, and what pod records name the driver by.
+    pub const NAME: &'static str = "host";
+}
+
 impl SandboxDriver for HostDriver {
     fn name(&self) -> &'static str {
-        "host"
+        Self::NAME
+    }
+
+    /// The agent's mount_setattr (Linux 5.12) makes the submounts read-only.
+    fn recursive_read_only_mounts(&self) -> bool {
+        true
     }
 
     fn start<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Started, SandboxError>> {
@@ -63,7 +73,7 @@ impl SandboxDriver for HostDriver {
             if !self.agent.is_file() {
                 return Err(SandboxError::Unavailable {
                     id: id.to_owned(),
-                    driver: "host".into(),
+                    driver: Self::NAME.into(),
                     detail: format!(
                         "husk-agent not found at {} (set husk_agent in the config or --husk-agent)",
                         self.agent.display()
@@ -129,6 +139,8 @@ impl SandboxDriver for HostDriver {
                                 client,
                                 vm_size: None,
                                 volumes_tag: None,
+                                interfaces: Vec::new(),
+                                routes: Vec::new(),
                             })),
                             Err(status) => Attempt::NotYet(format!("Ping: {}", status.message())),
                         },

@@ -60,14 +60,15 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::network::VM_TAP;
+use crate::network::link::{self, LinkFacts};
+use crate::network::{self, POD_IFNAME, VM_TAP};
 
 use super::cgroups::{self, kill_cgroups, VmCgroup, CGROUP_ROOT};
 use super::sizing::VmSizing;
 use super::startup::{Attempt, Spawned};
 use super::{
-    io_err, is_our_process, log_output, volumes, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver,
-    SandboxError, SandboxSpec, Started,
+    blocking, io_err, is_our_process, log_output, volumes, BoxFuture, ImageFiles, RootfsPlan,
+    SandboxDriver, SandboxError, SandboxSpec, Started,
 };
 
 /// Empty disk slots per pod: one per distinct image its containers use.
@@ -218,6 +219,9 @@ async fn api_call(
 }
 
 impl MicroVmDriver {
+    /// The runtime handler, and what pod records name the driver by.
+    pub const NAME: &'static str = "microvm";
+
     pub fn new(config: MicroVmConfig) -> MicroVmDriver {
         MicroVmDriver {
             config,
@@ -429,7 +433,7 @@ impl MicroVmDriver {
         let dir = &spec.dir;
         self.check().map_err(|detail| SandboxError::Unavailable {
             id: id.to_owned(),
-            driver: "microvm".into(),
+            driver: Self::NAME.into(),
             detail,
         })?;
         fs::create_dir_all(dir).map_err(io_err(id, format!("creating {}", dir.display())))?;
@@ -455,6 +459,10 @@ impl MicroVmDriver {
             pvm,
             "sizing the pod's VM"
         );
+        let guest_link = match &spec.network {
+            Some(network) => Some(make_tap(id, &network.netns).await?),
+            None => None,
+        };
         let mut command = tokio::process::Command::new(&self.config.vmm);
         command
             .arg("run")
@@ -487,8 +495,8 @@ impl MicroVmDriver {
             // Its own group: a signal to huskd's group (Ctrl-C) leaves pods running.
             .process_group(0);
         log_output(&mut command, id, &dir.join(VMM_LOG))?;
-        // husk-vmm opens its tap inside the pod's namespace, where huskd
-        // joins it to the pod's CNI interface.
+        // husk-vmm opens its tap inside the pod's namespace, where it is
+        // joined to the pod's CNI interface once the VM runs.
         spec.join_netns(&mut command)?;
         cgroup.join_on_exec(&mut command);
         if let Some(ids) = self.config.jail {
@@ -503,8 +511,10 @@ impl MicroVmDriver {
                 .arg("--gid")
                 .arg(uid.to_string());
         }
-        if let Some(mac) = &spec.guest_mac {
-            command.arg("--net").arg(format!("tap={VM_TAP},mac={mac}"));
+        if let Some(link) = &guest_link {
+            command
+                .arg("--net")
+                .arg(format!("tap={VM_TAP},mac={}", link.mac));
         }
         let started_at = Instant::now();
         let child = command.spawn().map_err(io_err(
@@ -536,6 +546,8 @@ impl MicroVmDriver {
                             client,
                             vm_size: Some(size),
                             volumes_tag: Some(VOLUMES_TAG.to_owned()),
+                            interfaces: Vec::new(),
+                            routes: Vec::new(),
                         }))
                     }
                     Err(e @ VersionError::TooOld { .. }) => {
@@ -546,7 +558,7 @@ impl MicroVmDriver {
             }
         };
         let describe = |why: String| format!("husk-vmm: {why}{}", diagnostics(dir));
-        spawned
+        let mut started = spawned
             .wait_for_agent(
                 id,
                 self.config.boot_timeout,
@@ -554,13 +566,48 @@ impl MicroVmDriver {
                 attempt,
                 describe,
             )
-            .await
+            .await?;
+        if let (Some(network), Some(link)) = (&spec.network, &guest_link) {
+            // The tap exists once husk-vmm runs: join it to the pod's
+            // interface before the guest configures its side.
+            if let Err(e) = join_tap(id, &network.netns).await {
+                if let Err(stop) = self.stop(id, started.pid, dir, Duration::ZERO).await {
+                    warn!(sandbox = id, "{stop}");
+                }
+                return Err(e);
+            }
+            (started.interfaces, started.routes) = network::guest_interfaces(network, link);
+        }
+        Ok(started)
     }
+}
+
+/// Creates the VM's tap in the pod's namespace `netns`; the facts of the
+/// pod's CNI interface, whose MAC the guest's interface takes over.
+async fn make_tap(id: &str, netns: &Path) -> Result<LinkFacts, SandboxError> {
+    link::create_tap(netns, VM_TAP).await.map_err(io_err(
+        id,
+        format!("creating {VM_TAP} in {}", netns.display()),
+    ))?;
+    let netns = netns.to_owned();
+    blocking(id, format!("reading {POD_IFNAME}"), move || {
+        link::link_facts(&netns, POD_IFNAME)
+    })
+    .await
+}
+
+/// Joins the VM's tap to the pod's CNI interface (tc redirects both ways).
+async fn join_tap(id: &str, netns: &Path) -> Result<(), SandboxError> {
+    let netns = netns.to_owned();
+    blocking(id, format!("joining {VM_TAP} to {POD_IFNAME}"), move || {
+        link::redirect_tap(&netns, POD_IFNAME, VM_TAP)
+    })
+    .await
 }
 
 impl SandboxDriver for MicroVmDriver {
     fn name(&self) -> &'static str {
-        "microvm"
+        Self::NAME
     }
 
     fn start<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Started, SandboxError>> {
@@ -795,6 +842,9 @@ impl SandboxDriver for MicroVmDriver {
     fn runs_in_vm(&self) -> bool {
         true
     }
+
+    // recursive_read_only_mounts: no. A microVM's volumes pass through
+    // virtio-fs, where nothing yet makes or tests the submounts read-only.
 
     fn shares_host_fs(&self) -> bool {
         false

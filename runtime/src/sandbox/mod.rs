@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_proto::client::Agent;
+use husk_proto::v1 as agent;
+
+use crate::network::PodNetwork;
 
 pub use host::HostDriver;
 pub use microvm::{MicroVmConfig, MicroVmDriver};
@@ -249,13 +252,10 @@ pub struct SandboxSpec {
     pub id: String,
     /// `<state>/sandboxes/<id>`: the driver's own directory for the sandbox.
     pub dir: PathBuf,
-    /// The pod's network namespace, which the driver's process joins;
-    /// None: the host's network (hostNetwork pods).
-    pub netns: Option<PathBuf>,
-    /// For a VM in `netns`: the MAC its interface takes over from the
-    /// pod's CNI interface, whose traffic reaches it through the tap
-    /// [`crate::network::VM_TAP`].
-    pub guest_mac: Option<String>,
+    /// The pod's network as CNI made it: its namespace, which the driver's
+    /// process joins, and its addresses. None: the host's network
+    /// (hostNetwork pods).
+    pub network: Option<PodNetwork>,
     /// The pod's Linux config: its resources and overhead size a VM.
     pub linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
 }
@@ -264,12 +264,26 @@ impl SandboxSpec {
     /// Makes the driver's process start in the pod's network namespace, if
     /// the pod has one.
     pub fn join_netns(&self, command: &mut tokio::process::Command) -> Result<(), SandboxError> {
-        match &self.netns {
-            Some(netns) => crate::network::netns::join_in_child(command, netns)
-                .map_err(io_err(&self.id, format!("opening {}", netns.display()))),
+        match &self.network {
+            Some(network) => crate::network::netns::join_in_child(command, &network.netns).map_err(
+                io_err(&self.id, format!("opening {}", network.netns.display())),
+            ),
             None => Ok(()),
         }
     }
+}
+
+/// Runs a blocking operation (a namespace's netlink) off the async workers.
+async fn blocking<T: Send + 'static>(
+    id: &str,
+    what: impl Into<String>,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, SandboxError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r)
+        .map_err(io_err(id, what))
 }
 
 /// Sends `command`'s stdout and stderr to a new file at `path`, the
@@ -306,6 +320,11 @@ pub struct Started {
     /// The virtio-fs tag the agent mounts the pod's volumes from, for
     /// drivers whose agent cannot see the host's files.
     pub volumes_tag: Option<String>,
+    /// The interfaces and routes the agent sets up, for drivers whose
+    /// sandbox has a network stack of its own (a VM's); none where the
+    /// agent already sits in the pod's network namespace.
+    pub interfaces: Vec<agent::NetworkInterface>,
+    pub routes: Vec<agent::Route>,
 }
 
 /// A way to run a pod's agent.
@@ -349,6 +368,12 @@ pub trait SandboxDriver: Send + Sync {
     /// Whether the pod is its own machine (its own kernel, hostname and,
     /// later, network), rather than a group of host processes.
     fn runs_in_vm(&self) -> bool {
+        false
+    }
+
+    /// Whether the pod's read-only volumes are read-only all the way down
+    /// (CRI's recursive read-only mounts).
+    fn recursive_read_only_mounts(&self) -> bool {
         false
     }
 

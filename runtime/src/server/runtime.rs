@@ -429,16 +429,14 @@ impl RuntimeService for Runtime {
         ];
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
-            // Recursive read-only mounts: the host agent's mount_setattr
-            // (Linux 5.12). A microVM's volumes pass through virtio-fs,
-            // where nothing yet makes or tests the submounts read-only.
-            // User namespaces: neither.
-            runtime_handlers: [("microvm", false), ("host", true)]
-                .into_iter()
-                .map(|(name, recursive_read_only_mounts)| cri::RuntimeHandler {
-                    name: name.into(),
+            // User namespaces: no driver has them.
+            runtime_handlers: self
+                .manager
+                .drivers()
+                .map(|driver| cri::RuntimeHandler {
+                    name: driver.name().into(),
                     features: Some(cri::RuntimeHandlerFeatures {
-                        recursive_read_only_mounts,
+                        recursive_read_only_mounts: driver.recursive_read_only_mounts(),
                         user_namespaces: false,
                     }),
                 })

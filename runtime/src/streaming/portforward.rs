@@ -56,7 +56,7 @@ pub enum PodNetwork {
 impl PodNetwork {
     pub async fn of(manager: &Manager, pod_id: &str) -> Result<PodNetwork, CriError> {
         let pod = forwardable_pod(manager, pod_id)?;
-        if pod.driver == "host" {
+        if !manager.driver(&pod.driver)?.runs_in_vm() {
             return Ok(PodNetwork::Netns(pod.pid));
         }
         Ok(PodNetwork::Agent(manager.agent(&pod).await?))
