@@ -12,6 +12,10 @@
 //! the process's credentials and calls execve; if that fails, it says why
 //! on the channel, which otherwise closes (close-on-exec) at the exec.
 //!
+//! One file although it is long: it is one sequence of steps in one
+//! single-threaded child, whose order matters (namespaces, mounts,
+//! credentials, seccomp last), best read top to bottom.
+//!
 //! Why not youki's libcontainer: the agent is PID 1 and reaps every child
 //! with `waitpid(-1)` (see `reaper`), which takes the exit statuses
 //! libcontainer waits for on its intermediate processes; and every megabyte

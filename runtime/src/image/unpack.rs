@@ -12,6 +12,9 @@
 //! Whiteouts follow the OCI image spec: `.wh.<name>` removes `<name>` from lower
 //! layers, `.wh..wh..opq` hides everything lower layers put in its directory;
 //! neither touches what the same layer writes.
+//!
+//! One file (its tests are in `unpack/tests.rs`) although it is long: all
+//! that untrusted paths reach is here, to be reviewed in one reading.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};

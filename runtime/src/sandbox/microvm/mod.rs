@@ -57,8 +57,14 @@ use husk_proto::client::{
 use husk_proto::{vmm_api, AGENT_VSOCK_PORT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use tracing::{info, info_span, warn, Instrument};
+
+mod disks;
+mod jail;
+mod virtiofs;
+
+pub use disks::guest_device;
+pub use jail::JailIds;
 
 use crate::network::link::{self, LinkFacts};
 use crate::network::{self, POD_IFNAME, VM_TAP};
@@ -67,8 +73,8 @@ use super::cgroups::{self, kill_cgroups, VmCgroup, CGROUP_ROOT};
 use super::sizing::VmSizing;
 use super::startup::{Attempt, Spawned};
 use super::{
-    blocking, io_err, is_our_process, log_output, volumes, BoxFuture, ImageFiles, RootfsPlan,
-    SandboxDriver, SandboxError, SandboxSpec, Started,
+    blocking, io_err, is_our_process, log_output, BoxFuture, ImageFiles, RootfsPlan, SandboxDriver,
+    SandboxError, SandboxSpec, Started,
 };
 
 /// Empty disk slots per pod: one per distinct image its containers use.
@@ -120,12 +126,6 @@ pub struct MicroVmConfig {
     pub jail: Option<JailIds>,
 }
 
-/// The ids jailed VMMs run as: uid = gid = `first` + n, one n per sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JailIds {
-    pub first: u32,
-}
-
 pub struct MicroVmDriver {
     config: MicroVmConfig,
     /// Serialises read-modify-write of every sandbox's disk table (the pod
@@ -133,28 +133,6 @@ pub struct MicroVmDriver {
     disks: tokio::sync::Mutex<()>,
     /// Serialises choosing jail ids, which pods start concurrently.
     jail_ids: std::sync::Mutex<()>,
-}
-
-/// The disk slots of one sandbox, persisted as `disks.json`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct DiskTable {
-    slots: Vec<Slot>,
-    /// Counts releases, so the slot freed longest ago is reused first.
-    generation: u64,
-}
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Slot {
-    /// The image id the slot holds.
-    image: Option<String>,
-    /// `generation` when the slot was last emptied; 0 if never used.
-    freed_at: u64,
-}
-
-/// The guest's name for disk slot `index` (no `--disk` before the spares).
-pub fn guest_device(index: usize) -> Option<String> {
-    let letter = u8::try_from(index).ok().filter(|i| *i < 26)?;
-    Some(format!("/dev/vd{}", char::from(b'a' + letter)))
 }
 
 /// Whether this host's KVM is PVM (husk-vmm's `--pvm auto` decides the same
@@ -168,27 +146,6 @@ fn tail(dir: &Path, file: &str, n: usize) -> String {
     let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Ends the pod's virtiofsd (and waits for it to go) and detaches every
-/// bind below `volumes/`.
-/// Idempotent; the directory itself stays until the sandbox's goes.
-async fn end_volumes(id: &str, dir: &Path) -> Result<(), SandboxError> {
-    let socket = dir.join(VIRTIOFS_SOCKET);
-    let killed = super::kill_processes_naming(&socket);
-    if !killed.is_empty() {
-        info!(sandbox = id, pids = ?killed, "virtiofsd killed");
-    }
-    // Gone before the cgroup is emptied, which would count them as left over.
-    let deadline = Instant::now() + VIRTIOFSD_EXIT_WAIT;
-    while Instant::now() < deadline && !super::processes_naming(&socket).is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let _ = fs::remove_file(&socket);
-    volumes::detach_all(&dir.join(VOLUMES_DIR)).map_err(|source| SandboxError::Volume {
-        id: id.to_owned(),
-        source,
-    })
 }
 
 /// What an operator needs when a guest does not come up.
@@ -274,111 +231,6 @@ impl MicroVmDriver {
         Ok(())
     }
 
-    fn load_table(&self, id: &str, dir: &Path) -> Result<DiskTable, SandboxError> {
-        let path = dir.join(DISK_TABLE);
-        let mut table: DiskTable = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| SandboxError::Io {
-                id: id.to_owned(),
-                what: format!("reading {}", path.display()),
-                source: e.into(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => DiskTable::default(),
-            Err(e) => return Err(io_err(id, format!("reading {}", path.display()))(e)),
-        };
-        table.slots.resize(
-            self.config.spare_disks.max(table.slots.len()),
-            Slot::default(),
-        );
-        Ok(table)
-    }
-
-    fn save_table(&self, id: &str, dir: &Path, table: &DiskTable) -> Result<(), SandboxError> {
-        let path = dir.join(DISK_TABLE);
-        let tmp = dir.join(format!("{DISK_TABLE}.tmp"));
-        let bytes = serde_json::to_vec(table).map_err(|e| SandboxError::Io {
-            id: id.to_owned(),
-            what: "encoding the disk table".into(),
-            source: e.into(),
-        })?;
-        fs::write(&tmp, bytes).map_err(io_err(id, format!("writing {}", tmp.display())))?;
-        fs::rename(&tmp, &path).map_err(io_err(id, format!("writing {}", path.display())))
-    }
-
-    /// Starts the pod's virtiofsd on `volumes/` (the sandbox's directory is
-    /// new: nothing of an earlier one is there) and returns its
-    /// socket once it listens. It runs in its own process group, like
-    /// husk-vmm, and is found again by its command line (which names the
-    /// socket).
-    async fn start_virtiofsd(
-        &self,
-        id: &str,
-        dir: &Path,
-        cgroup: &VmCgroup,
-    ) -> Result<PathBuf, SandboxError> {
-        let root = dir.join(VOLUMES_DIR);
-        let socket = dir.join(VIRTIOFS_SOCKET);
-        volumes::prepare(&root).map_err(|source| SandboxError::Volume {
-            id: id.to_owned(),
-            source,
-        })?;
-        let log_path = dir.join(VIRTIOFSD_LOG);
-        let mut command = tokio::process::Command::new(&self.config.virtiofsd);
-        command
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(&root)
-            // Attributes and directory entries are cached for a second, so
-            // the host's changes (kubelet's `..data` swaps) show within one.
-            .arg("--cache=auto")
-            .arg("--sandbox=namespace")
-            .arg("--seccomp=kill")
-            // Binds below the shared directory stay plain directories in
-            // the guest: the agent bind-mounts each, and an automount per
-            // volume would only add guest work.
-            .arg("--no-announce-submounts")
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .process_group(0);
-        log_output(&mut command, id, &log_path)?;
-        cgroup.join_on_exec(&mut command);
-        let mut child = command.spawn().map_err(io_err(
-            id,
-            format!("starting {}", self.config.virtiofsd.display()),
-        ))?;
-        let deadline = Instant::now() + VIRTIOFSD_READY_TIMEOUT;
-        let exited = loop {
-            if socket.exists() {
-                break None;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                break Some(format!("it exited ({status})"));
-            }
-            if Instant::now() >= deadline {
-                let _ = child.start_kill();
-                break Some(format!("no socket within {VIRTIOFSD_READY_TIMEOUT:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        // Reaped whenever it ends; its end is seen by husk-vmm.
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            info!(?status, "virtiofsd exited");
-        });
-        if let Some(why) = exited {
-            return Err(SandboxError::VolumesBackend {
-                id: id.to_owned(),
-                detail: format!(
-                    "virtiofsd on {}: {why}\n--- {} ---\n{}",
-                    root.display(),
-                    log_path.display(),
-                    tail(dir, VIRTIOFSD_LOG, 15)
-                ),
-            });
-        }
-        Ok(socket)
-    }
-
     /// Makes the VM's cgroup below the pod's cgroup parent and records
     /// where, for [`SandboxDriver::kill_leftovers`].
     fn make_cgroup(&self, spec: &SandboxSpec) -> Result<VmCgroup, SandboxError> {
@@ -399,33 +251,6 @@ impl MicroVmDriver {
             id,
             format!("making the VM's cgroup {}", relative.display()),
         ))
-    }
-
-    /// Chooses the uid and gid the sandbox's VMM runs as: the lowest of
-    /// `ids` no other sandbox directory holds, recorded in this one's.
-    fn allocate_jail_id(&self, id: &str, dir: &Path, ids: JailIds) -> Result<u32, SandboxError> {
-        let _guard = self.jail_ids.lock().unwrap_or_else(|p| p.into_inner());
-        let siblings = dir.parent().unwrap_or(dir);
-        let taken: std::collections::HashSet<u32> = fs::read_dir(siblings)
-            .map_err(io_err(id, format!("listing {}", siblings.display())))?
-            .flatten()
-            .filter_map(|entry| fs::read_to_string(entry.path().join(JAIL_ID)).ok())
-            .filter_map(|text| text.trim().parse().ok())
-            .collect();
-        let uid = (0..JAIL_IDS)
-            .filter_map(|n| ids.first.checked_add(n))
-            .find(|uid| !taken.contains(uid))
-            .ok_or_else(|| SandboxError::Unsupported {
-                id: id.to_owned(),
-                detail: format!(
-                    "all {JAIL_IDS} jail ids from {} are taken by other sandboxes",
-                    ids.first
-                ),
-            })?;
-        let record = dir.join(JAIL_ID);
-        fs::write(&record, uid.to_string())
-            .map_err(io_err(id, format!("writing {}", record.display())))?;
-        Ok(uid)
     }
 
     async fn start_vm(&self, spec: &SandboxSpec) -> Result<Started, SandboxError> {
@@ -706,7 +531,7 @@ impl SandboxDriver for MicroVmDriver {
         dir: &'a Path,
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
         Box::pin(async move {
-            end_volumes(id, dir).await?;
+            virtiofs::end_volumes(id, dir).await?;
             if let Ok(relative) = fs::read(dir.join(CGROUP_PATH)) {
                 let relative = PathBuf::from(std::ffi::OsString::from_vec(relative));
                 let killed = kill_cgroups(id, Path::new(CGROUP_ROOT), &relative).await?;
@@ -760,67 +585,7 @@ impl SandboxDriver for MicroVmDriver {
         container: &'a str,
         mounts: &'a [k8s_cri::v1::Mount],
     ) -> BoxFuture<'a, Result<Vec<k8s_cri::v1::Mount>, SandboxError>> {
-        use k8s_cri::v1::MountPropagation;
-
-        Box::pin(async move {
-            if volumes_dir.is_empty() {
-                return Err(SandboxError::Unsupported {
-                    id: id.to_owned(),
-                    detail: "the pod's guest has no volumes filesystem (started by an older \
-                             huskd?): recreate the pod to use host-path mounts"
-                        .into(),
-                });
-            }
-            // Mounts made in the guest cannot reach the node.
-            if let Some(m) = mounts
-                .iter()
-                .find(|m| m.propagation() == MountPropagation::PropagationBidirectional)
-            {
-                return Err(SandboxError::Unsupported {
-                    id: id.to_owned(),
-                    detail: format!(
-                        "mount {}: propagation BIDIRECTIONAL cannot cross into a VM (the \
-                         microvm handler): use PRIVATE or HOST_TO_CONTAINER, or the host handler",
-                        m.container_path
-                    ),
-                });
-            }
-            let root = dir.join(VOLUMES_DIR);
-            let shared = mounts
-                .iter()
-                .enumerate()
-                .map(|(index, mount)| {
-                    let propagation = match mount.propagation() {
-                        MountPropagation::PropagationHostToContainer => {
-                            volumes::Propagation::HostToContainer
-                        }
-                        _ => volumes::Propagation::Private,
-                    };
-                    let relative = volumes::share(
-                        &root,
-                        container,
-                        index,
-                        &mount.host_path,
-                        mount.readonly,
-                        propagation,
-                    )?;
-                    Ok(k8s_cri::v1::Mount {
-                        host_path: Path::new(volumes_dir).join(relative).display().to_string(),
-                        ..mount.clone()
-                    })
-                })
-                .collect::<Result<Vec<_>, volumes::VolumeError>>();
-            match shared {
-                Ok(shared) => Ok(shared),
-                Err(source) => {
-                    let _ = volumes::remove_dir(&root.join(container));
-                    Err(SandboxError::Volume {
-                        id: id.to_owned(),
-                        source,
-                    })
-                }
-            }
-        })
+        Box::pin(async move { virtiofs::share_mounts(id, dir, volumes_dir, container, mounts) })
     }
 
     fn unshare_mounts<'a>(
@@ -829,14 +594,7 @@ impl SandboxDriver for MicroVmDriver {
         dir: &'a Path,
         container: &'a str,
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
-        Box::pin(async move {
-            volumes::remove_dir(&dir.join(VOLUMES_DIR).join(container)).map_err(|source| {
-                SandboxError::Volume {
-                    id: id.to_owned(),
-                    source,
-                }
-            })
-        })
+        Box::pin(async move { virtiofs::unshare_mounts(id, dir, container) })
     }
 
     fn runs_in_vm(&self) -> bool {
@@ -857,74 +615,8 @@ impl SandboxDriver for MicroVmDriver {
         image: ImageFiles<'a>,
     ) -> BoxFuture<'a, Result<RootfsPlan, SandboxError>> {
         Box::pin(
-            async move {
-                let _guard = self.disks.lock().await;
-                let mut table = self.load_table(id, dir)?;
-                let device = |index: usize| {
-                    guest_device(index).ok_or_else(|| SandboxError::NoDiskSlot {
-                        id: id.to_owned(),
-                        detail: format!("disk slot {index} has no /dev/vdX name"),
-                    })
-                };
-                if let Some(index) = table
-                    .slots
-                    .iter()
-                    .position(|s| s.image.as_deref() == Some(image.id))
-                {
-                    return Ok(RootfsPlan::BlockDevice(device(index)?));
-                }
-                // Prefer a slot never used, then the one freed longest ago:
-                // the guest has had the most time to drop what it cached of it.
-                let index = table
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.image.is_none())
-                    .min_by_key(|(_, s)| s.freed_at)
-                    .map(|(i, _)| i)
-                    .ok_or_else(|| SandboxError::NoDiskSlot {
-                        id: id.to_owned(),
-                        detail: format!(
-                            "all {} disk slots hold images: a pod's containers can use at most \
-                             {} distinct images (spare_disks)",
-                            table.slots.len(),
-                            table.slots.len()
-                        ),
-                    })?;
-                // Sent as a descriptor: a jailed VMM cannot open it by path.
-                let file = fs::File::open(image.erofs).map_err(io_err(
-                    id,
-                    format!("the image's EROFS file {}", image.erofs.display()),
-                ))?;
-                // Recorded before the VMM is asked: should huskd die before
-                // the answer, the slot is known, and releasing the image (as
-                // the next huskd does for a half-created container) empties
-                // it whether or not the VMM filled it.
-                let freed_at = table.slots[index].freed_at;
-                table.slots[index].image = Some(image.id.to_owned());
-                self.save_table(id, dir, &table)?;
-                let request = vmm_api::Request::AttachDisk {
-                    index,
-                    path: image.erofs.to_owned(),
-                    fd: true,
-                };
-                if let Err(detail) = api_call(&dir.join(API_SOCKET), request, Some(file)).await {
-                    table.slots[index] = Slot {
-                        image: None,
-                        freed_at,
-                    };
-                    self.save_table(id, dir, &table)?;
-                    return Err(SandboxError::Vmm {
-                        id: id.to_owned(),
-                        what: format!("attaching {} to disk slot {index}", image.erofs.display()),
-                        detail,
-                    });
-                }
-                let device = device(index)?;
-                info!(image = image.id, slot = index, %device, "image attached");
-                Ok(RootfsPlan::BlockDevice(device))
-            }
-            .instrument(info_span!("microvm_attach_image", sandbox = %id)),
+            self.attach_disk_image(id, dir, image)
+                .instrument(info_span!("microvm_attach_image", sandbox = %id)),
         )
     }
 
@@ -935,37 +627,8 @@ impl SandboxDriver for MicroVmDriver {
         image_id: &'a str,
     ) -> BoxFuture<'a, Result<(), SandboxError>> {
         Box::pin(
-            async move {
-                let _guard = self.disks.lock().await;
-                if !dir.join(DISK_TABLE).exists() {
-                    return Ok(());
-                }
-                let mut table = self.load_table(id, dir)?;
-                let Some(index) = table
-                    .slots
-                    .iter()
-                    .position(|s| s.image.as_deref() == Some(image_id))
-                else {
-                    return Ok(());
-                };
-                let request = vmm_api::Request::DetachDisk { index };
-                api_call(&dir.join(API_SOCKET), request, None)
-                    .await
-                    .map_err(|detail| SandboxError::Vmm {
-                        id: id.to_owned(),
-                        what: format!("detaching disk slot {index}"),
-                        detail,
-                    })?;
-                table.generation += 1;
-                table.slots[index] = Slot {
-                    image: None,
-                    freed_at: table.generation,
-                };
-                self.save_table(id, dir, &table)?;
-                info!(image = image_id, slot = index, "image detached");
-                Ok(())
-            }
-            .instrument(info_span!("microvm_release_image", sandbox = %id)),
+            self.release_disk_image(id, dir, image_id)
+                .instrument(info_span!("microvm_release_image", sandbox = %id)),
         )
     }
 }
@@ -974,15 +637,8 @@ impl SandboxDriver for MicroVmDriver {
 mod tests {
     use super::*;
 
-    #[test]
-    fn slots_name_guest_devices() {
-        assert_eq!(guest_device(0).as_deref(), Some("/dev/vda"));
-        assert_eq!(guest_device(7).as_deref(), Some("/dev/vdh"));
-        assert_eq!(guest_device(26), None);
-    }
-
     /// A driver whose files are nowhere.
-    fn driver_without_files(spare_disks: usize) -> MicroVmDriver {
+    pub(super) fn driver_without_files(spare_disks: usize) -> MicroVmDriver {
         MicroVmDriver::new(MicroVmConfig {
             vmm: "/nonexistent/husk-vmm".into(),
             virtiofsd: "/nonexistent/virtiofsd".into(),
@@ -1002,37 +658,5 @@ mod tests {
         let driver = driver_without_files(DEFAULT_SPARE_DISKS);
         let err = driver.check().expect_err("nothing exists");
         assert!(err.contains("husk-vmm not found"), "{err}");
-    }
-
-    #[test]
-    fn the_disk_table_survives_and_grows_to_the_slot_count() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let driver = driver_without_files(3);
-        let mut table = driver.load_table("p", dir.path()).expect("fresh");
-        assert_eq!(table.slots.len(), 3);
-        table.slots[1].image = Some("sha256:ab".into());
-        driver.save_table("p", dir.path(), &table).expect("save");
-        let again = driver.load_table("p", dir.path()).expect("load");
-        assert_eq!(again.slots[1].image.as_deref(), Some("sha256:ab"));
-        assert!(again.slots[0].image.is_none());
-    }
-
-    #[test]
-    fn each_sandbox_gets_jail_ids_no_other_holds() {
-        let state = tempfile::tempdir().expect("tempdir");
-        let driver = driver_without_files(1);
-        let ids = JailIds { first: 5000 };
-        let sandbox = |name: &str| {
-            let dir = state.path().join(name);
-            fs::create_dir(&dir).expect("mkdir");
-            dir
-        };
-        let (a, b, c) = (sandbox("a"), sandbox("b"), sandbox("c"));
-        assert_eq!(driver.allocate_jail_id("a", &a, ids).expect("a"), 5000);
-        assert_eq!(driver.allocate_jail_id("b", &b, ids).expect("b"), 5001);
-        // a's sandbox goes: its ids are free for the next.
-        fs::remove_dir_all(&a).expect("rm a");
-        assert_eq!(driver.allocate_jail_id("c", &c, ids).expect("c"), 5000);
-        assert_eq!(fs::read_to_string(c.join(JAIL_ID)).expect("record"), "5000");
     }
 }
