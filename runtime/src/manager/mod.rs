@@ -4,6 +4,7 @@
 
 pub mod attach;
 mod container;
+mod exec;
 pub mod logs;
 mod output;
 mod pod;
@@ -27,7 +28,8 @@ use crate::image::{ImageStore, PullError, StoreError};
 use crate::sandbox::{SandboxDriver, SandboxError};
 use crate::state::{ContainerRecord, ContainerState, PodRecord, State, StateError};
 
-pub use container::{process, ExecIo, ExecOutput};
+pub use container::process;
+pub use exec::{ExecIo, ExecOutput};
 
 /// Why a CRI call failed; each maps to a gRPC code.
 #[derive(Debug, thiserror::Error)]
