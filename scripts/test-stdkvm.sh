@@ -11,7 +11,7 @@
 # installed here, and nothing it writes reaches the host. Results come back
 # on L1's serial console.
 #
-#   sudo bash scripts/test-stdkvm.sh              # the microVM tests
+#   bash scripts/test-stdkvm.sh                   # the microVM tests
 #   HUSK_STDKVM_TESTS="husk-e2e:microvm_boot" ...  # a chosen list (PACKAGE:TEST[:ARGS,...])
 #   HUSK_STDKVM_BENCHES="husk-e2e:boot" ...        # benchmarks instead (PACKAGE:BENCH),
 #                                                  # built with --release as cargo bench does

@@ -3,7 +3,7 @@
 # under /var/cache/husk), builds every binary, checks format and lints, and
 # runs the whole test suite, the microVM tests on /dev/kvm included, then the
 # microVM tests on standard KVM in the TCG bed.
-# Run as root (KVM, namespaces): `sudo bash scripts/test.sh`.
+# Run as root (KVM, namespaces): `bash scripts/test.sh` (or with sudo in front).
 set -euo pipefail
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
 

@@ -23,12 +23,26 @@ use super::reference::ImageReference;
 use super::store::{ImageStore, Names, StoreError};
 use super::unpack::unpack_layers;
 
+impl ImageStore {
+    /// Imports an OCI image layout tarball or a `docker save` archive
+    /// (plain or gzip); returns the images it held.
+    pub async fn import(&self, tarball: &Path) -> Result<Vec<ImageRecord>, StoreError> {
+        let store = self.clone();
+        let tarball = tarball.to_owned();
+        self.unswept(async move {
+            tokio::task::spawn_blocking(move || import_tarball(&store, &tarball)).await?
+        })
+        .await
+    }
+}
+
 /// The annotation containerd's export writes with the full image name.
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
 /// The OCI annotation: a tag, or (as skopeo and others write) a full name.
 const OCI_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
-pub(crate) fn import(store: &ImageStore, tarball: &Path) -> Result<Vec<ImageRecord>, StoreError> {
+/// The work of [`ImageStore::import`], on a blocking thread.
+fn import_tarball(store: &ImageStore, tarball: &Path) -> Result<Vec<ImageRecord>, StoreError> {
     let fail = |detail: String| StoreError::Import {
         path: tarball.to_owned(),
         detail,

@@ -193,20 +193,19 @@ impl ImageStore {
         config: &RegistryConfig,
     ) -> Result<ImageRecord, StoreError> {
         let reference = ImageReference::parse(reference)?;
-        let pulled = async {
-            let _shared = self.inner.gc.read().await;
-            let fetched = fetch(&reference, credentials, config, &self.inner.blobs).await?;
-            let names = Names {
-                repo_tag: reference.repo_tag(),
-                repo_digest: Some(reference.repo_digest(fetched.resolved_digest.as_str())),
-            };
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.materialise(&fetched, names)).await?
-        }
-        .await;
-        match &pulled {
-            Ok(record) => info!(id = %record.id, size = record.size, "image ready"),
-            Err(_) => self.collect_garbage_later(),
+        let pulled = self
+            .unswept(async {
+                let fetched = fetch(&reference, credentials, config, &self.inner.blobs).await?;
+                let names = Names {
+                    repo_tag: reference.repo_tag(),
+                    repo_digest: Some(reference.repo_digest(fetched.resolved_digest.as_str())),
+                };
+                let store = self.clone();
+                tokio::task::spawn_blocking(move || store.materialise(&fetched, names)).await?
+            })
+            .await;
+        if let Ok(record) = &pulled {
+            info!(id = %record.id, size = record.size, "image ready");
         }
         pulled
     }
@@ -346,20 +345,22 @@ impl ImageStore {
         Ok(usage)
     }
 
-    /// Imports an OCI image layout tarball or a `docker save` archive
-    /// (plain or gzip); returns the images it held.
-    pub async fn import(&self, tarball: &Path) -> Result<Vec<ImageRecord>, StoreError> {
-        let imported = async {
+    /// Runs a pull's or an import's `work` while no garbage sweep runs (it
+    /// stores blobs that no image holds until it ends); after a failure,
+    /// sweeps what it may have left, later.
+    pub(super) async fn unswept<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let done = async {
             let _shared = self.inner.gc.read().await;
-            let store = self.clone();
-            let tarball = tarball.to_owned();
-            tokio::task::spawn_blocking(move || super::import::import(&store, &tarball)).await?
+            work.await
         }
         .await;
-        if imported.is_err() {
+        if done.is_err() {
             self.collect_garbage_later();
         }
-        imported
+        done
     }
 
     /// After a failed pull or import, which may have stored blobs and an
