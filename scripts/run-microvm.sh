@@ -22,9 +22,11 @@ step() {
 
 step "dependencies (scripts/install-deps.sh)" bash scripts/install-deps.sh
 step "guest kernel and initramfs (guest-image/)" bash guest-image/build.sh
-# The bench profile, not release: the benchmark below builds huskd in it
-# (benches always unwind, while release aborts on panic), so building the
-# other binaries the same way compiles everything once, not twice.
+# The bench profile, not release: the benchmark below builds in it, so the
+# binaries' dependencies are mostly shared with it. Not all: bench targets
+# and what they link unwind on panic while the binaries abort (the release
+# profile's panic = "abort", which husk-vmm relies on), so the benchmark
+# step still compiles about 200 crates again.
 step "husk's binaries (cargo, bench profile)" cargo build --profile bench --workspace --bins
 step "one pod on a microVM (pod_start bench)" \
 	env HUSK_POD_BENCH_RUNS="${HUSK_POD_BENCH_RUNS:-1}" cargo bench -p husk-runtime --bench pod_start
