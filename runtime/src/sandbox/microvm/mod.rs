@@ -272,6 +272,11 @@ impl MicroVmDriver {
                 _ => {}
             }
         }
+        // The tap first: should it fail, nothing else has started yet.
+        let guest_link = match &spec.network {
+            Some(network) => Some(make_tap(id, &network.netns).await?),
+            None => None,
+        };
         self.save_table(id, dir, &self.load_table(id, dir)?)?;
         let cgroup = self.make_cgroup(spec)?;
         let virtiofs = self.start_virtiofsd(id, dir, &cgroup).await?;
@@ -284,10 +289,6 @@ impl MicroVmDriver {
             pvm,
             "sizing the pod's VM"
         );
-        let guest_link = match &spec.network {
-            Some(network) => Some(make_tap(id, &network.netns).await?),
-            None => None,
-        };
         let mut command = tokio::process::Command::new(&self.config.vmm);
         command
             .arg("run")
